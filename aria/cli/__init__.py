@@ -1,0 +1,1 @@
+"""Console entry points: aria-train, aria-convert, aria-generate."""

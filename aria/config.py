@@ -1,0 +1,336 @@
+"""Typed configuration of the Aria model.
+
+One dataclass per config node, mirrored by the Hydra YAML files in ``configs/model/``. Every field
+is checked in ``__post_init__``; a bad value raises ``ValueError`` naming the field (with its path
+in the tree, e.g. ``model.text.num_heads``) and the value, so that a typo in a YAML file or on the
+command line fails before any tensor is allocated.
+
+Design decisions:
+- Fields are Aria's own names, not Hugging Face's; ``aria.convert.hf_config`` maps both ways.
+- ``MoEConfig`` holds both the architecture (experts, top-k, widths) and the router losses and
+  balancing options, because the layer that routes is the layer that computes them.
+- The projector's query table is keyed by *patches per crop* (as in HF), so one model serves
+  several image sizes: 490 px -> 1225 patches -> 128 queries, 980 px -> 4900 -> 256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+# Names accepted for the activations the reference uses (shared experts and vision MLP).
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")
+BALANCE_SCOPES = ("micro_batch", "global_batch")
+
+
+def _check(ok: bool, path: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config field '{path}' = {value!r} is invalid: expected {expected}")
+
+
+def _positive_int(path: str, value: Any) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, path, value,
+           "a positive integer")
+
+
+def _non_negative_float(path: str, value: Any) -> None:
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, path,
+           value, "a non-negative number")
+
+
+def _from_mapping(cls, data: Mapping[str, Any], path: str):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config node '{path}' must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "_path"}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"config node '{path}' has unknown field(s) {unknown}; "
+                         f"known fields: {sorted(names)}")
+    missing = sorted(f.name for f in dataclasses.fields(cls)
+                     if f.name not in data and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"config node '{path}' is missing required field(s) {missing}")
+    return cls(**dict(data), _path=path)
+
+
+@dataclass
+class TextConfig:
+    """The decoder-only language model (attention, norms, embeddings; the MLP is in ``MoEConfig``)."""
+
+    vocab_size: int
+    """Rows of the token embedding and of the LM head (Aria: 100352)."""
+    hidden_size: int
+    """Model width D."""
+    num_layers: int
+    """Decoder layers; every one is an MoE layer."""
+    num_heads: int
+    """Query heads H."""
+    num_kv_heads: int
+    """Key/value heads (GQA when < num_heads; Aria uses full MHA)."""
+    head_dim: int
+    """Per-head width d; may differ from hidden_size / num_heads."""
+    rope_theta: float = 5_000_000.0
+    """RoPE base: 1e5 in pretraining stages 1-2, 5e6 from the long-context stage on."""
+    max_position_embeddings: int = 65536
+    """Longest context the model is configured for (informational for RoPE; exported to HF)."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm in the decoder."""
+    attention_bias: bool = False
+    """Bias on q/k/v/o projections."""
+    tie_word_embeddings: bool = False
+    """Share the LM head with the token embedding (Aria: False)."""
+    pad_token_id: int = 2
+    """Padding id; its embedding row gets no gradient (as in the reference)."""
+    bos_token_id: int = 1
+    """Beginning-of-sequence id (written to the exported config)."""
+    eos_token_id: int = 2
+    """End-of-sequence id (written to the exported config)."""
+    initializer_range: float = 0.02
+    """Std of the normal init of linear layers, embeddings, experts and router."""
+    _path: str = field(default="model.text", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self._path
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            _positive_int(f"{p}.{name}", getattr(self, name))
+        _check(self.num_heads % self.num_kv_heads == 0, f"{p}.num_kv_heads", self.num_kv_heads,
+               f"a divisor of num_heads={self.num_heads}")
+        _check(self.head_dim % 2 == 0, f"{p}.head_dim", self.head_dim, "an even number (RoPE)")
+        _check(self.hidden_size % 8 == 0, f"{p}.hidden_size", self.hidden_size,
+               "a multiple of 8 (grouped_mm needs 16-byte aligned expert rows)")
+        _check(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0,
+               f"{p}.rope_theta", self.rope_theta, "a positive number")
+        _check(isinstance(self.rms_norm_eps, (int, float)) and 0 < self.rms_norm_eps < 1,
+               f"{p}.rms_norm_eps", self.rms_norm_eps, "a number in (0, 1)")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and 0 <= value < self.vocab_size, f"{p}.{name}", value,
+                   f"a token id in [0, vocab_size={self.vocab_size})")
+        _non_negative_float(f"{p}.initializer_range", self.initializer_range)
+
+
+@dataclass
+class MoEConfig:
+    """The MoE MLP of every decoder layer: router, routed experts, shared experts, router losses."""
+
+    num_experts: int
+    """Routed experts E (Aria: 64)."""
+    top_k: int
+    """Experts chosen per token k (Aria: 6)."""
+    intermediate_size: int
+    """Width I of one routed expert's SwiGLU (Aria: 1664)."""
+    num_shared_experts: int
+    """Shared experts S, run on every token as one SwiGLU MLP of width S * I (Aria: 2)."""
+    shared_act: str = "silu"
+    """Activation of the shared experts' gate (routed experts always use SiLU, as the reference)."""
+    shared_bias: bool = False
+    """Bias on the shared experts' linear layers."""
+    aux_loss_coeff: float = 1e-3
+    """Switch load-balancing loss coefficient (fine-tuning recipes use 1e-4)."""
+    z_loss_coeff: float = 1e-5
+    """Router z-loss coefficient."""
+    balance_scope: str = "micro_batch"
+    """Where the load-balancing loss takes its expert-load statistics: this rank's micro-batch, or
+    all data-parallel ranks ('global_batch', one all-reduce of E numbers per layer)."""
+    bias_balancing: bool = False
+    """Auxiliary-loss-free balancing: a per-expert bias added to the router logits for selection
+    only, nudged towards balance between backward and the optimizer step."""
+    bias_update_rate: float = 1e-3
+    """Step of the bias update (bias += rate * sign(mean load - expert load))."""
+    _path: str = field(default="model.moe", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self._path
+        for name in ("num_experts", "top_k", "intermediate_size"):
+            _positive_int(f"{p}.{name}", getattr(self, name))
+        _check(self.top_k <= self.num_experts, f"{p}.top_k", self.top_k,
+               f"at most num_experts={self.num_experts}")
+        _check(self.intermediate_size % 8 == 0, f"{p}.intermediate_size", self.intermediate_size,
+               "a multiple of 8 (grouped_mm needs 16-byte aligned expert rows)")
+        _check(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
+               f"{p}.num_shared_experts", self.num_shared_experts, "an integer >= 0")
+        _check(self.shared_act in ACTIVATIONS, f"{p}.shared_act", self.shared_act,
+               f"one of {ACTIVATIONS}")
+        _non_negative_float(f"{p}.aux_loss_coeff", self.aux_loss_coeff)
+        _non_negative_float(f"{p}.z_loss_coeff", self.z_loss_coeff)
+        _non_negative_float(f"{p}.bias_update_rate", self.bias_update_rate)
+        _check(self.balance_scope in BALANCE_SCOPES, f"{p}.balance_scope", self.balance_scope,
+               f"one of {BALANCE_SCOPES}")
+
+
+@dataclass
+class VisionConfig:
+    """The SigLIP-style ViT with NaViT position bucketing (variable aspect ratio via a pixel mask)."""
+
+    hidden_size: int
+    """ViT width Dv (Aria: 1152)."""
+    intermediate_size: int
+    """ViT MLP width (Aria: 4304)."""
+    num_layers: int
+    """Encoder layers (Aria: 27)."""
+    num_heads: int
+    """Attention heads; also the heads of the projector's cross-attention."""
+    patch_size: int
+    """Square patch side in pixels (Aria: 14)."""
+    image_size: int
+    """Side of the position table's image: (image_size // patch_size)^2 positions (Aria: 980)."""
+    num_channels: int = 3
+    """Input channels."""
+    layer_norm_eps: float = 1e-6
+    """Epsilon of the encoder's LayerNorms."""
+    hidden_act: str = "gelu_pytorch_tanh"
+    """MLP activation."""
+    feature_layer: int = -1
+    """Which hidden state feeds the projector: 0 = embeddings, -1 = last layer (no post-norm)."""
+    _path: str = field(default="model.vision", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self._path
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "patch_size",
+                     "image_size", "num_channels"):
+            _positive_int(f"{p}.{name}", getattr(self, name))
+        _check(self.hidden_size % self.num_heads == 0, f"{p}.num_heads", self.num_heads,
+               f"a divisor of hidden_size={self.hidden_size}")
+        _check(self.image_size % self.patch_size == 0, f"{p}.image_size", self.image_size,
+               f"a multiple of patch_size={self.patch_size}")
+        _check(self.hidden_act in ACTIVATIONS, f"{p}.hidden_act", self.hidden_act,
+               f"one of {ACTIVATIONS}")
+        _check(isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1,
+               f"{p}.layer_norm_eps", self.layer_norm_eps, "a number in (0, 1)")
+        _check(isinstance(self.feature_layer, int)
+               and -(self.num_layers + 1) <= self.feature_layer <= self.num_layers,
+               f"{p}.feature_layer", self.feature_layer,
+               f"an index into the {self.num_layers + 1} hidden states (embeddings + layers)")
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def layers_used(self) -> int:
+        """Encoder layers that run: the ones up to ``feature_layer``."""
+        return self.feature_layer % (self.num_layers + 1)
+
+
+@dataclass
+class ProjectorConfig:
+    """Cross-attention from learned queries to the ViT patches, then LayerNorm + GELU FFN."""
+
+    patch_to_query: dict
+    """Patches per crop -> learned queries (= <|img|> tokens) per crop, e.g. {1225: 128, 4900: 256}."""
+    _path: str = field(default="model.projector", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self._path
+        _check(isinstance(self.patch_to_query, Mapping) and len(self.patch_to_query) > 0,
+               f"{p}.patch_to_query", self.patch_to_query, "a non-empty mapping patches -> queries")
+        table = {}
+        for k, v in dict(self.patch_to_query).items():
+            try:
+                k_int, v_int = int(k), int(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"config field '{p}.patch_to_query' has entry {k!r}: {v!r}; "
+                                 "expected integer patches -> integer queries") from None
+            _check(k_int > 0 and v_int > 0, f"{p}.patch_to_query", self.patch_to_query,
+                   "positive patch counts and query counts")
+            table[k_int] = v_int
+        self.patch_to_query = table
+
+    @property
+    def max_queries(self) -> int:
+        return max(self.patch_to_query.values())
+
+
+@dataclass
+class ModelConfig:
+    """The whole Aria model: vision encoder -> projector -> MoE decoder."""
+
+    text: TextConfig
+    moe: MoEConfig
+    vision: VisionConfig
+    projector: ProjectorConfig
+    image_token_id: int = 9
+    """Id of <|img|>; projector outputs replace these embeddings in order."""
+    name: str = "custom"
+    """A label for logs (aria / proxy / tiny / custom)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.image_token_id, int)
+               and 0 <= self.image_token_id < self.text.vocab_size, "model.image_token_id",
+               self.image_token_id, f"a token id in [0, text.vocab_size={self.text.vocab_size})")
+        grid = self.vision.image_size // self.vision.patch_size
+        for patches in self.projector.patch_to_query:
+            side = round(patches ** 0.5)
+            _check(side * side == patches and side <= grid, "model.projector.patch_to_query",
+                   self.projector.patch_to_query,
+                   f"square patch counts of at most {grid}x{grid} (image_size/patch_size); "
+                   f"{patches} is not")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a plain mapping (a Hydra/OmegaConf node converted to a container)."""
+        if hasattr(data, "_metadata"):  # an OmegaConf node
+            from omegaconf import OmegaConf
+
+            data = OmegaConf.to_container(data, resolve=True)
+        data = dict(data)
+        for key in ("text", "moe", "vision", "projector"):
+            if key not in data:
+                raise ValueError(f"config node 'model' is missing required field '{key}'")
+        nodes = {
+            "text": _from_mapping(TextConfig, data.pop("text"), "model.text"),
+            "moe": _from_mapping(MoEConfig, data.pop("moe"), "model.moe"),
+            "vision": _from_mapping(VisionConfig, data.pop("vision"), "model.vision"),
+            "projector": _from_mapping(ProjectorConfig, data.pop("projector"), "model.projector"),
+        }
+        unknown = sorted(set(data) - {"image_token_id", "name"})
+        if unknown:
+            raise ValueError(f"config node 'model' has unknown field(s) {unknown}")
+        return cls(**nodes, **data)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML/JSON friendly) that ``from_dict`` reads back."""
+
+        def node(obj) -> dict:
+            return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "_path"}
+
+        out = {key: node(getattr(self, key)) for key in ("text", "moe", "vision", "projector")}
+        out["projector"]["patch_to_query"] = dict(self.projector.patch_to_query)
+        out["image_token_id"] = self.image_token_id
+        out["name"] = self.name
+        return out
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_model_config(name_or_path: str, overrides: list[str] | None = None) -> ModelConfig:
+    """Compose the Hydra group ``configs/model/<name>.yaml`` (or load a YAML file) into a ModelConfig.
+
+    ``overrides`` are dotted ``key=value`` strings relative to the model node, e.g.
+    ``text.num_layers=2``, exactly as ``model.text.num_layers=2`` would be on a training command.
+    """
+    from omegaconf import OmegaConf
+
+    overrides = list(overrides or [])
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"model config file not found: {path}")
+        node = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+        return ModelConfig.from_dict(OmegaConf.to_container(node, resolve=True))
+
+    available = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+    if name_or_path not in available:
+        raise FileNotFoundError(f"model config '{name_or_path}' not found in "
+                                f"{CONFIG_DIR / 'model'}; available: {available}")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(overrides=[f"+model={name_or_path}"] + [f"model.{o}" for o in overrides])
+    return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))

@@ -1,0 +1,1 @@
+"""Conversion between our checkpoints and the Hugging Face Aria format."""

@@ -1,0 +1,326 @@
+"""Model directories on disk: ours and Hugging Face's, both as (sharded) safetensors.
+
+Our model directory (what ``aria-convert from-hf`` writes and what training can start from):
+
+    model_config.json                      ModelConfig.to_dict()
+    model.safetensors                      our parameter names; or, above the shard size,
+    model-0000k-of-0000n.safetensors       shards plus
+    model.safetensors.index.json           {"metadata": {"total_size"}, "weight_map": {key: file}}
+
+A Hugging Face directory has ``config.json`` + ``generation_config.json`` and the same safetensors
+layout with HF names (what ``save_pretrained`` writes).
+
+Design decisions:
+- Conversion streams: tensors are read one at a time (``safe_open``) and written shard by shard, so
+  converting the 25.3B model never holds more than one shard in memory.
+- Shards are first written under temporary names and renamed once their count is known; the index
+  is written last, so a directory with an index is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from aria.config import ModelConfig
+from aria.convert import keymap
+from aria.convert.hf_config import from_hf_config, generation_config, to_hf_config
+
+MODEL_CONFIG = "model_config.json"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' / '500MB' / '10KB' / bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3, "B": 1}
+    s = text.strip().upper()
+    for unit, factor in units.items():
+        if s.endswith(unit) and s[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(s[: -len(unit)]) * factor)
+    if s.isdigit():
+        return int(s)
+    raise ValueError(f"size {text!r} is not understood: expected e.g. '5GB', '500MB' or a byte count")
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors reading / writing
+# ---------------------------------------------------------------------------------------------
+
+
+def weight_files(directory: Path) -> dict[str, list[str]]:
+    """safetensors file -> the keys it holds, from the index or the single file."""
+    directory = Path(directory)
+    index = directory / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{index} is not a safetensors index (needs a 'weight_map'): {err}") from None
+        files: dict[str, list[str]] = {}
+        for key, name in weight_map.items():
+            files.setdefault(name, []).append(key)
+        absent = sorted(name for name in files if not (directory / name).is_file())
+        if absent:
+            raise FileNotFoundError(f"{index} lists shard(s) missing from {directory}: {absent}")
+        return files
+    single = directory / SINGLE
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {SINGLE: list(f.keys())}
+    raise FileNotFoundError(f"{directory} holds no weights: expected {SINGLE} or {INDEX}")
+
+
+def iter_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (key, tensor) one at a time over every weight file of ``directory``."""
+    directory = Path(directory)
+    for name, keys in weight_files(directory).items():
+        with safe_open(directory / name, framework="pt") as f:
+            present = set(f.keys())
+            for key in keys:
+                if key not in present:
+                    raise ValueError(f"{directory / INDEX} maps '{key}' to {name}, which lacks it")
+                yield key, f.get_tensor(key)
+
+
+def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], directory: Path,
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+    """Writes ``model.safetensors`` or shards + index; returns the files written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in [directory / SINGLE, directory / INDEX, *directory.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    temp_names, weight_map, shard, shard_bytes, total = [], {}, {}, 0, 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        name = f".shard-{len(temp_names):05d}.tmp"
+        save_file(shard, directory / name, metadata={"format": "pt"})
+        temp_names.append((name, list(shard)))
+        shard, shard_bytes = {}, 0
+
+    seen = set()
+    try:
+        for key, tensor in tensors:
+            if key in seen:
+                raise ValueError(f"tensor '{key}' written twice")
+            seen.add(key)
+            size = tensor.numel() * tensor.element_size()
+            if shard and shard_bytes + size > max_shard_bytes:
+                flush()
+            shard[key] = tensor.contiguous()
+            shard_bytes += size
+            total += size
+        if shard or not temp_names:
+            flush()
+    except BaseException:
+        for name, _ in temp_names:
+            (directory / name).unlink(missing_ok=True)
+        raise
+
+    if len(temp_names) == 1:
+        os.replace(directory / temp_names[0][0], directory / SINGLE)
+        return [SINGLE]
+    files = []
+    for i, (temp, keys) in enumerate(temp_names):
+        final = f"model-{i + 1:05d}-of-{len(temp_names):05d}.safetensors"
+        os.replace(directory / temp, directory / final)
+        files.append(final)
+        weight_map.update({key: final for key in keys})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return files + [INDEX]
+
+
+def _cast(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None
+          ) -> Iterator[tuple[str, torch.Tensor]]:
+    for key, tensor in tensors:
+        yield key, (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our model directory
+# ---------------------------------------------------------------------------------------------
+
+
+def read_model_config(directory: Path) -> ModelConfig:
+    path = Path(directory) / MODEL_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not an Aria model directory: {MODEL_CONFIG} is "
+                                "missing (an HF directory has config.json; use aria-convert from-hf)")
+    return ModelConfig.from_dict(json.loads(path.read_text()))
+
+
+def save_model_dir(state: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                   cfg: ModelConfig, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                   dtype: torch.dtype | None = None) -> None:
+    directory = Path(directory)
+    items = state.items() if isinstance(state, dict) else state
+    if cfg.text.tie_word_embeddings:
+        items = ((k, v) for k, v in items if k != "lm_head.weight")
+    write_sharded(_cast(items, dtype), directory, max_shard_bytes)
+    (directory / MODEL_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def load_model_dir(directory: Path, device: torch.device | str = "cpu",
+                   dtype: torch.dtype | None = None):
+    """Builds the model of ``directory`` and loads its weights, checking every key and shape."""
+    from aria.model import build_model
+
+    cfg = read_model_config(directory)
+    model = build_model(cfg, device="meta")
+    load_state(model, iter_tensors(directory), f"weights in {directory}", device, dtype)
+    return model
+
+
+def load_state(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: str,
+               device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> None:
+    """Loads named tensors (our names) into a (meta) model with full key and shape checks."""
+    expected = model.state_dict()
+    state = {}
+    for key, tensor in tensors:
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{source}: tensor '{key}' has shape {tuple(tensor.shape)} but the model "
+                             f"config expects {tuple(expected[key].shape)}")
+        state[key] = tensor
+    tied = model.cfg.text.tie_word_embeddings
+    keymap.check_keys(state, expected, source, tied_lm_head=tied)
+    if tied:
+        state["lm_head.weight"] = state["decoder.embed.weight"]
+    for key, tensor in state.items():
+        keep_fp32 = key.endswith("expert_bias")
+        target = expected[key].dtype if dtype is None or keep_fp32 else dtype
+        state[key] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        model.lm_head.weight = model.decoder.embed.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face directory
+# ---------------------------------------------------------------------------------------------
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a Hugging Face model directory: config.json "
+                                "is missing")
+    return from_hf_config(json.loads(path.read_text()), source=str(path))
+
+
+def rename_hf(items: Iterable[tuple[str, object]], source: str) -> Iterator[tuple[str, object]]:
+    """(HF key, value) -> (our key, value), dropping dead tensors; every key that is not Aria's is
+    collected into one error raised at the end."""
+    unexpected = []
+    for key, value in items:
+        try:
+            ours = keymap.hf_to_ours(key)
+        except ValueError:
+            unexpected.append(key)
+            continue
+        if ours is not None:
+            yield ours, value
+    if unexpected:
+        raise ValueError(f"{source} holds {len(unexpected)} tensor(s) that are not part of Aria: "
+                         f"{sorted(unexpected)[:20]}")
+
+
+def ours_to_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Renames our tensors to the HF on-disk layout and adds the dead post-LayerNorm as zeros."""
+    dtype = None
+    for key, tensor in tensors:
+        if cfg.text.tie_word_embeddings and key == "lm_head.weight":
+            continue
+        dtype = tensor.dtype if tensor.is_floating_point() else dtype
+        yield keymap.ours_to_hf(key), tensor
+    for key in keymap.HF_DEAD_KEYS:
+        yield key, torch.zeros(cfg.vision.hidden_size, dtype=dtype or torch.float32)
+
+
+def load_hf_dir(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    """Our model, loaded straight from a Hugging Face Aria directory."""
+    from aria.model import build_model
+
+    cfg = read_hf_config(directory)
+    model = build_model(cfg, device="meta")
+    source = f"Hugging Face weights in {directory}"
+    load_state(model, rename_hf(iter_tensors(directory), source), source, device, dtype)
+    return model
+
+
+def write_hf_dir(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, directory: Path,
+                 dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Writes weights (our names, streamed) + config.json + generation_config.json."""
+    directory = Path(directory)
+    write_sharded(_cast(ours_to_hf_tensors(tensors, cfg), dtype), directory, max_shard_bytes)
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+                  None: "float32"}[dtype]
+    (directory / "config.json").write_text(json.dumps(to_hf_config(cfg, dtype_name), indent=2) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+
+
+def convert(source: Path, target: Path, direction: str, dtype: torch.dtype | None = None,
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+            log: Callable[[str], None] = print) -> None:
+    """``direction`` 'to-hf' (our model dir -> HF dir) or 'from-hf' (HF dir -> our model dir).
+
+    Every key and shape is checked against the config before anything is written.
+    """
+    from aria.model import build_model
+
+    source, target = Path(source), Path(target)
+    if source.resolve() == target.resolve():
+        raise ValueError(f"source and output are the same directory: {source}")
+    if direction == "from-hf":
+        cfg = read_hf_config(source)
+        renamed = lambda: rename_hf(iter_tensors(source), f"Hugging Face weights in {source}")  # noqa: E731
+    elif direction == "to-hf":
+        cfg = read_model_config(source)
+        renamed = lambda: iter_tensors(source)  # noqa: E731
+    else:
+        raise ValueError(f"unknown direction {direction!r}")
+
+    # Check names and shapes against the config first (shapes from safetensors headers only).
+    expected = build_model(cfg, device="meta").state_dict()
+    shapes = dict(_headers(source, direction))
+    keymap.check_keys(shapes, expected, f"weights in {source}", cfg.text.tie_word_embeddings)
+    for key, shape in shapes.items():
+        if tuple(shape) != tuple(expected[key].shape):
+            raise ValueError(f"weights in {source}: tensor '{key}' has shape {tuple(shape)} but the "
+                             f"config expects {tuple(expected[key].shape)}")
+
+    if direction == "to-hf":
+        for key in shapes:  # e.g. a router balancing bias: refuse before writing anything
+            if not (key == "lm_head.weight" and cfg.text.tie_word_embeddings):
+                keymap.ours_to_hf(key)
+    if direction == "from-hf":
+        save_model_dir(renamed(), cfg, target, max_shard_bytes, dtype)
+    else:
+        write_hf_dir(renamed(), cfg, target, dtype, max_shard_bytes)
+    log(f"wrote {target} ({len(shapes)} tensors, {cfg.name} config)")
+
+
+def _headers(directory: Path, direction: str) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(our key, shape) of every tensor, read from safetensors headers without loading data."""
+
+    def raw() -> Iterator[tuple[str, tuple[int, ...]]]:
+        for name, keys in weight_files(directory).items():
+            with safe_open(Path(directory) / name, framework="pt") as f:
+                for key in keys:
+                    yield key, tuple(f.get_slice(key).get_shape())
+
+    if direction == "from-hf":
+        return rename_hf(raw(), f"Hugging Face weights in {directory}")
+    return raw()

@@ -1,0 +1,9 @@
+"""The Aria model: vision encoder, projector, MoE decoder, generation, losses and counts."""
+
+from aria.model.aria import Aria, AriaOutput, build_model, merge_image_features
+from aria.model.decoder import KVCache
+from aria.model.generation import generate
+from aria.model.loss import IGNORE_INDEX, chunked_cross_entropy
+
+__all__ = ["Aria", "AriaOutput", "IGNORE_INDEX", "KVCache", "build_model", "chunked_cross_entropy",
+           "generate", "merge_image_features"]

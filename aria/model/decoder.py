@@ -1,0 +1,183 @@
+"""The MoE language model: pre-norm decoder layers (RMSNorm, RoPE attention, MoE MLP) and a KV cache.
+
+Letters: B batch, T new tokens, S keys (cache + new), H query heads, Hkv key/value heads, d head
+width, D model width, L layers, E experts.
+
+Design decisions:
+- Attention is SDPA. Without segments and without a cache prefix it runs the fused causal kernel
+  (``is_causal=True``, no mask tensor). Packed rows and padded batches pass ``segment_ids``; the
+  mask then keeps every document to itself (see ``layers.segment_causal_mask``). The boolean
+  (B, 1, T, T) mask is fine up to a few thousand tokens; long packed rows on GPU are the place for a
+  varlen / flex kernel behind the same ``segment_ids`` interface. GQA uses SDPA's ``enable_gqa``
+  (no repeated k/v copies; Aria itself is full MHA).
+- ``position_ids`` are an input: packed documents restart their positions.
+- The KV cache is preallocated (L, B, Hkv, max_len, d), written in place, and its length is a host
+  integer, so decoding never asks the device how long the sequence is.
+- Layers return router statistics; the decoder stacks them into (L,) / (L, E) tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aria.config import ModelConfig, TextConfig
+from aria.model.layers import RMSNorm, RotaryEmbedding, apply_rope, init_linear, segment_causal_mask
+from aria.model.moe import MoE, RouterStats
+
+
+class KVCache:
+    """Static key/value cache for all layers, plus the segment id of every cached position."""
+
+    def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.segments_BS = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.length = 0  # host-side: tokens already cached
+
+    def update(self, layer: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes the new keys/values of ``layer``; returns all keys/values so far."""
+        start, end = self.length, self.length + k_BHTd.shape[2]
+        self.k[layer, :, :, start:end] = k_BHTd
+        self.v[layer, :, :, start:end] = v_BHTd
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reserve(self, segments_BT: torch.Tensor) -> torch.Tensor:
+        """Records the segments of the T incoming tokens; returns the segments of all S keys."""
+        start, end = self.length, self.length + segments_BT.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens do not fit its max_len={self.max_len}")
+        self.segments_BS[:, start:end] = segments_BT
+        return self.segments_BS[:, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        D, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(D, cfg.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, D, bias=bias)
+
+    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        gqa = self.num_kv_heads != self.num_heads
+        if mask is None:  # plain causal attention over T == S tokens
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.text.hidden_size, cfg.text.rms_norm_eps)
+        self.attn = Attention(cfg.text, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.text.hidden_size, cfg.text.rms_norm_eps)
+        self.moe = MoE(cfg.text.hidden_size, cfg.moe)
+
+    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, valid_BT: torch.Tensor | None, cache: KVCache | None
+                ) -> tuple[torch.Tensor, RouterStats | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, mask, cache)
+        mlp_out, stats = self.moe(self.mlp_norm(x_BTD), valid_BT)
+        return x_BTD + mlp_out, stats
+
+
+@dataclass
+class DecoderOutput:
+    hidden_BTD: torch.Tensor
+    """Final-norm hidden states (the LM head is applied by the caller)."""
+    aux_loss_L: torch.Tensor | None = None
+    z_loss_L: torch.Tensor | None = None
+    tokens_per_expert_LE: torch.Tensor | None = None
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        t = cfg.text
+        self.cfg = t
+        self.embed = nn.Embedding(t.vocab_size, t.hidden_size, padding_idx=t.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(t.num_layers))
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.rope = RotaryEmbedding(t.head_dim, t.rope_theta)
+        self.gradient_checkpointing = False
+
+    def forward(self, embeds_BTD: torch.Tensor, position_ids_BT: torch.Tensor | None = None,
+                segment_ids_BT: torch.Tensor | None = None, cache: KVCache | None = None,
+                valid_BT: torch.Tensor | None = None) -> DecoderOutput:
+        """``segment_ids_BT``: tokens attend only within their segment (0 = padding, 1, 2, ... =
+        packed documents); None means one causal sequence per row. ``valid_BT``: non-padding
+        tokens, for router statistics."""
+        B, T, _ = embeds_BTD.shape
+        past = 0 if cache is None else cache.length
+        if position_ids_BT is None:
+            position_ids_BT = torch.arange(past, past + T, device=embeds_BTD.device).expand(B, T)
+        rope = self.rope(position_ids_BT, embeds_BTD.dtype)
+
+        # mask None means "causal over T == S keys": only valid without a cache prefix.
+        mask = None
+        if cache is not None:
+            segments_BT = segment_ids_BT
+            if segments_BT is None:
+                segments_BT = torch.ones(B, T, dtype=torch.long, device=embeds_BTD.device)
+            key_segments_BS = cache.reserve(segments_BT)
+            if past > 0 or segment_ids_BT is not None:
+                mask = segment_causal_mask(segments_BT, key_segments_BS, past)
+        elif segment_ids_BT is not None:
+            mask = segment_causal_mask(segment_ids_BT, segment_ids_BT, 0)
+
+        x_BTD = embeds_BTD
+        stats: list[RouterStats] = []
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x_BTD, layer_stats = torch.utils.checkpoint.checkpoint(
+                    layer, x_BTD, rope, mask, valid_BT, cache, use_reentrant=False)
+            else:
+                x_BTD, layer_stats = layer(x_BTD, rope, mask, valid_BT, cache)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        if cache is not None:
+            cache.advance(T)
+
+        out = DecoderOutput(self.norm(x_BTD))
+        if stats:
+            out.aux_loss_L = torch.stack([s.aux_loss for s in stats])
+            out.z_loss_L = torch.stack([s.z_loss for s in stats])
+            out.tokens_per_expert_LE = torch.stack([s.tokens_per_expert for s in stats])
+        return out
+
+    def init_weights(self) -> None:
+        std = self.cfg.initializer_range
+        nn.init.normal_(self.embed.weight, std=std)
+        with torch.no_grad():
+            self.embed.weight[self.cfg.pad_token_id].zero_()
+        for layer in self.layers:
+            for linear in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj, layer.attn.o_proj):
+                init_linear(linear, std)
+            nn.init.ones_(layer.attn_norm.weight)
+            nn.init.ones_(layer.mlp_norm.weight)
+            layer.moe.init_weights(std)
+        nn.init.ones_(self.norm.weight)

@@ -1,0 +1,262 @@
+"""Fine-grained MoE MLP: router -> dispatch -> grouped expert GEMMs -> combine, plus shared experts.
+
+Letters: T tokens, K experts per token (top-k), A = T*K assignments, E experts, D model width,
+I expert width.
+
+Design decisions:
+- Router math is fp32. Experts are chosen by top-k on the raw logits (plus the optional
+  selection-only balancing bias); the combine weights are the softmax over the k chosen raw logits,
+  which equals a full softmax renormalised over the chosen experts (the reference's rule).
+- Dispatch, compute and combine are separate pure functions. ``permute`` sorts the A assignments by
+  expert (stable, so token order is kept inside an expert) and counts tokens per expert with a
+  scatter-add (no host sync, unlike ``bincount``/``.tolist()``); ``unpermute`` puts expert outputs
+  back and sums the k weighted outputs of each token. Expert parallelism inserts its all-to-all
+  between the two without touching them.
+- Experts are stacked weights (E, in, out) run by ``torch.nn.functional.grouped_mm`` with the
+  cumulative counts as offsets, so the GPU never waits for the host. ``experts_loop`` is the readable
+  per-expert reference the tests hold the grouped path to.
+- Router losses are returned, not injected through autograd tricks: the trainer adds
+  ``aux_loss_coeff * aux + z_loss_coeff * z`` and logs them. Padding tokens are excluded from their
+  statistics. With ``balance_scope='global_batch'`` the expert counts (no gradient) are summed over
+  the data-parallel group before the Switch loss, whose probability term stays local.
+- Auxiliary-loss-free balancing keeps a per-expert bias used for selection only; the trainer sums
+  ``tokens_per_expert`` over the step and calls ``update_expert_bias`` before the optimizer step.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from aria.config import MoEConfig
+from aria.model.layers import ACT_FNS, init_linear
+
+
+class RouterStats(NamedTuple):
+    """Per-layer router statistics of one forward (all scalars/vectors stay on device)."""
+
+    aux_loss: torch.Tensor
+    """Switch load-balancing loss (unscaled by its coefficient)."""
+    z_loss: torch.Tensor
+    """Mean squared log-sum-exp of the router logits (unscaled)."""
+    tokens_per_expert: torch.Tensor
+    """(E,) assignments per expert among the non-padding tokens (globally summed if global scope)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing, dispatch and combine: pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+def route(logits_TE: torch.Tensor, top_k: int, bias_E: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 top-k routing. Returns combine weights (T, K) and expert ids (T, K)."""
+    if bias_E is None:
+        top_logits_TK, ids_TK = torch.topk(logits_TE, top_k, dim=-1)
+    else:
+        ids_TK = torch.topk(logits_TE + bias_E, top_k, dim=-1).indices
+        top_logits_TK = logits_TE.gather(1, ids_TK)
+    return torch.softmax(top_logits_TK, dim=-1), ids_TK
+
+
+def permute(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order of the A = T*K assignments grouped by expert, and tokens per expert (E,).
+
+    ``order_A[j]`` is the flat assignment index (token * K + slot) that lands at row j of the
+    expert-sorted buffer; its token is ``order_A[j] // K``.
+    """
+    flat_A = ids_TK.reshape(-1)
+    order_A = torch.argsort(flat_A, stable=True)
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=ids_TK.device)
+    counts_E.scatter_add_(0, flat_A, torch.ones_like(flat_A))
+    return order_A, counts_E
+
+
+def unpermute(y_AD: torch.Tensor, order_A: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``permute`` followed by the weighted sum over each token's k experts."""
+    T, K = weights_TK.shape
+    y_back_AD = y_AD.new_empty(y_AD.shape).index_copy(0, order_A, y_AD)
+    return (y_back_AD.view(T, K, -1) * weights_TK.unsqueeze(-1).to(y_AD.dtype)).sum(dim=1)
+
+
+def _swiglu(h_A2I: torch.Tensor) -> torch.Tensor:
+    gate, up = h_A2I.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def experts_grouped(x_AD: torch.Tensor, w_fc1_ED2I: torch.Tensor, w_fc2_EID: torch.Tensor,
+                    counts_E: torch.Tensor) -> torch.Tensor:
+    """All experts in two grouped GEMMs over the expert-sorted rows (experts may get zero rows)."""
+    offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+    h_A2I = F.grouped_mm(x_AD, w_fc1_ED2I, offs=offsets_E)
+    return F.grouped_mm(_swiglu(h_A2I), w_fc2_EID, offs=offsets_E)
+
+
+def experts_loop(x_AD: torch.Tensor, w_fc1_ED2I: torch.Tensor, w_fc2_EID: torch.Tensor,
+                 counts_E: torch.Tensor) -> torch.Tensor:
+    """Reference: one matmul pair per expert over its slice of the sorted rows (host sync)."""
+    outputs, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        x_nD = x_AD[start: start + n]
+        outputs.append(_swiglu(x_nD @ w_fc1_ED2I[e]) @ w_fc2_EID[e])
+        start += n
+    return torch.cat(outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Router losses
+# ---------------------------------------------------------------------------------------------
+
+
+def router_z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None) -> torch.Tensor:
+    """ST-MoE z-loss: mean over (non-padding) tokens of logsumexp(logits)^2."""
+    z_T = torch.logsumexp(logits_TE, dim=-1).square()
+    if valid_T is None:
+        return z_T.mean()
+    return (z_T * valid_T).sum() / valid_T.sum().clamp(min=1)
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, num_tokens: torch.Tensor,
+                        top_k: int, valid_T: torch.Tensor | None = None,
+                        local_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch loss E * sum_e P_e * f_e with P_e the mean router probability of expert e over this
+    rank's tokens and f_e = counts_e / (num_tokens * k) the share of assignments.
+
+    ``counts_E`` and ``num_tokens`` may be summed over data-parallel ranks (global-batch balance);
+    ``local_tokens`` is then this rank's token count for P. Both default to the local values.
+    """
+    E = probs_TE.shape[-1]
+    if valid_T is not None:
+        probs_TE = probs_TE * valid_T.unsqueeze(-1)
+    if local_tokens is None:
+        local_tokens = num_tokens
+    mean_prob_E = probs_TE.sum(dim=0) / local_tokens.clamp(min=1)
+    share_E = counts_E.to(probs_TE.dtype) / (num_tokens.clamp(min=1) * top_k)
+    return E * (mean_prob_E * share_E).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.top_k
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim))
+        if cfg.bias_balancing:
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns fp32 logits (T, E), combine weights (T, K) and expert ids (T, K)."""
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        weights_TK, ids_TK = route(logits_TE, self.top_k, self.expert_bias)
+        return logits_TE, weights_TK, ids_TK
+
+
+class Experts(nn.Module):
+    """Stacked routed experts: w_fc1 (E, D, 2I) = [gate | up], w_fc2 (E, I, D), stored (in, out)."""
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.w_fc1 = nn.Parameter(torch.empty(cfg.num_experts, dim, 2 * cfg.intermediate_size))
+        self.w_fc2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.intermediate_size, dim))
+
+    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return experts_grouped(x_AD, self.w_fc1, self.w_fc2, counts_E)
+
+
+class SharedExperts(nn.Module):
+    """The S shared experts as one SwiGLU MLP of width S * I (the reference's layout)."""
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        width = cfg.intermediate_size * cfg.num_shared_experts
+        self.gate_proj = nn.Linear(dim, width, bias=cfg.shared_bias)
+        self.up_proj = nn.Linear(dim, width, bias=cfg.shared_bias)
+        self.down_proj = nn.Linear(width, dim, bias=cfg.shared_bias)
+        self.act = ACT_FNS[cfg.shared_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(dim, cfg)
+        self.experts = Experts(dim, cfg)
+        self.shared = SharedExperts(dim, cfg) if cfg.num_shared_experts > 0 else None
+        # Data-parallel group for global-batch balance statistics (None = the default group).
+        self.balance_group: dist.ProcessGroup | None = None
+
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, RouterStats | None]:
+        shape = x_BTD.shape
+        x_TD = x_BTD.reshape(-1, shape[-1])
+        logits_TE, weights_TK, ids_TK = self.router(x_TD)
+
+        order_A, counts_E = permute(ids_TK, self.cfg.num_experts)
+        x_AD = x_TD[order_A // self.cfg.top_k]
+        y_AD = self.experts(x_AD, counts_E)
+        out_TD = unpermute(y_AD, order_A, weights_TK)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+
+        stats = None
+        if self.training:
+            valid_T = None if valid_BT is None else valid_BT.reshape(-1).to(logits_TE.dtype)
+            stats = self.router_stats(logits_TE, ids_TK, valid_T)
+        return out_TD.view(shape), stats
+
+    def router_stats(self, logits_TE: torch.Tensor, ids_TK: torch.Tensor,
+                     valid_T: torch.Tensor | None) -> RouterStats:
+        E, K = self.cfg.num_experts, self.cfg.top_k
+        with torch.no_grad():
+            weight_A = None if valid_T is None else valid_T.repeat_interleave(K)
+            counts_E = torch.zeros(E, dtype=torch.float32, device=ids_TK.device)
+            counts_E.scatter_add_(0, ids_TK.reshape(-1), torch.ones(ids_TK.numel(), device=ids_TK.device)
+                                  if weight_A is None else weight_A)
+            local_tokens = (torch.tensor(float(ids_TK.shape[0]), device=ids_TK.device)
+                            if valid_T is None else valid_T.sum())
+            num_tokens = local_tokens
+            if self.cfg.balance_scope == "global_batch" and dist.is_available() and dist.is_initialized():
+                packed = torch.cat([counts_E, num_tokens.reshape(1)])
+                dist.all_reduce(packed, group=self.balance_group)
+                counts_E, num_tokens = packed[:E], packed[E]
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        aux = load_balancing_loss(probs_TE, counts_E, num_tokens, K, valid_T, local_tokens)
+        return RouterStats(aux, router_z_loss(logits_TE, valid_T), counts_E)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.router.weight, std=std)
+        nn.init.normal_(self.experts.w_fc1, std=std)
+        nn.init.normal_(self.experts.w_fc2, std=std)
+        if self.shared is not None:
+            for linear in (self.shared.gate_proj, self.shared.up_proj, self.shared.down_proj):
+                init_linear(linear, std)
+
+
+@torch.no_grad()
+def update_expert_bias(moe_layers: list[MoE], tokens_per_expert_LE: torch.Tensor,
+                       group: dist.ProcessGroup | None = None) -> None:
+    """Auxiliary-loss-free balancing step: bias += rate * sign(mean load - load), per layer.
+
+    ``tokens_per_expert_LE`` is this rank's expert load summed over the step's micro-batches; it is
+    summed over ``group`` (all data-parallel ranks) first so every rank applies the same update.
+    """
+    load_LE = tokens_per_expert_LE.detach().float().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(load_LE, group=group)
+    for layer, load_E in zip(moe_layers, load_LE, strict=True):
+        if layer.router.expert_bias is None:
+            raise ValueError("update_expert_bias called but model.moe.bias_balancing is false")
+        layer.router.expert_bias.add_(layer.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E))

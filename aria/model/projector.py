@@ -1,0 +1,93 @@
+"""Projector: learned queries cross-attend to the ViT patches, then LayerNorm + GELU FFN.
+
+Letters: N crops, G patches per crop, Q queries per crop, Dv vision width, D text width.
+
+Design decisions (each one is the reference's, kept so HF weights load unchanged):
+- The number of queries is looked up from the number of patches per crop (the crop size), using
+  the first Q rows of one shared query table.
+- q/k/v are projected twice: bias-free q/k/v projections, then the packed in-projection of a
+  standard multi-head attention (``in_proj``, rows q | k | v, with bias), then its out-projection,
+  then one more linear. No residual. Both LayerNorms use eps 1e-5.
+- The FFN goes Dv -> D -> D with a tanh-GELU and no biases.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aria.config import ModelConfig
+from aria.model.layers import init_linear, key_padding_mask
+
+LN_EPS = 1e-5  # the reference's nn.LayerNorm / nn.MultiheadAttention defaults
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_q = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm_kv = nn.LayerNorm(dim, eps=LN_EPS)
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.in_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.linear = nn.Linear(dim, dim)
+
+    def forward(self, queries_NQD: torch.Tensor, patches_NGD: torch.Tensor,
+                valid_NG: torch.Tensor | None) -> torch.Tensor:
+        N, Q, D = queries_NQD.shape
+        G = patches_NGD.shape[1]
+        w_q, w_k, w_v = self.in_proj.weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj.bias.chunk(3)
+        kv_NGD = self.norm_kv(patches_NGD)
+        q = F.linear(self.q_proj(self.norm_q(queries_NQD)), w_q, b_q)
+        k = F.linear(self.k_proj(kv_NGD), w_k, b_k)
+        v = F.linear(self.v_proj(kv_NGD), w_v, b_v)
+        d = D // self.num_heads
+        q = q.view(N, Q, self.num_heads, d).transpose(1, 2)
+        k = k.view(N, G, self.num_heads, d).transpose(1, 2)
+        v = v.view(N, G, self.num_heads, d).transpose(1, 2)
+        mask = None if valid_NG is None else key_padding_mask(valid_NG)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.out_proj(out.transpose(1, 2).reshape(N, Q, D))
+        return self.linear(out)
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        Dv, D = cfg.vision.hidden_size, cfg.text.hidden_size
+        self.patch_to_query = dict(cfg.projector.patch_to_query)
+        self.patch_size = cfg.vision.patch_size
+        self.query = nn.Parameter(torch.zeros(cfg.projector.max_queries, Dv))
+        self.cross_attn = CrossAttention(Dv, cfg.vision.num_heads)
+        self.norm_ffn = nn.LayerNorm(Dv, eps=LN_EPS)
+        self.ffn_in = nn.Linear(Dv, D, bias=False)
+        self.ffn_out = nn.Linear(D, D, bias=False)
+
+    def num_queries(self, num_patches: int) -> int:
+        """Image tokens per crop for a crop of ``num_patches`` patches; a clear error otherwise."""
+        if num_patches not in self.patch_to_query:
+            sizes = {k: f"{round(k ** 0.5) * self.patch_size} px" for k in self.patch_to_query}
+            raise ValueError(f"a crop of {num_patches} patches has no entry in "
+                             f"model.projector.patch_to_query {self.patch_to_query} (crop sizes "
+                             f"{sizes}); resize crops to one of those sizes or add an entry")
+        return self.patch_to_query[num_patches]
+
+    def forward(self, patches_NGD: torch.Tensor, valid_NG: torch.Tensor | None) -> torch.Tensor:
+        N, G, _ = patches_NGD.shape
+        queries_NQD = self.query[: self.num_queries(G)].unsqueeze(0).expand(N, -1, -1)
+        out_NQD = self.cross_attn(queries_NQD, patches_NGD, valid_NG)
+        return self.ffn_out(F.gelu(self.ffn_in(self.norm_ffn(out_NQD)), approximate="tanh"))
+
+    def init_weights(self, std: float) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                init_linear(module, std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.query, std=std)

@@ -1,0 +1,145 @@
+"""SigLIP-style vision encoder with NaViT position bucketing.
+
+Letters: N crops, C channels, P patch side, G patches per crop (h x w grid), Dv width.
+
+Design decisions:
+- A crop is a square tensor (the processor pads bottom/right) plus a pixel mask. A patch is valid iff
+  any of its pixels is; padded patches are masked out as attention keys.
+- Positions use fractional bucketing: the valid h x w grid is spread over the whole
+  (image_size / P)^2 table, so 490 px and 980 px crops (and any aspect ratio) share one table.
+  The arithmetic (``i * (1 / h)``, then bucketize) is the reference's, so bucket edges agree bit for
+  bit.
+- The features handed to the projector are the hidden state after ``feature_layer`` layers. There
+  is no post-LayerNorm: Aria never used one (the HF checkpoint carries a dead one, which the
+  converter writes as zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aria.config import VisionConfig
+from aria.model.layers import ACT_FNS, init_linear, key_padding_mask
+
+
+def patch_mask_from_pixels(pixel_mask_NHW: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, H, W) pixel mask -> (N, h, w) patch mask; a patch is valid if any pixel in it is."""
+    N, H, W = pixel_mask_NHW.shape
+    blocks = pixel_mask_NHW.reshape(N, H // patch_size, patch_size, W // patch_size, patch_size)
+    return blocks.any(dim=4).any(dim=2)
+
+
+def bucketed_position_ids(patch_mask_Nhw: torch.Tensor, grid: int) -> torch.Tensor:
+    """NaViT position ids (N, h*w) into a grid x grid table; invalid patches get position 0."""
+    N, h, w = patch_mask_Nhw.shape
+    device = patch_mask_Nhw.device
+    boundaries = torch.arange(1 / grid, 1.0, 1 / grid, device=device)
+    rows_N = patch_mask_Nhw[:, :, 0].sum(dim=1)  # valid rows, counted down the first column
+    cols_N = patch_mask_Nhw[:, 0, :].sum(dim=1)
+    frac_h_Nh = torch.arange(h, device=device, dtype=torch.float32)[None] * (1.0 / rows_N)[:, None]
+    frac_w_Nw = torch.arange(w, device=device, dtype=torch.float32)[None] * (1.0 / cols_N)[:, None]
+    bucket_h = torch.bucketize(frac_h_Nh.clamp(max=1.0 - 1e-6), boundaries, right=True)
+    bucket_w = torch.bucketize(frac_w_Nw.clamp(max=1.0 - 1e-6), boundaries, right=True)
+    pos_Nhw = bucket_h[:, :, None] * grid + bucket_w[:, None, :]
+    return torch.where(patch_mask_Nhw, pos_Nhw, 0).reshape(N, h * w)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, D)
+        self.k_proj = nn.Linear(D, D)
+        self.v_proj = nn.Linear(D, D)
+        self.out_proj = nn.Linear(D, D)
+
+    def forward(self, x_NGD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        N, G, D = x_NGD.shape
+        shape = (N, G, self.num_heads, D // self.num_heads)
+        q = self.q_proj(x_NGD).view(shape).transpose(1, 2)
+        k = self.k_proj(x_NGD).view(shape).transpose(1, 2)
+        v = self.v_proj(x_NGD).view(shape).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(N, G, D))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = ACT_FNS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x_NGD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x_NGD = x_NGD + self.attn(self.norm1(x_NGD), mask)
+        return x_NGD + self.mlp(self.norm2(x_NGD))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.grid = cfg.image_size // cfg.patch_size
+        self.patch_embed = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size,
+                                     stride=cfg.patch_size)
+        self.pos_embed = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))
+        self.gradient_checkpointing = False
+
+    def forward(self, pixels_NCHW: torch.Tensor, pixel_mask_NHW: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns features (N, G, Dv) and the patch validity (N, G), or None when all are valid."""
+        P = self.cfg.patch_size
+        N, C, H, W = pixels_NCHW.shape
+        if C != self.cfg.num_channels or H % P or W % P:
+            raise ValueError(f"pixel_values of shape {tuple(pixels_NCHW.shape)} do not fit the vision "
+                             f"encoder: expected {self.cfg.num_channels} channels and sides that "
+                             f"are multiples of patch_size={P}")
+        if H // P > self.grid or W // P > self.grid:
+            raise ValueError(f"pixel_values of {H}x{W} px exceed the position table "
+                             f"({self.grid}x{self.grid} patches of {P} px = vision.image_size "
+                             f"{self.cfg.image_size})")
+        x_NGD = self.patch_embed(pixels_NCHW).flatten(2).transpose(1, 2)
+        if pixel_mask_NHW is None:
+            patch_mask_Nhw = torch.ones(N, H // P, W // P, dtype=torch.bool, device=x_NGD.device)
+        else:
+            if pixel_mask_NHW.shape != (N, H, W):
+                raise ValueError(f"pixel_mask of shape {tuple(pixel_mask_NHW.shape)} does not match "
+                                 f"pixel_values {tuple(pixels_NCHW.shape)}: expected {(N, H, W)}")
+            patch_mask_Nhw = patch_mask_from_pixels(pixel_mask_NHW.bool(), P)
+        x_NGD = x_NGD + self.pos_embed(bucketed_position_ids(patch_mask_Nhw, self.grid))
+
+        valid_NG = None if pixel_mask_NHW is None else patch_mask_Nhw.flatten(1)
+        mask = None if valid_NG is None else key_padding_mask(valid_NG)
+        for layer in self.layers[: self.cfg.layers_used]:
+            if self.gradient_checkpointing and self.training:
+                x_NGD = torch.utils.checkpoint.checkpoint(layer, x_NGD, mask, use_reentrant=False)
+            else:
+                x_NGD = layer(x_NGD, mask)
+        return x_NGD, valid_NG
+
+    def init_weights(self, std: float) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                init_linear(module, std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.patch_embed.weight, std=std)
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.pos_embed.weight, std=std)

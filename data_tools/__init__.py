@@ -1,0 +1,1 @@
+"""Data preparation tools, run as ``python -m data_tools.<tool>``."""

@@ -1,0 +1,92 @@
+"""Shared test helpers: tiny configs, HF twins of our models, and a 2-process gloo harness."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from aria.config import ModelConfig
+from aria.convert.checkpoint import write_hf_dir
+
+
+def make_config(text: dict | None = None, moe: dict | None = None, vision: dict | None = None,
+                patch_to_query: dict | None = None, **top) -> ModelConfig:
+    base = {
+        "text": dict(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=8, rope_theta=10000.0, max_position_embeddings=256, pad_token_id=1),
+        "moe": dict(num_experts=4, top_k=2, intermediate_size=16, num_shared_experts=2),
+        "vision": dict(hidden_size=24, intermediate_size=40, num_layers=2, num_heads=4,
+                       patch_size=4, image_size=16, hidden_act="gelu"),
+        "projector": {"patch_to_query": patch_to_query or {16: 6, 4: 3}},
+    }
+    base["text"].update(text or {})
+    base["moe"].update(moe or {})
+    base["vision"].update(vision or {})
+    return ModelConfig.from_dict({**base, **top})
+
+
+@torch.no_grad()
+def perturb_norms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Norm weights init to ones/zeros, which can hide a swapped or missing norm: randomise them."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+
+
+def hf_twin(model, directory: str | None = None, attn_implementation: str = "eager"):
+    """transformers' AriaForConditionalGeneration holding our model's weights (via an export)."""
+    from transformers import AriaForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = directory or tmp
+        write_hf_dir(model.state_dict().items(), model.cfg, out)
+        hf = AriaForConditionalGeneration.from_pretrained(out, attn_implementation=attn_implementation)
+    return hf.eval()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn, args, errors) -> None:
+    # The parent's OpenMP pool does not survive fork: a forked child that enters a parallel region
+    # can hang. One intra-op thread per rank avoids it (and 2 ranks fill 2 cores anyway).
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        fn(rank, world, *args)
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int = 2, args: tuple = ()) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` forked gloo processes; re-raise any failure."""
+    ctx = mp.get_context("fork")
+    errors = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, errors)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    if failures or any(p.exitcode != 0 for p in procs):
+        raise AssertionError("distributed run failed:\n" + "\n".join(failures or
+                             [f"exit codes {[p.exitcode for p in procs]}"]))

@@ -1,0 +1,92 @@
+"""Config dataclasses and the Hydra model group: values, validation messages, YAML <-> dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from omegaconf import OmegaConf
+
+from aria.config import CONFIG_DIR, ModelConfig, load_model_config
+from helpers import make_config
+
+
+def test_released_aria_sizes():
+    c = load_model_config("aria")
+    t, m, v = c.text, c.moe, c.vision
+    assert (t.num_layers, t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim) == (28, 2560, 20, 20, 128)
+    assert (m.num_experts, m.intermediate_size, m.top_k, m.num_shared_experts) == (64, 1664, 6, 2)
+    assert (t.vocab_size, t.rope_theta, t.max_position_embeddings) == (100352, 5e6, 65536)
+    assert (v.num_layers, v.hidden_size, v.num_heads, v.intermediate_size) == (27, 1152, 16, 4304)
+    assert (v.patch_size, v.image_size) == (14, 980)
+    assert c.projector.patch_to_query == {1225: 128, 4900: 256}
+    assert c.image_token_id == 9
+    assert (m.aux_loss_coeff, m.z_loss_coeff) == (1e-3, 1e-5)
+
+
+def test_proxy_is_aria_with_four_decoder_layers():
+    aria, proxy = load_model_config("aria").to_dict(), load_model_config("proxy").to_dict()
+    assert proxy["text"].pop("num_layers") == 4
+    aria["text"].pop("num_layers")
+    assert {**proxy, "name": None} == {**aria, "name": None}
+
+
+def test_tiny_crops_are_the_sizes_the_hf_image_processor_makes():
+    c = load_model_config("tiny")
+    for side in (490, 980):  # the only max_image_size values AriaImageProcessor accepts
+        assert (side // c.vision.patch_size) ** 2 in c.projector.patch_to_query
+        assert side % c.vision.patch_size == 0
+
+
+def test_every_yaml_field_is_a_dataclass_field():
+    fields = {node: {f.name for f in dataclasses.fields(cls) if f.name != "_path"}
+              for node, cls in (("text", "TextConfig"), ("moe", "MoEConfig"),
+                                ("vision", "VisionConfig"), ("projector", "ProjectorConfig"))
+              for cls in [getattr(__import__("aria.config", fromlist=[cls]), cls)]}
+    for path in (CONFIG_DIR / "model").glob("*.yaml"):
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+        raw.pop("defaults", None)
+        for node, values in raw.items():
+            if isinstance(values, dict):
+                assert set(values) <= fields[node], (path.name, set(values) - fields[node])
+
+
+def test_overrides_compose_like_the_command_line():
+    c = load_model_config("tiny", ["text.num_layers=3", "moe.top_k=1"])
+    assert (c.text.num_layers, c.moe.top_k) == (3, 1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("text.num_heads=3", r"'model\.text\.num_kv_heads' = 2 is invalid: expected a divisor of num_heads=3"),
+    ("text.head_dim=7", r"'model\.text\.head_dim' = 7 is invalid: expected an even number"),
+    ("moe.top_k=9", r"'model\.moe\.top_k' = 9 is invalid: expected at most num_experts=8"),
+    ("moe.intermediate_size=60", r"'model\.moe\.intermediate_size' = 60 .* multiple of 8"),
+    ("moe.balance_scope=world", r"'model\.moe\.balance_scope' = 'world' is invalid"),
+    ("vision.hidden_act=relu", r"'model\.vision\.hidden_act' = 'relu' is invalid"),
+    ("vision.image_size=1000", r"'model\.vision\.image_size' = 1000 .* multiple of patch_size=70"),
+    ("text.pad_token_id=5000", r"'model\.text\.pad_token_id' = 5000 .* \[0, vocab_size=1024\)"),
+    ("image_token_id=-1", r"'model\.image_token_id' = -1 is invalid"),
+    ("text.num_layers=0", r"'model\.text\.num_layers' = 0 is invalid: expected a positive integer"),
+])
+def test_bad_values_name_the_field_and_the_value(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_model_config("tiny", [override])
+
+
+def test_unknown_and_missing_fields_are_named():
+    good = load_model_config("tiny").to_dict()
+    with pytest.raises(ValueError, match=r"square patch counts .* 50 is not"):
+        ModelConfig.from_dict({**good, "projector": {"patch_to_query": {50: 8}}})
+    with pytest.raises(ValueError, match=r"'model\.moe' has unknown field\(s\) \['num_expert'\]"):
+        ModelConfig.from_dict({**good, "moe": {**good["moe"], "num_expert": 3}})
+    text = dict(good["text"])
+    del text["hidden_size"]
+    with pytest.raises(ValueError, match=r"'model\.text' is missing required field\(s\) \['hidden_size'\]"):
+        ModelConfig.from_dict({**good, "text": text})
+    with pytest.raises(FileNotFoundError, match="available: .*tiny"):
+        load_model_config("tinyy")
+
+
+def test_to_dict_round_trips():
+    cfg = make_config(moe=dict(bias_balancing=True))
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
