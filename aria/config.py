@@ -101,6 +101,9 @@ class TextConfig:
         _check(self.num_heads % self.num_kv_heads == 0, f"{p}.num_kv_heads", self.num_kv_heads,
                f"a divisor of num_heads={self.num_heads}")
         _check(self.head_dim % 2 == 0, f"{p}.head_dim", self.head_dim, "an even number (RoPE)")
+        _check(self.hidden_size % self.num_heads == 0, f"{p}.num_heads", self.num_heads,
+               f"a divisor of hidden_size={self.hidden_size} (the Hugging Face format requires it, "
+               "even when head_dim differs from hidden_size / num_heads)")
         _check(self.hidden_size % 8 == 0, f"{p}.hidden_size", self.hidden_size,
                "a multiple of 8 (grouped_mm needs 16-byte aligned expert rows)")
         _check(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0,
@@ -156,6 +159,8 @@ class MoEConfig:
                f"{p}.num_shared_experts", self.num_shared_experts, "an integer >= 0")
         _check(self.shared_act in ACTIVATIONS, f"{p}.shared_act", self.shared_act,
                f"one of {ACTIVATIONS}")
+        _check(not (self.shared_bias and self.num_shared_experts == 0), f"{p}.shared_bias",
+               self.shared_bias, "false when num_shared_experts is 0")
         _non_negative_float(f"{p}.aux_loss_coeff", self.aux_loss_coeff)
         _non_negative_float(f"{p}.z_loss_coeff", self.z_loss_coeff)
         _non_negative_float(f"{p}.bias_update_rate", self.bias_update_rate)
@@ -304,6 +309,96 @@ class ModelConfig:
         out["image_token_id"] = self.image_token_id
         out["name"] = self.name
         return out
+
+
+@dataclass
+class VideoConfig:
+    """How videos are sampled and laid out (a record's own num_frames / fps win over these)."""
+
+    num_frames: int = 8
+    """Frames sampled uniformly (the official rule) when neither the record nor ``fps`` says."""
+    fps: float | None = None
+    """Sample this many frames per second instead, capped by ``max_frames``."""
+    max_frames: int = 128
+    """Most frames taken from one video in fps mode."""
+    image_size: int = 490
+    """Crop size of frames: 490 -> 128 tokens per frame for Aria."""
+    timestamps: bool = False
+    """Write '[MM:SS]' before each frame (and a line break after it)."""
+    _path: str = field(default="data.video", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self._path
+        _positive_int(f"{p}.num_frames", self.num_frames)
+        _positive_int(f"{p}.max_frames", self.max_frames)
+        _check(self.fps is None or (isinstance(self.fps, (int, float)) and self.fps > 0), f"{p}.fps",
+               self.fps, "null or a positive number")
+        _check(self.image_size in IMAGE_SIZES, f"{p}.image_size", self.image_size, f"one of {IMAGE_SIZES}")
+
+
+IMAGE_SIZES = (490, 980)
+
+
+@dataclass
+class DataConfig:
+    """Datasets, tokenizer and media processing of a run."""
+
+    train: Any = None
+    """A dataset path (JSONL file, directory with train.jsonl, or webdataset shards), or a list of
+    paths or of {path, weight} mappings mixed by weight."""
+    eval: Any = None
+    """Held-out dataset(s), same forms; the test split of a JSONL directory."""
+    tokenizer: str | None = None
+    """Tokenizer directory (tokenizer.json) or sentencepiece .model file."""
+    image_size: int = 980
+    """Crop size of images: 490 (128 tokens per crop for Aria) or 980 (256)."""
+    min_image_size: int = 336
+    """Shortest side after resizing (the reference processor's rule)."""
+    split_image: bool = False
+    """Cut large images into several crops (up to 8 tiles) instead of one."""
+    video: VideoConfig = field(default_factory=VideoConfig)
+    num_workers: int = 2
+    """Loader worker processes per rank (0 = in the training process)."""
+    strict: bool = False
+    """Raise on the first bad sample instead of skipping and counting it."""
+    allow_outside_media: bool = False
+    """Allow media paths that resolve outside the dataset directory."""
+    split_long_text: bool = True
+    """Cut text-only documents longer than a row into row-sized pieces (others are skipped)."""
+    _path: str = field(default="data", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self._path
+        if isinstance(self.video, Mapping):
+            self.video = _from_mapping(VideoConfig, self.video, f"{p}.video")
+        _check(self.image_size in IMAGE_SIZES, f"{p}.image_size", self.image_size, f"one of {IMAGE_SIZES}")
+        _positive_int(f"{p}.min_image_size", self.min_image_size)
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 0, f"{p}.num_workers",
+               self.num_workers, "an integer >= 0")
+        for name in ("train", "eval"):
+            parse_mixture(getattr(self, name), f"{p}.{name}")
+
+
+def parse_mixture(value: Any, path: str = "data.train") -> list[tuple[str, float]]:
+    """A dataset field -> [(path, weight)]: a path, a list of paths, or a list of {path, weight}."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str) and item:
+            out.append((item, 1.0))
+        elif isinstance(item, Mapping) and isinstance(item.get("path"), str):
+            unknown = sorted(set(item) - {"path", "weight"})
+            _check(not unknown, f"{path}[{i}]", dict(item), "only 'path' and 'weight' keys")
+            weight = item.get("weight", 1.0)
+            _check(isinstance(weight, (int, float)) and weight > 0, f"{path}[{i}].weight", weight,
+                   "a positive number")
+            out.append((item["path"], float(weight)))
+        else:
+            raise ValueError(f"config field '{path}' entry {item!r} is invalid: expected a dataset "
+                             "path or a mapping {path: ..., weight: ...}")
+    return out
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

@@ -19,7 +19,8 @@ def make_config(text: dict | None = None, moe: dict | None = None, vision: dict 
                 patch_to_query: dict | None = None, **top) -> ModelConfig:
     base = {
         "text": dict(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                     head_dim=8, rope_theta=10000.0, max_position_embeddings=256, pad_token_id=1),
+                     head_dim=8, rope_theta=10000.0, max_position_embeddings=256, pad_token_id=1,
+                     initializer_range=0.1),  # images and biases move the logits by O(0.1)
         "moe": dict(num_experts=4, top_k=2, intermediate_size=16, num_shared_experts=2),
         "vision": dict(hidden_size=24, intermediate_size=40, num_layers=2, num_heads=4,
                        patch_size=4, image_size=16, hidden_act="gelu"),
@@ -32,12 +33,15 @@ def make_config(text: dict | None = None, moe: dict | None = None, vision: dict 
 
 
 @torch.no_grad()
-def perturb_norms(model: torch.nn.Module, seed: int = 0) -> None:
-    """Norm weights init to ones/zeros, which can hide a swapped or missing norm: randomise them."""
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Norm weights init to ones and biases to zeros, which can hide a swapped or missing norm or
+    bias: randomise them all."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if "norm" in name:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+        if "norm" in name and name.endswith("weight"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + 1.0)
+        elif name.endswith("bias"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def hf_twin(model, directory: str | None = None, attn_implementation: str = "eager"):

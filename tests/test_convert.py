@@ -17,7 +17,7 @@ from aria.convert.checkpoint import (INDEX, convert, iter_tensors, load_hf_dir, 
                                      save_model_dir)
 from aria.convert.hf_config import from_hf_config, to_hf_config
 from aria.model import build_model
-from helpers import make_config, perturb_norms
+from helpers import make_config, perturb
 
 CFG = make_config(text=dict(head_dim=12), moe=dict(shared_bias=True, shared_act="gelu"))
 
@@ -28,7 +28,7 @@ def hf_reference_model(cfg, seed=0):
 
     torch.manual_seed(seed)
     hf = AriaForConditionalGeneration(AriaConfig(**to_hf_config(cfg))).eval()
-    perturb_norms(hf, seed)
+    perturb(hf, seed)
     return hf
 
 
@@ -118,7 +118,7 @@ def test_new_prefix_layout_is_what_transformers_holds_in_memory():
 def test_ours_to_hf_to_ours_is_bit_exact(tmp_path, shard):
     torch.manual_seed(1)
     model = build_model(CFG)
-    perturb_norms(model)
+    perturb(model)
     save_model_dir(model.state_dict(), CFG, tmp_path / "ours")
     assert convert_main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf"),
                          "--max-shard-size", shard]) == 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aria.model import build_model, generate
-from helpers import hf_twin, make_config, perturb_norms
+from helpers import hf_twin, make_config, perturb
 
 TOL = 1e-5
 
@@ -69,7 +69,7 @@ def make_batch(cfg, side: int, seed: int):
     mask = torch.ones(3, side, side, dtype=torch.bool)
     mask[1, side * 2 // 3:, :] = False  # partial rows and columns, not on patch boundaries
     mask[1, :, side - 3:] = False
-    mask[2, :, side // 2 + 1:] = False
+    mask[2, :, side // 2:] = False  # whole patch columns at every crop size
     pixels[~mask.unsqueeze(1).expand_as(pixels)] = -1.0
     return input_ids, attention_mask, pixels, mask
 
@@ -78,7 +78,7 @@ def make_batch(cfg, side: int, seed: int):
 def pair(request):
     torch.manual_seed(0)
     model = build_model(CONFIGS[request.param]).eval()
-    perturb_norms(model)
+    perturb(model)
     return model, hf_twin(model)
 
 
@@ -97,7 +97,7 @@ def test_logits_match_transformers(pair, size_rank):
     # The comparison is not vacuous: the images reach the logits.
     with torch.no_grad():
         blind = model(input_ids, torch.zeros_like(pixels), mask, segment_ids=attention_mask).logits
-    assert (blind[valid] - ours[valid]).abs().max() > 1e-3
+    assert (blind[valid] - ours[valid]).abs().max() > 1e-2
 
 
 def test_text_only_matches_transformers(pair):

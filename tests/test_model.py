@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from aria.config import load_model_config
-from aria.model import IGNORE_INDEX, build_model, chunked_cross_entropy
+from aria.model import IGNORE_INDEX, build_model, chunked_cross_entropy, generate
 from aria.model.flops import count_parameters, text_flops_per_token, vision_flops_per_crop
-from helpers import make_config, perturb_norms
+from helpers import make_config, perturb
 
 CFG = make_config()
 
@@ -18,7 +18,7 @@ CFG = make_config()
 def model():
     torch.manual_seed(0)
     m = build_model(CFG).eval()
-    perturb_norms(m)
+    perturb(m)
     return m
 
 
@@ -106,7 +106,7 @@ def test_router_loss_is_the_weighted_sum_of_layer_losses():
 def test_image_token_count_mismatch_names_both_counts(model):
     ids = torch.randint(10, 99, (1, 12))
     ids[0, :5] = CFG.image_token_id  # 5 slots, but one 16 px crop gives 6 features
-    with pytest.raises(ValueError, match=r"5 <\|img\|> tokens .* 1 crops x 6 queries = 6"):
+    with pytest.raises(ValueError, match=r"5 <\|img\|> tokens but 6 image features were computed \(1 crops x 6 queries\)"):
         model(ids, torch.randn(1, 3, 16, 16))
 
 
@@ -129,11 +129,14 @@ def test_released_size_counts_match_the_paper():
     assert c.total / 1e9 == pytest.approx(25.3, abs=0.05)  # paper: 25.3B in all
     assert c.language_model / 1e9 == pytest.approx(24.9, abs=0.05)  # paper: 24.9B MoE decoder
     assert (c.vision_encoder + c.projector) / 1e6 == pytest.approx(438, abs=1)  # paper: 438M
-    # paper: 3.5B / 3.9B active, counting convention not stated; ours (non-embedding, see
-    # flops.py) gives 3.60B / 4.04B, within 4%
-    assert c.active_per_text_token / 1e9 == pytest.approx(3.5, rel=0.04)
+    # Active per text token, by hand: 28 layers x (q, k, v, o of 2560 x 2560 + router 64 x 2560 +
+    # 6 routed and 2 shared SwiGLU experts of 3 x 2560 x 1664).
+    by_hand = 28 * (4 * 2560 * 2560 + 64 * 2560 + 8 * 3 * 2560 * 1664)
+    assert c.active_per_text_token == by_hand == 3_601_203_200
+    assert c.active_per_visual_token == by_hand + c.vision_encoder + c.projector
+    # The paper says 3.5B / 3.9B without stating its convention; ours is non-embedding (flops.py).
+    assert c.active_per_text_token / 1e9 == pytest.approx(3.5, rel=0.03)
     assert c.active_per_visual_token / 1e9 == pytest.approx(3.9, rel=0.04)
-    assert c.active_per_visual_token - c.active_per_text_token == c.vision_encoder + c.projector
     proxy = count_parameters(load_model_config("proxy"))
     assert proxy.vision_encoder == c.vision_encoder
     assert sum(p.numel() for p in build_model(load_model_config("proxy"), device="meta").parameters()) \
@@ -199,4 +202,47 @@ def test_bf16_model_tracks_fp32_and_keeps_router_state_fp32():
     with torch.no_grad():
         ref = m32(ids, pixels).logits
         low = m16(ids, pixels).logits.float()
-    assert (low - ref).abs().max() < 0.05 * ref.abs().max()
+    # bf16 keeps ~3 significant digits; a token whose top-k routing flips near a tie may move more
+    assert (low - ref).abs().mean() < 0.02 * ref.abs().mean()
+
+
+def test_bad_model_inputs_are_named(model):
+    ids = torch.randint(10, 99, (2, 8))
+    with pytest.raises(ValueError, match=r"segment_ids of shape \(2, 7\) does not match input_ids \(2, 8\)"):
+        model(ids, segment_ids=torch.ones(2, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"position_ids of shape"):
+        model(ids, position_ids=torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"ids in \[10, 120\] but the vocabulary has 99 tokens"):
+        model(torch.tensor([[10, 120]]))
+    with pytest.raises(ValueError, match=r"2 <\|img\|> tokens .* no pixel_values"):
+        model(torch.tensor([[10, CFG.image_token_id, CFG.image_token_id, 11]]))
+
+
+def test_generation_refuses_right_padding(model):
+    ids = torch.randint(10, 99, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        generate(model, ids, attention_mask=mask, max_new_tokens=2)
+
+
+def test_crops_of_two_sizes_fill_their_slots_in_order(model):
+    """980-style and 490-style crops in one batch: per-size groups plus the slot order."""
+    from aria.data.processor import group_crops
+
+    g = torch.Generator().manual_seed(0)
+    big = [torch.randn(1, 3, 16, 16, generator=g) for _ in range(2)]  # 16 patches -> 6 queries
+    small = torch.randn(2, 3, 8, 8, generator=g)  # 4 patches -> 3 queries each
+    masks = lambda x: torch.ones(x.shape[0], x.shape[2], x.shape[3], dtype=torch.bool)  # noqa: E731
+    crops = [(big[0], masks(big[0])), (small, masks(small)), (big[1], masks(big[1]))]  # token order
+    grouped = group_crops(crops, {16: 6, 8: 3})
+    assert [pv.shape[-1] for pv in grouped["pixel_values"]] == [8, 16]
+    ids = torch.full((1, 6 + 6 + 6 + 4), 11)
+    ids[0, 1:7] = ids[0, 8:14] = ids[0, 15:21] = CFG.image_token_id  # 6 | 3 + 3 | 6 slots
+    with torch.no_grad():
+        embeds = model.embed(ids, grouped["pixel_values"], grouped["pixel_mask"],
+                             grouped["image_feature_order"])
+        expected = torch.cat([model.image_features(big[0]).flatten(0, 1),
+                              model.image_features(small).flatten(0, 1),
+                              model.image_features(big[1]).flatten(0, 1)])
+    torch.testing.assert_close(embeds[0, ids[0] == CFG.image_token_id], expected)

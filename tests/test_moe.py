@@ -173,3 +173,41 @@ def test_global_batch_balance_over_two_processes_equals_one_process():
     # equal valid tokens per rank (ranks hold rows 0-1 and 2-3), so the mean of the two ranks'
     # losses equals the one-process loss
     run_distributed(_global_balance_worker, world=2, args=(x, valid))
+
+
+def test_router_stats_of_a_layer_on_a_hand_computed_case():
+    """Through MoE.forward: k = 2, one padding token excluded, counts / aux / z derived by hand."""
+    cfg = MoEConfig(num_experts=3, top_k=2, intermediate_size=8, num_shared_experts=0)
+    layer = MoE(8, cfg).train()
+    with torch.no_grad():
+        layer.init_weights(0.1)
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 1.0  # logits = [x0, x1, -0.1 (x0 + x1)]
+        layer.router.weight[1, 1] = 1.0
+        layer.router.weight[2, :2] = -0.1
+    x = torch.zeros(1, 3, 8)
+    x[0, 0, :2] = torch.tensor([1.0, 0.5])  # logits [1, .5, -.15] -> experts 0, 1
+    x[0, 1, :2] = torch.tensor([0.0, 2.0])  # logits [0, 2, -.2]  -> experts 1, 0
+    x[0, 2, :2] = torch.tensor([-3.0, -3.0])  # padding: must not count
+    _, stats = layer(x, torch.tensor([[True, True, False]]))
+
+    logits = [[1.0, 0.5, -0.15], [0.0, 2.0, -0.2]]
+    lse = [math.log(sum(math.exp(v) for v in row)) for row in logits]
+    probs = [[math.exp(v - l) for v in row] for row, l in zip(logits, lse)]
+    mean_p = [(probs[0][e] + probs[1][e]) / 2 for e in range(3)]
+    counts = [2, 2, 0]
+    aux = 3 / (2 * 2) * sum(p * c for p, c in zip(mean_p, counts))
+    assert stats.tokens_per_expert.tolist() == counts
+    assert stats.aux_loss.item() == pytest.approx(aux, rel=1e-6)
+    assert stats.z_loss.item() == pytest.approx((lse[0] ** 2 + lse[1] ** 2) / 2, rel=1e-6)
+
+
+def test_balancing_bias_stays_fp32_when_the_model_is_cast():
+    layer = moe_layer(bias_balancing=True)
+    layer.router.expert_bias.fill_(0.5)
+    layer.bfloat16()
+    assert layer.router.expert_bias.dtype == torch.float32
+    assert layer.router.weight.dtype == torch.bfloat16
+    for _ in range(10):
+        update_expert_bias([layer], torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0]]))
+    assert layer.router.expert_bias[0].item() == pytest.approx(0.5 - 10 * 1e-3, abs=1e-6)

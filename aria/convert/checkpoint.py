@@ -20,6 +20,7 @@ Design decisions:
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -98,8 +99,6 @@ def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], directory: Path,
     """Writes ``model.safetensors`` or shards + index; returns the files written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in [directory / SINGLE, directory / INDEX, *directory.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)
     temp_names, weight_map, shard, shard_bytes, total = [], {}, {}, 0, 0
 
     def flush() -> None:
@@ -128,6 +127,9 @@ def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], directory: Path,
             (directory / name).unlink(missing_ok=True)
         raise
 
+    # complete: now replace whatever weights the directory held before
+    for stale in [directory / SINGLE, directory / INDEX, *directory.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
     if len(temp_names) == 1:
         os.replace(directory / temp_names[0][0], directory / SINGLE)
         return [SINGLE]
@@ -187,14 +189,9 @@ def load_state(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor
                device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> None:
     """Loads named tensors (our names) into a (meta) model with full key and shape checks."""
     expected = model.state_dict()
-    state = {}
-    for key, tensor in tensors:
-        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{source}: tensor '{key}' has shape {tuple(tensor.shape)} but the model "
-                             f"config expects {tuple(expected[key].shape)}")
-        state[key] = tensor
+    state = dict(tensors)
     tied = model.cfg.text.tie_word_embeddings
-    keymap.check_keys(state, expected, source, tied_lm_head=tied)
+    check_state({k: t.shape for k, t in state.items()}, expected, source, tied)
     if tied:
         state["lm_head.weight"] = state["decoder.embed.weight"]
     for key, tensor in state.items():
@@ -204,6 +201,16 @@ def load_state(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor
     model.load_state_dict(state, strict=True, assign=True)
     if tied:
         model.lm_head.weight = model.decoder.embed.weight
+
+
+def check_state(shapes: dict[str, tuple], expected: dict[str, torch.Tensor], source: str,
+                tied_lm_head: bool) -> None:
+    """Every expected key present, no other key, every shape right: one error naming them."""
+    keymap.check_keys(shapes, expected, source, tied_lm_head)
+    for key, shape in shapes.items():
+        if tuple(shape) != tuple(expected[key].shape):
+            raise ValueError(f"{source}: tensor '{key}' has shape {tuple(shape)} but the model "
+                             f"config expects {tuple(expected[key].shape)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,8 +236,12 @@ def rename_hf(items: Iterable[tuple[str, object]], source: str) -> Iterator[tupl
         except ValueError:
             unexpected.append(key)
             continue
-        if ours is not None:
-            yield ours, value
+        if ours is None:
+            continue
+        size = value.numel() if isinstance(value, torch.Tensor) else math.prod(value)
+        if size == 0 and ".moe.shared." in ours:  # HF keeps zero-size shared experts when S = 0
+            continue
+        yield ours, value
     if unexpected:
         raise ValueError(f"{source} holds {len(unexpected)} tensor(s) that are not part of Aria: "
                          f"{sorted(unexpected)[:20]}")
@@ -238,15 +249,22 @@ def rename_hf(items: Iterable[tuple[str, object]], source: str) -> Iterator[tupl
 
 def ours_to_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig
                        ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Renames our tensors to the HF on-disk layout and adds the dead post-LayerNorm as zeros."""
-    dtype = None
+    """Renames our tensors to the HF on-disk layout, adds the dead post-LayerNorm as zeros and, for
+    a model without shared experts, the zero-size shared-expert tensors HF still declares."""
+    dtype = torch.float32
     for key, tensor in tensors:
         if cfg.text.tie_word_embeddings and key == "lm_head.weight":
             continue
         dtype = tensor.dtype if tensor.is_floating_point() else dtype
         yield keymap.ours_to_hf(key), tensor
     for key in keymap.HF_DEAD_KEYS:
-        yield key, torch.zeros(cfg.vision.hidden_size, dtype=dtype or torch.float32)
+        yield key, torch.zeros(cfg.vision.hidden_size, dtype=dtype)
+    if cfg.moe.num_shared_experts == 0:
+        D = cfg.text.hidden_size
+        for layer in range(cfg.text.num_layers):
+            for name, shape in (("gate_proj", (0, D)), ("up_proj", (0, D)), ("down_proj", (D, 0))):
+                yield (keymap.ours_to_hf(f"decoder.layers.{layer}.moe.shared.{name}.weight"),
+                       torch.zeros(shape, dtype=dtype))
 
 
 def load_hf_dir(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
@@ -264,10 +282,18 @@ def write_hf_dir(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, 
                  dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     """Writes weights (our names, streamed) + config.json + generation_config.json."""
     directory = Path(directory)
-    write_sharded(_cast(ours_to_hf_tensors(tensors, cfg), dtype), directory, max_shard_bytes)
-    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-                  None: "float32"}[dtype]
-    (directory / "config.json").write_text(json.dumps(to_hf_config(cfg, dtype_name), indent=2) + "\n")
+    seen: set[torch.dtype] = set()
+
+    def record(items):
+        for key, tensor in items:
+            if tensor.is_floating_point():
+                seen.add(tensor.dtype)
+            yield key, tensor
+
+    write_sharded(record(_cast(ours_to_hf_tensors(tensors, cfg), dtype)), directory, max_shard_bytes)
+    dtype_name = str(max(seen, key=lambda d: torch.finfo(d).bits) if seen else torch.float32)
+    (directory / "config.json").write_text(
+        json.dumps(to_hf_config(cfg, dtype_name.removeprefix("torch.")), indent=2) + "\n")
     (directory / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
 
 
@@ -295,11 +321,7 @@ def convert(source: Path, target: Path, direction: str, dtype: torch.dtype | Non
     # Check names and shapes against the config first (shapes from safetensors headers only).
     expected = build_model(cfg, device="meta").state_dict()
     shapes = dict(_headers(source, direction))
-    keymap.check_keys(shapes, expected, f"weights in {source}", cfg.text.tie_word_embeddings)
-    for key, shape in shapes.items():
-        if tuple(shape) != tuple(expected[key].shape):
-            raise ValueError(f"weights in {source}: tensor '{key}' has shape {tuple(shape)} but the "
-                             f"config expects {tuple(expected[key].shape)}")
+    check_state(shapes, expected, f"weights in {source}", cfg.text.tie_word_embeddings)
 
     if direction == "to-hf":
         for key in shapes:  # e.g. a router balancing bias: refuse before writing anything

@@ -17,9 +17,6 @@ from typing import Any
 
 from aria.config import ModelConfig, MoEConfig, ProjectorConfig, TextConfig, VisionConfig
 
-TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     t, m, v = cfg.text, cfg.moe, cfg.vision
     text_config = {

@@ -4,10 +4,10 @@ Letters: B batch, T tokens, N image crops, Q queries (image tokens) per crop, D 
 V vocabulary, L layers, E experts.
 
 Design decisions:
-- Every crop of one call has the same size (``pixel_values`` is one (N, C, H, W) tensor), so the
-  projector picks one query count Q for the call; the crops' features fill the <|img|> slots in
-  row-major order of ``input_ids``, crop after crop. A count mismatch raises with both counts
-  (one host sync per forward, never per layer).
+- Crops of one size share one (N, C, H, W) tensor, so the projector picks one query count Q for
+  it; the crops' features fill the <|img|> slots in row-major order of ``input_ids``, crop after
+  crop. Crops of several sizes come as one tensor per size plus the slot order of their features.
+  A count mismatch raises with both counts (one host sync per forward, never per layer).
 - ``segment_ids`` (B, T) replaces an attention mask: 0 = padding, 1, 2, ... = documents packed into
   the row. An HF-style 0/1 ``attention_mask`` is a valid ``segment_ids``.
 - With ``targets`` the forward returns the *summed* chunked cross-entropy and the number of
@@ -45,17 +45,14 @@ class AriaOutput:
     tokens_per_expert_LE: torch.Tensor | None = None
 
 
-def merge_image_features(embeds_BTD: torch.Tensor, input_ids_BT: torch.Tensor,
-                         features_NQD: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """Replace the embeddings of <|img|> tokens with image features, in order."""
-    slots_BT = input_ids_BT == image_token_id
-    num_slots = int(slots_BT.sum())
-    N, Q, _ = features_NQD.shape
-    if num_slots != N * Q:
+def merge_image_features(embeds_BTD: torch.Tensor, slots_BT: torch.Tensor, num_slots: int,
+                         features_RD: torch.Tensor, described: str = "") -> torch.Tensor:
+    """Replace the embeddings at the ``num_slots`` <|img|> positions with the R feature rows, in order."""
+    if num_slots != features_RD.shape[0]:
         raise ValueError(f"image features and <|img|> tokens do not match: input_ids hold "
-                         f"{num_slots} <|img|> tokens (id {image_token_id}) but {N} crops x {Q} "
-                         f"queries = {N * Q} image features were computed")
-    return embeds_BTD.masked_scatter(slots_BT.unsqueeze(-1), features_NQD.to(embeds_BTD.dtype))
+                         f"{num_slots} <|img|> tokens but {features_RD.shape[0]} image features were "
+                         f"computed{described}")
+    return embeds_BTD.masked_scatter(slots_BT.unsqueeze(-1), features_RD.to(embeds_BTD.dtype))
 
 
 class Aria(nn.Module):
@@ -92,19 +89,59 @@ class Aria(nn.Module):
         patches_NGD, valid_NG = self.vision(pixel_values, pixel_mask)
         return self.projector(patches_NGD, valid_NG)
 
-    def embed(self, input_ids_BT: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids_BT: torch.Tensor, pixel_values=None, pixel_mask=None,
+              image_feature_order: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features in the <|img|> slots.
+
+        ``pixel_values`` is one (N, C, H, W) tensor, or a list of them (one per crop size, e.g. 980 px
+        images and 490 px video frames) with ``image_feature_order`` giving, for each <|img|> slot,
+        its row among the per-size features flattened to (N_s * Q_s, D) and concatenated.
+        """
+        slots_BT = input_ids_BT == self.cfg.image_token_id
+        # The one host sync of a forward: token ids in range, and the <|img|> count.
+        lowest, highest, num_slots = torch.stack([input_ids_BT.min(), input_ids_BT.max(),
+                                                  slots_BT.sum()]).tolist()
+        if lowest < 0 or highest >= self.cfg.text.vocab_size:
+            raise ValueError(f"input_ids hold ids in [{lowest}, {highest}] but the vocabulary has "
+                             f"{self.cfg.text.vocab_size} tokens (model.text.vocab_size)")
         embeds_BTD = self.decoder.embed(input_ids_BT)
         if pixel_values is None:
+            if num_slots and input_ids_BT.shape[1] > 1:
+                raise ValueError(f"input_ids hold {num_slots} <|img|> tokens (id "
+                                 f"{self.cfg.image_token_id}) but no pixel_values were given")
             return embeds_BTD
-        features_NQD = self.image_features(pixel_values.to(embeds_BTD.dtype), pixel_mask)
-        return merge_image_features(embeds_BTD, input_ids_BT, features_NQD, self.cfg.image_token_id)
+        dtype = embeds_BTD.dtype
+        if isinstance(pixel_values, torch.Tensor):
+            features_NQD = self.image_features(pixel_values.to(dtype), pixel_mask)
+            rows_RD = features_NQD.flatten(0, 1)
+            described = f" ({features_NQD.shape[0]} crops x {features_NQD.shape[1]} queries)"
+        else:
+            masks = pixel_mask if pixel_mask is not None else [None] * len(pixel_values)
+            if len(masks) != len(pixel_values) or image_feature_order is None:
+                raise ValueError("pixel_values given per crop size need a pixel_mask list of the same "
+                                 "length (or None) and image_feature_order")
+            groups = [self.image_features(pv.to(dtype), pm) for pv, pm in zip(pixel_values, masks)]
+            rows_RD = torch.cat([g.flatten(0, 1) for g in groups])
+            if image_feature_order.numel() != rows_RD.shape[0]:
+                raise ValueError(f"image_feature_order has {image_feature_order.numel()} entries for "
+                                 f"{rows_RD.shape[0]} image features")
+            rows_RD = rows_RD[image_feature_order]
+            described = " (" + " + ".join(f"{g.shape[0]} crops x {g.shape[1]} queries" for g in groups) + ")"
+        return merge_image_features(embeds_BTD, slots_BT, num_slots, rows_RD, described)
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                pixel_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_to_keep: int | None = None) -> AriaOutput:
-        embeds_BTD = self.embed(input_ids, pixel_values, pixel_mask)
+    def forward(self, input_ids: torch.Tensor, pixel_values=None, pixel_mask=None,
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_to_keep: int | None = None, image_feature_order: torch.Tensor | None = None
+                ) -> AriaOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+        for name, value in (("position_ids", position_ids), ("segment_ids", segment_ids),
+                            ("targets", targets)):
+            if value is not None and value.shape != input_ids.shape:
+                raise ValueError(f"{name} of shape {tuple(value.shape)} does not match input_ids "
+                                 f"{tuple(input_ids.shape)}")
+        embeds_BTD = self.embed(input_ids, pixel_values, pixel_mask, image_feature_order)
         valid_BT = None if segment_ids is None else segment_ids > 0
         dec = self.decoder(embeds_BTD, position_ids, segment_ids, cache, valid_BT)
 
@@ -119,9 +156,6 @@ class Aria(nn.Module):
                 hidden_BTD = hidden_BTD[:, -logits_to_keep:]
             out.logits = self.lm_head(hidden_BTD)
         else:
-            if targets.shape != input_ids.shape:
-                raise ValueError(f"targets of shape {tuple(targets.shape)} do not match input_ids "
-                                 f"{tuple(input_ids.shape)}")
             targets_N = targets.reshape(-1)
             out.loss_sum = chunked_cross_entropy(hidden_BTD.reshape(-1, hidden_BTD.shape[-1]),
                                                  self.lm_head.weight, targets_N)
@@ -136,8 +170,4 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None,
         model = Aria(cfg)
     if init and str(device) != "meta":
         model.init_weights()
-    model = model.to(dtype)
-    for moe in model.moe_layers:  # the balancing bias stays fp32 whatever the weights' dtype
-        if moe.router.expert_bias is not None:
-            moe.router.expert_bias = moe.router.expert_bias.float()
-    return model
+    return model.to(dtype)

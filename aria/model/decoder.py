@@ -4,8 +4,8 @@ Letters: B batch, T new tokens, S keys (cache + new), H query heads, Hkv key/val
 width, D model width, L layers, E experts.
 
 Design decisions:
-- Attention is SDPA. Without segments and without a cache prefix it runs the fused causal kernel
-  (``is_causal=True``, no mask tensor). Packed rows and padded batches pass ``segment_ids``; the
+- Attention is SDPA. Without segments it runs the fused causal kernel (no mask tensor), and a
+  decode step of an unpadded batch needs no mask at all. Packed rows and padded batches pass ``segment_ids``; the
   mask then keeps every document to itself (see ``layers.segment_causal_mask``). The boolean
   (B, 1, T, T) mask is fine up to a few thousand tokens; long packed rows on GPU are the place for a
   varlen / flex kernel behind the same ``segment_ids`` interface. GQA uses SDPA's ``enable_gqa``
@@ -40,6 +40,7 @@ class KVCache:
         self.segments_BS = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.max_len = max_len
         self.length = 0  # host-side: tokens already cached
+        self.padded = False  # host-side: some call passed segment ids (padding or packing)
 
     def update(self, layer: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +50,9 @@ class KVCache:
         self.v[layer, :, :, start:end] = v_BHTd
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def reserve(self, segments_BT: torch.Tensor) -> torch.Tensor:
+    def reserve(self, segments_BT: torch.Tensor, padded: bool) -> torch.Tensor:
         """Records the segments of the T incoming tokens; returns the segments of all S keys."""
+        self.padded |= padded
         start, end = self.length, self.length + segments_BT.shape[1]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens do not fit its max_len={self.max_len}")
@@ -73,20 +75,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, D, bias=bias)
 
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+                mask: torch.Tensor | str, cache: KVCache | None) -> torch.Tensor:
+        """``mask``: "causal" (T == S, fused causal kernel), "full" (every cached key: one decode
+        step without padding) or a boolean (B, 1, T, S) mask."""
         B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q_BHTd = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BHTd = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BHTd = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHTd, k_BHTd = apply_rope(q_BHTd, *rope), apply_rope(k_BHTd, *rope)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k_BHTd, v_BHTd = cache.update(self.layer_idx, k_BHTd, v_BHTd)  # now all S keys
         gqa = self.num_kv_heads != self.num_heads
-        if mask is None:  # plain causal attention over T == S tokens
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if isinstance(mask, str):
+            out_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, is_causal=mask == "causal",
+                                                      enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            out_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, attn_mask=mask,
+                                                      enable_gqa=gqa)
+        return self.o_proj(out_BHTd.transpose(1, 2).reshape(B, T, -1))
 
 
 class DecoderLayer(nn.Module):
@@ -98,7 +104,7 @@ class DecoderLayer(nn.Module):
         self.moe = MoE(cfg.text.hidden_size, cfg.moe)
 
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, valid_BT: torch.Tensor | None, cache: KVCache | None
+                mask: torch.Tensor | str, valid_BT: torch.Tensor | None, cache: KVCache | None
                 ) -> tuple[torch.Tensor, RouterStats | None]:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, mask, cache)
         mlp_out, stats = self.moe(self.mlp_norm(x_BTD), valid_BT)
@@ -137,17 +143,7 @@ class TextDecoder(nn.Module):
             position_ids_BT = torch.arange(past, past + T, device=embeds_BTD.device).expand(B, T)
         rope = self.rope(position_ids_BT, embeds_BTD.dtype)
 
-        # mask None means "causal over T == S keys": only valid without a cache prefix.
-        mask = None
-        if cache is not None:
-            segments_BT = segment_ids_BT
-            if segments_BT is None:
-                segments_BT = torch.ones(B, T, dtype=torch.long, device=embeds_BTD.device)
-            key_segments_BS = cache.reserve(segments_BT)
-            if past > 0 or segment_ids_BT is not None:
-                mask = segment_causal_mask(segments_BT, key_segments_BS, past)
-        elif segment_ids_BT is not None:
-            mask = segment_causal_mask(segment_ids_BT, segment_ids_BT, 0)
+        mask = self.attention_mask(B, T, segment_ids_BT, cache, embeds_BTD.device)
 
         x_BTD = embeds_BTD
         stats: list[RouterStats] = []
@@ -168,6 +164,24 @@ class TextDecoder(nn.Module):
             out.z_loss_L = torch.stack([s.z_loss for s in stats])
             out.tokens_per_expert_LE = torch.stack([s.tokens_per_expert for s in stats])
         return out
+
+    @staticmethod
+    def attention_mask(B: int, T: int, segment_ids_BT: torch.Tensor | None, cache: KVCache | None,
+                       device: torch.device) -> torch.Tensor | str:
+        """The cheapest correct mask: fused causal, no mask at all, or a segment mask."""
+        past = 0 if cache is None else cache.length
+        if cache is None:
+            return "causal" if segment_ids_BT is None else segment_causal_mask(segment_ids_BT, segment_ids_BT, 0)
+        segments_BT = segment_ids_BT
+        if segments_BT is None:
+            segments_BT = torch.ones(B, T, dtype=torch.long, device=device)
+        key_segments_BS = cache.reserve(segments_BT, padded=segment_ids_BT is not None)
+        if not cache.padded:
+            if past == 0:
+                return "causal"
+            if T == 1:
+                return "full"
+        return segment_causal_mask(segments_BT, key_segments_BS, past)
 
     def init_weights(self) -> None:
         std = self.cfg.initializer_range

@@ -49,7 +49,10 @@ def generate(model: Aria, input_ids: torch.Tensor, pixel_values: torch.Tensor | 
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=input_ids.device)
 
     positions_BT = segments_BT = None
-    if attention_mask is not None:
+    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+        raise ValueError("attention_mask pads some prompt on the right; generation needs left padding "
+                         "(every prompt's last token in the last column)")
+    if attention_mask is not None and not bool(attention_mask.all()):
         segments_BT = attention_mask.long()
         positions_BT = (segments_BT.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids, pixel_values, pixel_mask, position_ids=positions_BT,

@@ -29,8 +29,7 @@ def default_chunk_size(vocab_size: int) -> int:
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
-                chunk_size: int) -> torch.Tensor:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+                chunk_size: int, need_h: bool, need_w: bool) -> torch.Tensor:
         N = hidden_ND.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=hidden_ND.device)
         grad_h_ND = torch.empty_like(hidden_ND) if need_h else None
@@ -68,7 +67,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h_ND * grad_loss.to(grad_h_ND.dtype)
         if need_w:
             grad_w = (saved.pop(0) * grad_loss).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def chunked_cross_entropy(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
@@ -77,4 +76,7 @@ def chunked_cross_entropy(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targ
     if hidden_ND.shape[0] != targets_N.shape[0]:
         raise ValueError(f"{hidden_ND.shape[0]} hidden states but {targets_N.shape[0]} targets")
     chunk = chunk_size or default_chunk_size(weight_VD.shape[0])
-    return _ChunkedLinearCrossEntropy.apply(hidden_ND, weight_VD, targets_N, chunk)
+    # Under no_grad (evaluation) skip the gradient work entirely: no V x D buffer, no extra matmuls.
+    grad = torch.is_grad_enabled()
+    return _ChunkedLinearCrossEntropy.apply(hidden_ND, weight_VD, targets_N, chunk,
+                                            grad and hidden_ND.requires_grad, grad and weight_VD.requires_grad)

@@ -79,7 +79,7 @@ def permute(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
 def unpermute(y_AD: torch.Tensor, order_A: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
     """Inverse of ``permute`` followed by the weighted sum over each token's k experts."""
     T, K = weights_TK.shape
-    y_back_AD = y_AD.new_empty(y_AD.shape).index_copy(0, order_A, y_AD)
+    y_back_AD = y_AD.new_empty(y_AD.shape).index_copy_(0, order_A, y_AD)
     return (y_back_AD.view(T, K, -1) * weights_TK.unsqueeze(-1).to(y_AD.dtype)).sum(dim=1)
 
 
@@ -90,7 +90,12 @@ def _swiglu(h_A2I: torch.Tensor) -> torch.Tensor:
 
 def experts_grouped(x_AD: torch.Tensor, w_fc1_ED2I: torch.Tensor, w_fc2_EID: torch.Tensor,
                     counts_E: torch.Tensor) -> torch.Tensor:
-    """All experts in two grouped GEMMs over the expert-sorted rows (experts may get zero rows)."""
+    """All experts in two grouped GEMMs over the expert-sorted rows (experts may get zero rows).
+
+    CUDA's grouped GEMM takes bf16 only; other dtypes on GPU (fp32 debugging runs) use the loop.
+    """
+    if x_AD.is_cuda and x_AD.dtype != torch.bfloat16:
+        return experts_loop(x_AD, w_fc1_ED2I, w_fc2_EID, counts_E)
     offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
     h_A2I = F.grouped_mm(x_AD, w_fc1_ED2I, offs=offsets_E)
     return F.grouped_mm(_swiglu(h_A2I), w_fc2_EID, offs=offsets_E)
@@ -153,6 +158,13 @@ class Router(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
         else:
             self.expert_bias = None
+
+    def _apply(self, fn, recurse=True):
+        # Casting the model (e.g. to bf16) must not round the balancing bias: its updates are ~1e-3.
+        super()._apply(fn, recurse)
+        if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        return self
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns fp32 logits (T, E), combine weights (T, K) and expert ids (T, K)."""
@@ -225,7 +237,7 @@ class MoE(nn.Module):
             counts_E = torch.zeros(E, dtype=torch.float32, device=ids_TK.device)
             counts_E.scatter_add_(0, ids_TK.reshape(-1), torch.ones(ids_TK.numel(), device=ids_TK.device)
                                   if weight_A is None else weight_A)
-            local_tokens = (torch.tensor(float(ids_TK.shape[0]), device=ids_TK.device)
+            local_tokens = (torch.full((), float(ids_TK.shape[0]), device=ids_TK.device)
                             if valid_T is None else valid_T.sum())
             num_tokens = local_tokens
             if self.cfg.balance_scope == "global_batch" and dist.is_available() and dist.is_initialized():

@@ -1,0 +1,1 @@
+"""Data: tokenizer, chat format and labels, image/video processing, datasets, packing."""

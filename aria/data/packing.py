@@ -1,0 +1,138 @@
+"""Packing encoded samples into fixed-length rows, and collating rows into a model batch.
+
+Letters: B rows, L row length.
+
+Design decisions:
+- Greedy and order-preserving: samples go into the current row while they fit; the next one that
+  does not fit closes the row (padded) and opens the next. Rows therefore depend only on the
+  sample stream, which makes resuming from a saved position exact.
+- A sample is never cut through an image block: a sample longer than the row is skipped and counted
+  (``DataError`` kind ``too_long``; an error in strict mode). Only text-only documents may be split
+  into row-sized chunks (``split_long_text``), since any cut of plain text is a valid document.
+- Every sample keeps its own positions (0, 1, ...) and segment id (1, 2, ... within the row; 0 is
+  padding), so attention never crosses samples and RoPE restarts per sample.
+- Each row remembers where its first piece came from (the loader position before that sample and
+  the chunk index inside it): a saved position points at the first sample not yet emitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from aria.data.errors import DataError
+from aria.data.processor import EncodedSample, group_crops
+from aria.model.loss import IGNORE_INDEX
+
+
+@dataclass
+class Piece:
+    sample: EncodedSample
+    start: Any
+    """Loader position before the sample this piece comes from."""
+    chunk: int = 0
+    """Index of this piece among the chunks of a split document."""
+
+
+@dataclass
+class Row:
+    pieces: list[Piece] = field(default_factory=list)
+    length: int = 0
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor
+    """(B, L) int64, padded with the tokenizer's pad id."""
+    targets: torch.Tensor
+    """(B, L) int64, IGNORE_INDEX on padding and unsupervised positions."""
+    position_ids: torch.Tensor
+    """(B, L) int64, restarting at 0 for every sample."""
+    segment_ids: torch.Tensor
+    """(B, L) int64, 1, 2, ... per sample in its row, 0 for padding."""
+    pixel_values: Any = None
+    pixel_mask: Any = None
+    image_feature_order: torch.Tensor | None = None
+    num_samples: int = 0
+    num_targets: int = 0
+    num_tokens: int = 0
+    """Non-padding tokens."""
+    num_images: int = 0
+    num_frames: int = 0
+    state: dict = field(default_factory=dict)
+    """Loader bookkeeping (resume position, skip counters); not for the model."""
+
+    def model_inputs(self) -> dict[str, Any]:
+        return {"input_ids": self.input_ids, "targets": self.targets, "position_ids": self.position_ids,
+                "segment_ids": self.segment_ids, "pixel_values": self.pixel_values,
+                "pixel_mask": self.pixel_mask, "image_feature_order": self.image_feature_order}
+
+
+def split_document(sample: EncodedSample, seq_len: int) -> list[EncodedSample]:
+    """Row-sized chunks of a text-only document."""
+    n = len(sample)
+    return [EncodedSample(sample.input_ids[i: i + seq_len], sample.targets[i: i + seq_len],
+                          where=f"{sample.where} [tokens {i}:{min(i + seq_len, n)}]")
+            for i in range(0, n, seq_len)]
+
+
+class Packer:
+    """Feeds samples in, gets completed rows out."""
+
+    def __init__(self, seq_len: int, split_long_text: bool = True) -> None:
+        self.seq_len, self.split_long_text = seq_len, split_long_text
+        self.row = Row()
+
+    def pieces(self, sample: EncodedSample, start: Any) -> list[Piece]:
+        """The pieces of one sample; ``DataError`` if it cannot fit a row."""
+        if len(sample) <= self.seq_len:
+            return [Piece(sample, start)]
+        if self.split_long_text and not sample.crops:
+            return [Piece(chunk, start, i) for i, chunk in enumerate(split_document(sample, self.seq_len))]
+        raise DataError(f"sample of {len(sample)} tokens ({sample.num_crops} image crops) is longer "
+                        f"than the row (seq_len={self.seq_len}); image blocks are never cut",
+                        "too_long", sample.where)
+
+    def add(self, piece: Piece) -> Row | None:
+        """Adds one piece; returns the row it closed, if any."""
+        closed = None
+        if self.row.length + len(piece.sample) > self.seq_len:
+            closed, self.row = self.row, Row()
+        self.row.pieces.append(piece)
+        self.row.length += len(piece.sample)
+        return closed
+
+    def open_start(self) -> tuple[Any, int] | None:
+        """Where the open row's first piece came from (None if the row is empty)."""
+        return (self.row.pieces[0].start, self.row.pieces[0].chunk) if self.row.pieces else None
+
+
+def collate(rows: list[Row], seq_len: int, pad_id: int, tokens_per_crop: dict[int, int]) -> PackedBatch:
+    B = len(rows)
+    input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
+    targets = torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((B, seq_len), dtype=torch.long)
+    segment_ids = torch.zeros((B, seq_len), dtype=torch.long)
+    crops, batch = [], PackedBatch(input_ids, targets, position_ids, segment_ids)
+    for b, row in enumerate(rows):
+        at = 0
+        for seg, piece in enumerate(row.pieces, start=1):
+            s = piece.sample
+            n = len(s)
+            input_ids[b, at: at + n] = s.input_ids
+            targets[b, at: at + n] = s.targets
+            position_ids[b, at: at + n] = torch.arange(n)
+            segment_ids[b, at: at + n] = seg
+            crops.extend(s.crops)
+            batch.num_images += s.num_images
+            batch.num_frames += s.num_frames
+            batch.num_samples += piece.chunk == 0
+            at += n
+        batch.num_tokens += at
+    grouped = group_crops(crops, tokens_per_crop)
+    batch.pixel_values, batch.pixel_mask = grouped["pixel_values"], grouped["pixel_mask"]
+    batch.image_feature_order = grouped["image_feature_order"]
+    batch.num_targets = int((targets != IGNORE_INDEX).sum())
+    return batch
