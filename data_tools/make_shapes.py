@@ -8,6 +8,7 @@ Run ``python -m data_tools.make_shapes --out DIR --seed S`` (see ``--help``). It
     caption_{split}.jsonl           {"kind": "caption"} / {"kind": "video"} documents
     text_{split}.jsonl              {"kind": "text"} scene descriptions in words only
     meta.json                       seed, sizes, counts, answer vocabularies, question templates
+    wds/{kind}_{split}-{n:06d}.tar  the same three datasets as webdataset shards (media inside)
 
 Design decisions:
 
@@ -395,7 +396,8 @@ def _check_args(counts: dict[str, int], image_size: int, video_size: int, video_
 
 def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_images: int = 200,
                 train_videos: int = 600, test_videos: int = 100, image_size: int = 490, video_size: int = 160,
-                video_frames: int = 8, video_fps: int = 8, workers: int | None = None) -> dict:
+                video_frames: int = 8, video_fps: int = 8, workers: int | None = None,
+                wds: bool = True, samples_per_shard: int = 500) -> dict:
     """Write the dataset to ``out_dir`` and return its meta dict (also written as ``meta.json``).
 
     ``workers`` processes render the media (default: all CPUs, at most 8); the output is the same
@@ -469,6 +471,15 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
         "answers": {q: list(v) for q, v in ANSWERS.items()},
         "counts": meta_counts,
     }
+    if wds:
+        from data_tools.jsonl_to_wds import convert
+
+        for kind in ("chat", "caption", "text"):
+            for split in SPLITS:
+                for old in (out / "wds").glob(f"{kind}_{split}-*.tar"):
+                    old.unlink()
+                convert(out / f"{kind}_{split}.jsonl", out / "wds", f"{kind}_{split}",
+                        samples_per_shard=samples_per_shard, strict=True, log=lambda _: None)
     with open(out / "meta.json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
@@ -488,11 +499,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--video-frames", type=int, default=8)
     p.add_argument("--video-fps", type=int, default=8)
     p.add_argument("--workers", type=int, default=None, help="render processes (default: CPUs, at most 8)")
+    p.add_argument("--no-wds", action="store_true", help="skip the webdataset copies")
+    p.add_argument("--samples-per-shard", type=int, default=500)
     a = p.parse_args(argv)
     start = time.perf_counter()
     try:
         meta = make_shapes(a.out, a.seed, a.train_images, a.test_images, a.train_videos, a.test_videos,
-                           a.image_size, a.video_size, a.video_frames, a.video_fps, a.workers)
+                           a.image_size, a.video_size, a.video_frames, a.video_fps, a.workers,
+                           wds=not a.no_wds, samples_per_shard=a.samples_per_shard)
     except ValueError as e:
         p.error(str(e))
     c = meta["counts"]

@@ -9,13 +9,18 @@ PYTHON="${PYTHON:-python3}"
 VENV="$ARIA_ROOT/.venv"
 
 if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "[setup] error: Python >= 3.10 is needed; set PYTHON=/path/to/python3.10+" >&2
+    exit 1
+  fi
   echo "[setup] creating $VENV"
-  "$PYTHON" -m venv "$VENV"
+  "$PYTHON" -m venv "$VENV" || { echo "[setup] error: '$PYTHON -m venv' failed (on Debian/Ubuntu: apt install python3-venv)" >&2; exit 1; }
 fi
 want="$(cat requirements.txt setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$VENV/.aria-installed" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing pinned dependencies into .venv (a few minutes on a fresh machine)"
-  # torch first and pinned: pip then takes the small CPU build instead of a multi-GB CUDA one.
+  # torch first and pinned, so that no later requirement pulls in another build. (On machines whose
+  # pip index serves the CPU wheel this is the small CPU build; stock PyPI on Linux serves CUDA.)
   "$VENV/bin/python" -m pip install -q "$(grep -E '^torch==' requirements.txt)"
   # deepspeed ships as source only; DS_BUILD_OPS=0 skips compiling its CUDA/C++ ops.
   DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -r requirements.txt

@@ -90,3 +90,10 @@ def test_unknown_and_missing_fields_are_named():
 def test_to_dict_round_trips():
     cfg = make_config(moe=dict(bias_balancing=True))
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_every_activation_name_has_an_implementation():
+    from aria.config import ACTIVATIONS
+    from aria.model.layers import ACT_FNS
+
+    assert set(ACTIVATIONS) == set(ACT_FNS)

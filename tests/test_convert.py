@@ -133,21 +133,15 @@ def test_ours_to_hf_to_ours_is_bit_exact(tmp_path, shard):
     assert all(torch.equal(original[k], back[k]) and original[k].dtype == back[k].dtype for k in original)
     # the HF directory holds exactly the on-disk layout save_pretrained writes
     hf_keys = set(dict(iter_tensors(tmp_path / "hf")))
-    from transformers import AriaForConditionalGeneration
+    from transformers import AriaConfig, AriaForConditionalGeneration
     with torch.device("meta"):
-        hf_model = AriaForConditionalGeneration(AriaConfig_for(CFG))
+        hf_model = AriaForConditionalGeneration(AriaConfig(**to_hf_config(CFG)))
     written_by_hf = {keymap.normalize_hf_key(k) for k in hf_model.state_dict()}
     assert hf_keys == written_by_hf
     reloaded = load_model_dir(tmp_path / "back").eval()
     ids, pixels = inputs(CFG)
     with torch.no_grad():
         assert torch.equal(reloaded(ids, pixels).logits, model.eval()(ids, pixels).logits)
-
-
-def AriaConfig_for(cfg):
-    from transformers import AriaConfig
-
-    return AriaConfig(**to_hf_config(cfg))
 
 
 def test_bf16_export_loads_in_transformers(tmp_path):
@@ -234,3 +228,30 @@ def test_console_script_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "hf" / "config.json").is_file()
     assert (tmp_path / "hf" / "generation_config.json").is_file()
+
+
+def test_model_without_shared_experts_round_trips_through_transformers(tmp_path):
+    cfg = make_config(moe=dict(num_shared_experts=0))
+    hf = hf_reference_model(cfg)
+    hf.save_pretrained(tmp_path / "hf")  # holds zero-size shared-expert tensors
+    ours = load_hf_dir(tmp_path / "hf").eval()
+    ids, pixels = inputs(cfg)
+    with torch.no_grad():
+        assert (ours(ids, pixels).logits - hf(input_ids=ids, pixel_values=pixels).logits).abs().max() <= 1e-5
+    save_model_dir(ours.state_dict(), cfg, tmp_path / "ours")
+    convert(tmp_path / "ours", tmp_path / "back", "to-hf", log=lambda _: None)
+    from transformers import AriaForConditionalGeneration
+
+    _, info = AriaForConditionalGeneration.from_pretrained(tmp_path / "back", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_original_custom_code_config_is_read():
+    """rhymes-ai's own config.json: model_type aria_moe_lm keeps the expert width elsewhere."""
+    hf = to_hf_config(CFG)
+    hf["text_config"].update(model_type="aria_moe_lm", intermediate_size=13568,
+                             moe_intermediate_size=CFG.moe.intermediate_size)
+    hf["text_config"]["rope_theta"] = hf["text_config"].pop("rope_parameters")["rope_theta"]
+    cfg = from_hf_config(hf)
+    assert cfg.moe.intermediate_size == CFG.moe.intermediate_size
+    assert cfg.text.rope_theta == CFG.text.rope_theta

@@ -40,15 +40,20 @@ class MediaError(DataError):
 class BadInputPolicy:
     """Skip + count + log (default) or raise (strict) for every ``DataError``."""
 
-    def __init__(self, strict: bool = False, max_logged: int = 100) -> None:
+    def __init__(self, strict: bool = False, max_logged: int = 100, keep: bool = False) -> None:
         self.strict = strict
         self.max_logged = max_logged
         self.counts: Counter[str] = Counter()
+        self.errors: list[DataError] | None = [] if keep else None
+        """Every handled error, in order, when ``keep`` (validation reports)."""
 
     def handle(self, err: DataError) -> None:
         if self.strict:
             raise err
         self.counts[err.kind] += 1
+        if self.errors is not None:
+            self.errors.append(err)
+            return
         if sum(self.counts.values()) <= self.max_logged:
             log.warning("skipped bad sample (%s): %s", err.kind, err)
 

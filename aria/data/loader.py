@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from aria.config import DataConfig, parse_mixture
 from aria.data.errors import BadInputPolicy, DataError
-from aria.data.packing import PackedBatch, Packer, Piece, collate
+from aria.data.packing import PackedBatch, Packer, collate
 from aria.data.processor import Processor
 from aria.data.records import parse_record
 from aria.data.sources import RawRecord, open_source
@@ -83,16 +82,20 @@ class StreamSpec:
 class PackedStream(IterableDataset):
     """Endless packed micro-batches for one rank; one slot per loader worker."""
 
-    def __init__(self, spec: StreamSpec, workers: int, state: dict | None = None) -> None:
+    def __init__(self, spec: StreamSpec, workers: int, state: dict | None = None,
+                 first_worker: int = 0) -> None:
         super().__init__()
         self.spec, self.workers, self.state = spec, max(1, workers), state or {}
+        # DataLoader worker w serves worker slot (w + first_worker) % workers, so that a resumed
+        # loader's first batch comes from the slot whose turn it was.
+        self.first_worker = first_worker
 
     def __iter__(self) -> Iterator[PackedBatch]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         spec = self.spec
         num_slots = spec.world_size * self.workers
-        slot = spec.rank * self.workers + worker
+        slot = spec.rank * self.workers + (worker + self.first_worker) % self.workers
         sources = [open_source(path, "train", spec.allow_outside_media) for path, _ in spec.datasets]
         saved = self.state.get(str(slot)) or self.state.get(slot)
         mixture = Mixture(sources, [w for _, w in spec.datasets], slot, num_slots, spec.seed,
@@ -150,10 +153,11 @@ class TrainLoader:
     def __init__(self, spec: StreamSpec, num_workers: int, prefetch_factor: int = 4) -> None:
         self.spec, self.num_workers, self.prefetch_factor = spec, num_workers, prefetch_factor
         self.positions: dict[int, dict] = {}
+        self.next_worker = 0  # the worker slot whose batch comes next (they take turns)
 
     def state_dict(self) -> dict:
         return {"num_slots": self.spec.world_size * max(1, self.num_workers),
-                "positions": copy.deepcopy(self.positions)}
+                "next_worker": self.next_worker, "positions": copy.deepcopy(self.positions)}
 
     def load_state_dict(self, state: dict) -> None:
         slots = self.spec.world_size * max(1, self.num_workers)
@@ -162,6 +166,7 @@ class TrainLoader:
                              f"slots (ranks x workers) but this run has {slots}; resume with the same "
                              "world size and data.num_workers")
         self.positions = {int(k): v for k, v in state["positions"].items()}
+        self.next_worker = state["next_worker"]
 
     def skipped(self) -> Counter:
         """Bad samples skipped so far, by reason, summed over this rank's workers."""
@@ -171,13 +176,14 @@ class TrainLoader:
         return total
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        stream = PackedStream(self.spec, self.num_workers, {s: p for s, p in self.positions.items()})
+        stream = PackedStream(self.spec, self.num_workers, dict(self.positions), self.next_worker)
         kwargs = {}
         if self.num_workers > 0:
             kwargs = dict(num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
                           persistent_workers=False, multiprocessing_context="fork")
         for batch in DataLoader(stream, batch_size=None, **kwargs):
             self.positions[batch.state["slot"]] = batch.state["position"]
+            self.next_worker = (self.next_worker + 1) % max(1, self.num_workers)
             yield batch
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from aria.data.errors import DataError, MediaError
+from aria.data.errors import DataError
 from aria.data.image import ImageProcessor, ProcessedImage, load_image
 from aria.data.records import MediaRef, Part, Sample, Turn
 from aria.data.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -126,6 +126,18 @@ class Processor:
         self.frames = ImageProcessor(max_image_size=self.video.image_size, min_image_size=min_image_size)
 
     @classmethod
+    def from_config(cls, data, model_cfg, tokenizer: Tokenizer | None = None) -> "Processor":
+        """The processor a run's ``DataConfig`` describes, for ``model_cfg``'s crop table."""
+        if tokenizer is None:
+            if not data.tokenizer:
+                raise ValueError("config field 'data.tokenizer' is empty: give a tokenizer directory")
+            tokenizer = Tokenizer.load(data.tokenizer)
+        v = data.video
+        return cls.for_model(tokenizer, model_cfg, image_size=data.image_size,
+                             min_image_size=data.min_image_size, split_image=data.split_image,
+                             video=VideoOptions(v.num_frames, v.fps, v.max_frames, v.image_size, v.timestamps))
+
+    @classmethod
     def for_model(cls, tokenizer: Tokenizer, model_cfg, **kwargs) -> "Processor":
         """Crop table from the model config: crop side = sqrt(patches) * patch_size."""
         P = model_cfg.vision.patch_size
@@ -133,6 +145,9 @@ class Processor:
         if tokenizer.image_id != model_cfg.image_token_id:
             raise ValueError(f"the tokenizer's <|img|> id is {tokenizer.image_id} but "
                              f"model.image_token_id is {model_cfg.image_token_id}")
+        if tokenizer.vocab_size > model_cfg.text.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                             f"vocabulary (model.text.vocab_size) only {model_cfg.text.vocab_size}")
         return cls(tokenizer, table, **kwargs)
 
     # -- media --------------------------------------------------------------------------------

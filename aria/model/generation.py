@@ -1,5 +1,7 @@
 """Autoregressive generation with the static KV cache: greedy or temperature / top-p sampling.
 
+Letters: B prompts, T prompt length, V vocabulary.
+
 Design decisions:
 - One prefill over the whole prompt (images included), then one token per step; only the last
   position's logits are computed.

@@ -94,3 +94,13 @@ def init_linear(module: nn.Linear, std: float) -> None:
     nn.init.normal_(module.weight, mean=0.0, std=std)
     if module.bias is not None:
         nn.init.zeros_(module.bias)
+
+
+def init_linears_and_norms(root: nn.Module, std: float) -> None:
+    """Linear layers normal(0, std) with zero bias; LayerNorms to weight one, bias zero."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            init_linear(module, std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)

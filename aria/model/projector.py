@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aria.config import ModelConfig
-from aria.model.layers import init_linear, key_padding_mask
+from aria.model.layers import init_linears_and_norms, key_padding_mask
 
 LN_EPS = 1e-5  # the reference's nn.LayerNorm / nn.MultiheadAttention defaults
 
@@ -84,10 +84,5 @@ class Projector(nn.Module):
         return self.ffn_out(F.gelu(self.ffn_in(self.norm_ffn(out_NQD)), approximate="tanh"))
 
     def init_weights(self, std: float) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                init_linear(module, std)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linears_and_norms(self, std)
         nn.init.trunc_normal_(self.query, std=std)

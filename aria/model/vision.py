@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aria.config import VisionConfig
-from aria.model.layers import ACT_FNS, init_linear, key_padding_mask
+from aria.model.layers import ACT_FNS, init_linears_and_norms, key_padding_mask
 
 
 def patch_mask_from_pixels(pixel_mask_NHW: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -134,12 +134,7 @@ class VisionEncoder(nn.Module):
         return x_NGD, valid_NG
 
     def init_weights(self, std: float) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                init_linear(module, std)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linears_and_norms(self, std)
         nn.init.normal_(self.patch_embed.weight, std=std)
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.pos_embed.weight, std=std)
