@@ -401,6 +401,226 @@ def parse_mixture(value: Any, path: str = "data.train") -> list[tuple[str, float
     return out
 
 
+SCHEDULES = ("cosine", "linear", "constant", "anneal")
+PRECISIONS = ("auto", "bf16", "fp32")
+WANDB_MODES = ("disabled", "offline", "online")
+MODULE_GROUPS = ("vision", "projector", "language_model", "experts", "router")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Where decaying schedules end, as a fraction of ``lr``."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms, biases, embeddings' padding... see engine)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    schedule: str = "cosine"
+    """cosine | linear (decay to min after warmup) | constant | anneal (constant, then a linear decay
+    over the last ``decay_ratio`` of the steps: the post-training annealing)."""
+    warmup_steps: int = 0
+    """Linear warmup steps; when 0, ``warmup_ratio`` of the run is used."""
+    warmup_ratio: float = 0.0
+    decay_ratio: float = 0.2
+    """Fraction of the steps the 'anneal' schedule spends decaying."""
+    _path: str = field(default="optim", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self._path
+        for name in ("lr", "weight_decay", "eps", "grad_clip"):
+            _non_negative_float(f"{p}.{name}", getattr(self, name))
+        for name in ("min_lr_ratio", "beta1", "beta2", "warmup_ratio", "decay_ratio"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and 0 <= value <= 1, f"{p}.{name}", value, "a number in [0, 1]")
+        _check(self.schedule in SCHEDULES, f"{p}.schedule", self.schedule, f"one of {SCHEDULES}")
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, f"{p}.warmup_steps",
+               self.warmup_steps, "an integer >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    """How the run is spread over processes: DeepSpeed ZeRO, expert parallelism, precision."""
+
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0-3 (the paper trains with ZeRO-1 + expert parallelism)."""
+    ep_size: int = 1
+    """Expert-parallel group size: each rank of a group holds num_experts / ep_size experts."""
+    precision: str = "auto"
+    """bf16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
+    checkpoint_decoder: bool = False
+    """Activation checkpointing of every decoder layer."""
+    checkpoint_vision: bool = False
+    """Activation checkpointing of every ViT layer."""
+    _path: str = field(default="parallel", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self._path
+        _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", self.zero_stage, "0, 1, 2 or 3")
+        _positive_int(f"{p}.ep_size", self.ep_size)
+        _check(not (self.ep_size > 1 and self.zero_stage == 3), f"{p}.zero_stage", self.zero_stage,
+               "0, 1 or 2 with expert parallelism (parallel.ep_size > 1)")
+        _check(self.precision in PRECISIONS, f"{p}.precision", self.precision, f"one of {PRECISIONS}")
+
+
+@dataclass
+class StageConfig:
+    """A training stage as data: which parts train (everything else is frozen) and its RoPE base."""
+
+    name: str = "custom"
+    trainable: dict = field(default_factory=lambda: dict.fromkeys(MODULE_GROUPS, True))
+    """vision / projector / language_model (embeddings, attention, norms, LM head) / experts
+    (routed and shared) / router -> true or false."""
+    rope_theta: float | None = None
+    """Set the model's RoPE base for this stage (1e5 in stages 1-2, 5e6 from the long-context stage)."""
+    _path: str = field(default="stage", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self._path
+        _check(isinstance(self.trainable, Mapping), f"{p}.trainable", self.trainable, "a mapping")
+        unknown = sorted(set(self.trainable) - set(MODULE_GROUPS))
+        _check(not unknown, f"{p}.trainable", dict(self.trainable), f"keys among {MODULE_GROUPS}")
+        self.trainable = {g: bool(self.trainable.get(g, False)) for g in MODULE_GROUPS}
+        _check(any(self.trainable.values()), f"{p}.trainable", self.trainable, "at least one group true")
+        _check(self.rope_theta is None or (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0),
+               f"{p}.rope_theta", self.rope_theta, "null or a positive number")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: steps, batch geometry, seed, evaluation."""
+
+    max_steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 1
+    """Packed rows per micro-batch per rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seq_len: int = 2048
+    """Tokens per packed row."""
+    seed: int = 0
+    eval_every: int = 0
+    """Held-out loss every N steps (0 = only at the end, if data.eval is set)."""
+    eval_batches: int = 0
+    """Micro-batches per evaluation (0 = the whole held-out set)."""
+    _path: str = field(default="train", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self._path
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "seq_len"):
+            _positive_int(f"{p}.{name}", getattr(self, name))
+        for name in ("seed", "eval_every", "eval_batches"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, f"{p}.{name}",
+                   getattr(self, name), "an integer >= 0")
+
+
+@dataclass
+class InitConfig:
+    """Where the weights start: an HF directory, a previous run or checkpoint, or random init."""
+
+    from_hf: str | None = None
+    """A Hugging Face Aria directory (e.g. the released weights)."""
+    from_checkpoint: str | None = None
+    """A run directory (its latest checkpoint), a checkpoint directory or a model directory."""
+    _path: str = field(default="init", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check(not (self.from_hf and self.from_checkpoint), f"{self._path}", "both set",
+               "at most one of from_hf and from_checkpoint")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    """Save every N optimizer steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    _path: str = field(default="checkpoint", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.every_steps, int) and self.every_steps >= 0, f"{self._path}.every_steps",
+               self.every_steps, "an integer >= 0")
+        _positive_int(f"{self._path}.keep_last", self.keep_last)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"
+    """disabled | offline | online."""
+    project: str = "aria"
+    log_every: int = 1
+    """Write metrics every N steps."""
+    progress: bool = True
+    """Rich progress bar on rank 0."""
+    _path: str = field(default="logging", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check(self.wandb in WANDB_MODES, f"{self._path}.wandb", self.wandb, f"one of {WANDB_MODES}")
+        _positive_int(f"{self._path}.log_every", self.log_every)
+
+
+RUN_NODES = {"data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig, "stage": StageConfig,
+             "train": TrainConfig, "init": InitConfig, "checkpoint": CheckpointConfig,
+             "logging": LoggingConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; ``configs/`` + a recipe + overrides compose into it."""
+
+    run_dir: str
+    """Where the run writes config, metrics, checkpoints and logs (re-use it to resume)."""
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    parallel: ParallelConfig
+    stage: StageConfig
+    train: TrainConfig
+    init: InitConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    recipe: str = "custom"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        data = dict(data)
+        if not data.get("run_dir"):
+            raise ValueError("config field 'run_dir' is required: where the run writes its outputs "
+                             "(e.g. run_dir=runs/my_run)")
+        unknown = sorted(set(data) - set(RUN_NODES) - {"run_dir", "model", "recipe"})
+        if unknown:
+            raise ValueError(f"config has unknown top-level field(s) {unknown}")
+        nodes = {name: _from_mapping(cls_, data.get(name) or {}, name) for name, cls_ in RUN_NODES.items()}
+        if "model" not in data:
+            raise ValueError("config node 'model' is missing (pick one: model=tiny|proxy|aria)")
+        model = ModelConfig.from_dict(data["model"])
+        cfg = cls(run_dir=str(data["run_dir"]), model=model, recipe=str(data.get("recipe", "custom")), **nodes)
+        if model.moe.num_experts % cfg.parallel.ep_size:
+            raise ValueError(f"config field 'parallel.ep_size' = {cfg.parallel.ep_size} must divide "
+                             f"model.moe.num_experts = {model.moe.num_experts}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        def node(obj) -> dict:
+            out = {}
+            for f in dataclasses.fields(obj):
+                if f.name == "_path":
+                    continue
+                value = getattr(obj, f.name)
+                out[f.name] = node(value) if dataclasses.is_dataclass(value) else value
+            return out
+
+        out = {"run_dir": self.run_dir, "recipe": self.recipe, "model": self.model.to_dict()}
+        out.update({name: node(getattr(self, name)) for name in RUN_NODES})
+        return out
+
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -16,20 +16,24 @@ import json
 from pathlib import Path
 
 from aria.data.errors import BadInputPolicy, DataError
-from aria.data.records import parse_record
+from aria.data.loader import read_record
 from aria.data.sources import JsonlSource, open_source
 
 
-def _rename_media(record: dict, sample) -> tuple[dict, dict[str, bytes]]:
+def _rename_media(record: dict, sample, where: str) -> tuple[dict, dict[str, bytes]]:
     """The record with media renamed to member suffixes, and the member bytes."""
     record = dict(record)
     members: dict[str, bytes] = {}
     images, videos = [], []
     for i, ref in enumerate(sample.media):
-        if not ref.path.is_file():
-            raise DataError(f"{ref.kind} file {str(ref.path)!r} does not exist", "missing_file")
+        try:
+            data = ref.path.read_bytes()
+        except OSError as err:
+            kind = "missing_file" if isinstance(err, FileNotFoundError) else "bad_media"
+            raise DataError(f"cannot read {ref.kind} file {str(ref.path)!r} ({err.strerror or err})",
+                            kind, where) from None
         suffix = f"{i}{ref.path.suffix.lower() or '.bin'}"
-        members[suffix] = ref.path.read_bytes()
+        members[suffix] = data
         if ref.kind == "image":
             images.append(suffix)
         else:
@@ -63,14 +67,11 @@ def convert(dataset: str | Path, out: str | Path, prefix: str | None = None, spl
     pattern = str(out / f"{prefix}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, mtime=0) as sink:
         for raw in source.iterate_once():
-            try:
-                if raw.error is not None:
-                    raise raw.error
-                sample = parse_record(raw.record, raw.where, raw.resolver)
-                record, members = _rename_media(raw.record, sample)
-            except DataError as err:
-                policy.handle(err.at(raw.where))
+            loaded = policy.attempt(read_record, raw)
+            renamed = policy.attempt(_rename_media, raw.record, loaded.sample, raw.where) if loaded else None
+            if renamed is None:
                 continue
+            record, members = renamed
             sink.write({"__key__": f"{written:09d}", "json": json.dumps(record).encode(),
                         **members})
             written += 1

@@ -2,13 +2,17 @@
 reason, and per-kind statistics.
 
     python -m data_tools.validate DATASET --tokenizer DIR [--model tiny] [--split train]
-           [--image-size 980] [--split-image] [--video-frames 8 | --video-fps F] [--timestamps]
+           [--image-size 980] [--min-image-size 336] [--split-image]
+           [--video-frames 8 | --video-fps F] [--max-frames 128] [--video-size 490] [--timestamps]
            [--seq-len N] [--allow-outside-media]
+    python -m data_tools.validate DATASET --config RUN_DIR/config.yaml [--split train] [--seq-len N]
 
 DATASET: a ``.jsonl`` file, a directory with ``{split}.jsonl``, or webdataset shards. Every record is
 parsed, its media decoded and processed, and it is tokenized exactly as training would, so what
 passes here trains. With ``--seq-len`` samples that cannot fit a packed row are reported too.
-Exits 1 if any record is bad.
+``--config`` takes the tokenizer, the model (its crop table) and every image/video setting from a
+run's resolved config (and ``--seq-len`` from ``train.seq_len`` unless given); the processing flags
+are then not allowed. Exits 1 if any record is bad.
 """
 
 from __future__ import annotations
@@ -16,11 +20,10 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from aria.config import load_model_config
+from aria.config import VideoConfig, load_model_config
 from aria.data.errors import BadInputPolicy, DataError
 from aria.data.loader import iterate_samples
-from aria.data.packing import Packer
-from aria.data.processor import Processor, VideoOptions
+from aria.data.processor import Processor
 from aria.data.tokenizer import Tokenizer
 from aria.model.loss import IGNORE_INDEX
 
@@ -39,14 +42,9 @@ def validate(dataset: str, processor: Processor, split: str = "train", seq_len: 
     """Per-kind statistics and every bad record."""
     policy = BadInputPolicy(keep=True)
     stats: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(COLUMNS, 0))
-    for sample, encoded in iterate_samples(dataset, processor, split, False, allow_outside_media, policy):
+    for sample, encoded in iterate_samples(dataset, processor, split, False, allow_outside_media, policy,
+                                           seq_len):
         n = len(encoded)
-        if seq_len is not None:
-            try:  # the packer's own rule: only text-only documents may be split
-                Packer(seq_len).pieces(encoded, None)
-            except DataError as err:
-                policy.handle(err)
-                continue
         row = stats[kind_of(sample)]
         row["samples"] += 1
         row["tokens"] += n
@@ -77,28 +75,68 @@ def report(stats: dict, errors: list[DataError], dataset: str) -> str:
     return "\n".join(lines)
 
 
+PROCESSING_FLAGS = {"model": "tiny", "image_size": 980, "min_image_size": 336, "split_image": False,
+                    "video_frames": 8, "video_fps": None, "max_frames": 128, "video_size": 490,
+                    "timestamps": False}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools.validate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer directory or .model file")
-    parser.add_argument("--model", default="tiny", help="model config (for image tokens per crop)")
+    parser.add_argument("--config", default=None,
+                        help="a run's resolved config (RUN_DIR/config.yaml): tokenizer, model and "
+                             "image/video settings from it")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory or .model file (required without --config)")
+    parser.add_argument("--model", default=None,
+                        help="model config name or YAML, for the image tokens per crop (its projector "
+                             "table) and the <|img|> id (default: tiny)")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--image-size", type=int, default=980, choices=(490, 980))
-    parser.add_argument("--split-image", action="store_true")
-    parser.add_argument("--video-frames", type=int, default=8)
-    parser.add_argument("--video-fps", type=float, default=None)
-    parser.add_argument("--video-size", type=int, default=490, choices=(490, 980))
-    parser.add_argument("--timestamps", action="store_true")
+    parser.add_argument("--image-size", type=int, default=None, choices=(490, 980),
+                        help="crop size of images (default: 980)")
+    parser.add_argument("--min-image-size", type=int, default=None,
+                        help="shortest side after resizing (default: 336)")
+    parser.add_argument("--split-image", action="store_true", default=None)
+    parser.add_argument("--video-frames", type=int, default=None,
+                        help="frames sampled uniformly when a record gives none (default: 8)")
+    parser.add_argument("--video-fps", type=float, default=None,
+                        help="sample this many frames per second instead")
+    parser.add_argument("--max-frames", type=int, default=None, help="most frames per video (default: 128)")
+    parser.add_argument("--video-size", type=int, default=None, choices=(490, 980),
+                        help="crop size of video frames (default: 490)")
+    parser.add_argument("--timestamps", action="store_true", default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--allow-outside-media", action="store_true")
     args = parser.parse_args(argv)
-    processor = Processor.for_model(
-        Tokenizer.load(args.tokenizer), load_model_config(args.model), image_size=args.image_size,
-        split_image=args.split_image,
-        video=VideoOptions(num_frames=args.video_frames, fps=args.video_fps, image_size=args.video_size,
-                           timestamps=args.timestamps))
-    stats, errors = validate(args.dataset, processor, args.split, args.seq_len, args.allow_outside_media)
+    given = sorted(f"--{k.replace('_', '-')}" for k in PROCESSING_FLAGS if getattr(args, k) is not None)
+    allow_outside = args.allow_outside_media
+    try:
+        if args.config:
+            from aria.train.compose import load_resolved
+
+            if given:
+                parser.error(f"{', '.join(given)} cannot be combined with --config (it sets them)")
+            cfg = load_resolved(args.config)
+            tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+            processor = Processor.from_config(cfg.data, cfg.model, tokenizer)
+            seq_len = args.seq_len if args.seq_len is not None else cfg.train.seq_len
+            allow_outside = allow_outside or cfg.data.allow_outside_media
+        else:
+            if not args.tokenizer:
+                parser.error("give --tokenizer (or --config)")
+            opt = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in PROCESSING_FLAGS.items()}
+            video = VideoConfig(num_frames=opt["video_frames"], fps=opt["video_fps"],
+                                max_frames=opt["max_frames"], image_size=opt["video_size"],
+                                timestamps=opt["timestamps"])
+            processor = Processor.for_model(
+                Tokenizer.load(args.tokenizer), load_model_config(opt["model"]), image_size=opt["image_size"],
+                min_image_size=opt["min_image_size"], split_image=opt["split_image"], video=video)
+            seq_len = args.seq_len
+    except (ValueError, FileNotFoundError) as err:
+        print(f"validate: error: {err}")
+        return 2
+    stats, errors = validate(args.dataset, processor, args.split, seq_len, allow_outside)
     print(report(stats, errors, args.dataset))
     return 1 if errors else 0
 

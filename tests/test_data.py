@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from aria.config import DataConfig, load_model_config
+from aria.config import DataConfig, VideoConfig, load_model_config
 from aria.data.errors import BadInputPolicy, DataError
 from aria.data.loader import StreamSpec, TrainLoader, build_train_loader, iterate_samples
 from aria.data.packing import Packer, Piece, collate
-from aria.data.processor import CHAT_TEMPLATE, Processor, VideoOptions
+from aria.data.processor import CHAT_TEMPLATE, Processor
 from aria.data.records import MediaResolver, parse_record
 from aria.data.sources import JsonlSource, ShardSource
 from aria.data.tokenizer import Tokenizer
@@ -206,7 +206,7 @@ def test_video_frames_with_timestamps(tok, shapes):
     record = {"messages": [{"role": "user", "content": [{"type": "video"}]},
                            {"role": "assistant", "content": "up"}],
               "video": {"path": "videos/train_000001.mp4", "fps": 4, "max_frames": 16}}
-    proc = processor(tok, image_size=490, video=VideoOptions(timestamps=True))
+    proc = processor(tok, image_size=490, video=VideoConfig(timestamps=True))
     encoded = encode_record(proc, record, shapes)
     text = tok.decode(encoded.input_ids.tolist())
     # 8 frames at 8 fps = 1 s; 4 fps sampling takes t = 0, .25, .5, .75 -> all "[00:00]"
@@ -277,7 +277,7 @@ def test_too_long_is_skipped_but_text_documents_are_split(tok, shapes):
 
 
 def test_images_and_video_frames_of_two_sizes_share_a_batch(tok, shapes):
-    proc = processor(tok, image_size=980, video=VideoOptions(num_frames=2, image_size=490))
+    proc = processor(tok, image_size=980, video=VideoConfig(num_frames=2, image_size=490))
     record = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "image"}]},
                            {"role": "assistant", "content": "ok"}],
               "images": ["images/train_000002.png", "images/train_000003.png"], "video": {"path": "videos/train_000002.mp4"}}

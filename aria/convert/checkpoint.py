@@ -7,6 +7,12 @@ Our model directory (what ``aria-convert from-hf`` writes and what training can 
     model-0000k-of-0000n.safetensors       shards plus
     model.safetensors.index.json           {"metadata": {"total_size"}, "weight_map": {key: file}}
 
+A training checkpoint made with expert parallelism (P ranks of experts) keeps every rank's experts
+in its own file: the files above hold the non-expert tensors, ``experts-ep{r:03d}-of-{P:03d}.safetensors``
+hold rank r's slice (E / P experts) of every expert tensor, and ``layout.json`` says
+``{"ep_size": P}``. Readers consolidate them (``iter_tensors``), so conversion and loading see one
+ordinary model whatever the layout.
+
 A Hugging Face directory has ``config.json`` + ``generation_config.json`` and the same safetensors
 layout with HF names (what ``save_pretrained`` writes).
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -34,6 +41,8 @@ from aria.convert import keymap
 from aria.convert.hf_config import from_hf_config, generation_config, to_hf_config
 
 MODEL_CONFIG = "model_config.json"
+LAYOUT = "layout.json"
+EXPERT_PARAM = re.compile(r"\.moe\.experts\.w_fc[12]$")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
@@ -82,8 +91,29 @@ def weight_files(directory: Path) -> dict[str, list[str]]:
     raise FileNotFoundError(f"{directory} holds no weights: expected {SINGLE} or {INDEX}")
 
 
-def iter_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (key, tensor) one at a time over every weight file of ``directory``."""
+def expert_parallel_size(directory: Path) -> int:
+    path = Path(directory) / LAYOUT
+    return int(json.loads(path.read_text())["ep_size"]) if path.is_file() else 1
+
+
+def expert_file(directory: Path, rank: int, ep_size: int) -> Path:
+    return Path(directory) / f"experts-ep{rank:03d}-of-{ep_size:03d}.safetensors"
+
+
+def _expert_files(directory: Path) -> list[Path]:
+    P = expert_parallel_size(directory)
+    files = [expert_file(directory, r, P) for r in range(P)]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise FileNotFoundError(f"{directory} is an expert-parallel checkpoint ({LAYOUT}: ep_size={P}) "
+                                f"but lacks {absent}")
+    return files
+
+
+def iter_tensors(directory: Path, shapes_only: bool = False) -> Iterator[tuple[str, torch.Tensor | tuple]]:
+    """Yields (key, tensor) one at a time over every weight file of ``directory``, expert slices of
+    an expert-parallel checkpoint concatenated into whole tensors. ``shapes_only``: (key, shape)
+    from the safetensors headers, reading no data."""
     directory = Path(directory)
     for name, keys in weight_files(directory).items():
         with safe_open(directory / name, framework="pt") as f:
@@ -91,7 +121,21 @@ def iter_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
             for key in keys:
                 if key not in present:
                     raise ValueError(f"{directory / INDEX} maps '{key}' to {name}, which lacks it")
-                yield key, f.get_tensor(key)
+                yield key, tuple(f.get_slice(key).get_shape()) if shapes_only else f.get_tensor(key)
+    if expert_parallel_size(directory) == 1:
+        return
+    files = _expert_files(directory)
+    handles = [safe_open(f, framework="pt") for f in files]
+    keys = list(handles[0].keys())
+    for f, h in zip(files, handles):
+        if set(h.keys()) != set(keys):
+            raise ValueError(f"{f} holds different expert tensors than {files[0].name}")
+    for key in keys:
+        if shapes_only:
+            first = tuple(handles[0].get_slice(key).get_shape())
+            yield key, (first[0] * len(handles), *first[1:])
+        else:
+            yield key, torch.cat([h.get_tensor(key) for h in handles])
 
 
 def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], directory: Path,
@@ -337,12 +381,7 @@ def convert(source: Path, target: Path, direction: str, dtype: torch.dtype | Non
 def _headers(directory: Path, direction: str) -> Iterator[tuple[str, tuple[int, ...]]]:
     """(our key, shape) of every tensor, read from safetensors headers without loading data."""
 
-    def raw() -> Iterator[tuple[str, tuple[int, ...]]]:
-        for name, keys in weight_files(directory).items():
-            with safe_open(Path(directory) / name, framework="pt") as f:
-                for key in keys:
-                    yield key, tuple(f.get_slice(key).get_shape())
-
+    raw = iter_tensors(directory, shapes_only=True)
     if direction == "from-hf":
-        return rename_hf(raw(), f"Hugging Face weights in {directory}")
-    return raw()
+        return rename_hf(raw, f"Hugging Face weights in {directory}")
+    return raw

@@ -5,12 +5,15 @@ Design decisions:
   ``DataError`` (or ``MediaError`` for unreadable media) carrying *where* (file and line, or shard
   and key) and *why*; the dataset layer hands it to ``BadInputPolicy``, which counts it by reason,
   logs it, and skips the record, or re-raises it when ``data.strict=true``.
+- A ``DataError`` pickles with its kind and location (``__reduce__``), so it can cross from a loader
+  worker to the training process intact.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Any, Callable
 
 log = logging.getLogger("aria.data")
 
@@ -21,6 +24,9 @@ class DataError(ValueError):
     def __init__(self, reason: str, kind: str = "invalid_record", where: str | None = None) -> None:
         self.reason, self.kind, self.where = reason, kind, where
         super().__init__(f"{where}: {reason}" if where else reason)
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.kind, self.where)
 
     def at(self, where: str) -> "DataError":
         """The same error located at ``where`` (e.g. 'data/train.jsonl:17'), if not located yet."""
@@ -56,6 +62,14 @@ class BadInputPolicy:
             return
         if sum(self.counts.values()) <= self.max_logged:
             log.warning("skipped bad sample (%s): %s", err.kind, err)
+
+    def attempt(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any | None:
+        """``fn(*args, **kwargs)``, or None after handling the ``DataError`` it raised."""
+        try:
+            return fn(*args, **kwargs)
+        except DataError as err:
+            self.handle(err)
+            return None
 
     @property
     def skipped(self) -> int:

@@ -27,7 +27,8 @@ Design decisions:
   ``too_large``) naming the path, so the dataset's skip-or-raise policy can count it. Truncated
   files are errors (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone), images over ``max_pixels``
   are refused before decoding, and the EXIF orientation is applied (as HF's ``load_image`` does),
-  so a photo is processed the way it is displayed.
+  so a photo is processed the way it is displayed. ``image_size`` reads the same (height, width)
+  from the header alone, so a sample's token count is known before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ DEFAULT_SPLIT_RESOLUTIONS = [[h * 490, w * 490] for h, w in DEFAULT_SPLIT_GRID] 
 DEFAULT_MAX_PIXELS = 50_000_000  # refuse larger images before decoding them (decompression bombs)
 RESCALE_FACTOR = 1 / 255
 _RESAMPLE = Image.Resampling.BICUBIC
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 @dataclass
@@ -76,6 +78,46 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def _open(path: str | os.PathLike | BinaryIO, name: str) -> Image.Image:
+    """``Image.open`` (header only) with every failure a ``MediaError``."""
+    try:
+        # PIL warns at open from ~89 MP; we refuse from max_pixels with an error instead. (The
+        # filter change is process-wide for the moment of the open; loader workers are processes.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except FileNotFoundError as e:
+        raise MediaError(f"image file {name!r} does not exist", kind="missing_file") from e
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"image {name!r} refused by PIL as a decompression bomb: {e}",
+                         kind="too_large") from e
+    except Exception as e:  # UnidentifiedImageError, SyntaxError, IsADirectoryError, ...
+        raise MediaError(f"cannot open image {name!r}: {type(e).__name__}: {e}",
+                         kind="bad_image") from e
+
+
+def _name(path, name: str | None) -> str:
+    if name is not None:
+        return name
+    return os.fspath(path) if isinstance(path, (str, os.PathLike)) else "<in-memory image>"
+
+
+def image_size(path: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS,
+               name: str | None = None) -> tuple[int, int]:
+    """(height, width) of the image ``load_image`` would return, read from the header (EXIF
+    orientation applied) without decoding pixels; ``MediaError`` as ``load_image`` for a missing,
+    unidentifiable, empty or too large image. Decoding errors only show in ``load_image``."""
+    name = _name(path, name)
+    with _open(path, name) as opened:
+        width, height = opened.size
+        _check_size(width, height, name, max_pixels)
+        try:
+            orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
+        except Exception as e:  # a corrupt EXIF block
+            raise MediaError(f"cannot read image {name!r}: {type(e).__name__}: {e}", kind="bad_image") from e
+    return (width, height) if orientation in _TRANSPOSING_ORIENTATIONS else (height, width)
+
+
 def load_image(path: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS,
                name: str | None = None) -> Image.Image:
     """Open, fully decode and convert to RGB the image at ``path`` (or in a binary file object, e.g.
@@ -85,22 +127,8 @@ def load_image(path: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX
     PIL's own bomb check (``Image.MAX_IMAGE_PIXELS``, about 89 MP to warn and twice that to refuse)
     still applies first; its refusal becomes a ``MediaError`` too and its warning is silenced.
     """
-    if name is None:
-        name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "<in-memory image>"
-    try:
-        # PIL warns at open from ~89 MP; we refuse from max_pixels with an error instead. (The
-        # filter change is process-wide for the moment of the open; loader workers are processes.)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(path)
-    except FileNotFoundError as e:
-        raise MediaError(f"image file {name!r} does not exist", kind="missing_file") from e
-    except Image.DecompressionBombError as e:
-        raise MediaError(f"image {name!r} refused by PIL as a decompression bomb: {e}",
-                         kind="too_large") from e
-    except Exception as e:  # UnidentifiedImageError, SyntaxError, IsADirectoryError, ...
-        raise MediaError(f"cannot open image {name!r}: {type(e).__name__}: {e}",
-                         kind="bad_image") from e
+    name = _name(path, name)
+    opened = _open(path, name)
     try:
         image = _decode(opened, name, max_pixels)
     except BaseException:
@@ -111,14 +139,17 @@ def load_image(path: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX
     return image
 
 
-def _decode(opened: Image.Image, name: str, max_pixels: int) -> Image.Image:
-    """The RGB pixels of a freshly opened image (which may itself be returned)."""
-    width, height = opened.size
+def _check_size(width: int, height: int, name: str, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise MediaError(f"image {name!r} has {width}x{height} = {width * height} pixels, "
                          f"more than max_pixels={max_pixels}", kind="too_large")
     if width < 1 or height < 1:
         raise MediaError(f"image {name!r} has no pixels ({width}x{height})", kind="bad_image")
+
+
+def _decode(opened: Image.Image, name: str, max_pixels: int) -> Image.Image:
+    """The RGB pixels of a freshly opened image (which may itself be returned)."""
+    _check_size(*opened.size, name, max_pixels)
     try:
         opened.load()  # raises on truncated or corrupt data
         image = opened

@@ -1,29 +1,31 @@
 """Packing encoded samples into fixed-length rows, and collating rows into a model batch.
 
-Letters: B rows, L row length.
+Letters: B rows, L row length (``seq_len``).
 
 Design decisions:
 - Greedy and order-preserving: samples go into the current row while they fit; the next one that
   does not fit closes the row (padded) and opens the next. Rows therefore depend only on the
   sample stream, which makes resuming from a saved position exact.
-- A sample is never cut through an image block: a sample longer than the row is skipped and counted
-  (``DataError`` kind ``too_long``; an error in strict mode). Only text-only documents may be split
-  into row-sized chunks (``split_long_text``), since any cut of plain text is a valid document.
+- A sample is never cut through an image block, and a conversation is never cut at all (an answer
+  must not land in a row without its question): a sample longer than the row is skipped and counted
+  (``DataError`` kind ``too_long``; an error in strict mode). Only text-only *documents* may be
+  split into row-sized chunks (``split_long_text``), since any cut of plain text is a valid document.
 - Every sample keeps its own positions (0, 1, ...) and segment id (1, 2, ... within the row; 0 is
   padding), so attention never crosses samples and RoPE restarts per sample.
 - Each row remembers where its first piece came from (the loader position before that sample and
   the chunk index inside it): a saved position points at the first sample not yet emitted.
+- ``RowBatcher`` is the one place rows are filled and grouped into micro-batches, for training
+  (``loader.PackedStream``) and evaluation (``loader.eval_batches``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from aria.data.errors import DataError
-from aria.data.processor import EncodedSample, group_crops
+from aria.data.processor import EncodedSample, group_crops, too_long
 from aria.model.loss import IGNORE_INDEX
 
 
@@ -61,6 +63,10 @@ class PackedBatch:
     """Non-padding tokens."""
     num_images: int = 0
     num_frames: int = 0
+    where: list[str] = field(default_factory=list)
+    """Where each piece came from ('file:line' or 'shard:key'), in row order (debugging, tests)."""
+    padding: bool = False
+    """An all-padding batch (no tokens, no targets) that evens out batch counts across ranks."""
     state: dict = field(default_factory=dict)
     """Loader bookkeeping (resume position, skip counters); not for the model."""
 
@@ -74,7 +80,7 @@ def split_document(sample: EncodedSample, seq_len: int) -> list[EncodedSample]:
     """Row-sized chunks of a text-only document."""
     n = len(sample)
     return [EncodedSample(sample.input_ids[i: i + seq_len], sample.targets[i: i + seq_len],
-                          where=f"{sample.where} [tokens {i}:{min(i + seq_len, n)}]")
+                          where=f"{sample.where} [tokens {i}:{min(i + seq_len, n)}]", document=True)
             for i in range(0, n, seq_len)]
 
 
@@ -89,11 +95,9 @@ class Packer:
         """The pieces of one sample; ``DataError`` if it cannot fit a row."""
         if len(sample) <= self.seq_len:
             return [Piece(sample, start)]
-        if self.split_long_text and not sample.crops:
+        if self.split_long_text and sample.document and not sample.crops:
             return [Piece(chunk, start, i) for i, chunk in enumerate(split_document(sample, self.seq_len))]
-        raise DataError(f"sample of {len(sample)} tokens ({sample.num_crops} image crops) is longer "
-                        f"than the row (seq_len={self.seq_len}); image blocks are never cut",
-                        "too_long", sample.where)
+        raise too_long(len(sample), sample.num_crops, self.seq_len).at(sample.where)
 
     def add(self, piece: Piece) -> Row | None:
         """Adds one piece; returns the row it closed, if any."""
@@ -109,30 +113,71 @@ class Packer:
         return (self.row.pieces[0].start, self.row.pieces[0].chunk) if self.row.pieces else None
 
 
+class RowBatcher:
+    """Pieces in, micro-batches of ``batch_size`` full rows out (plus the rest at the end)."""
+
+    def __init__(self, seq_len: int, batch_size: int, split_long_text: bool = True) -> None:
+        self.packer = Packer(seq_len, split_long_text)
+        self.batch_size = batch_size
+        self.rows: list[Row] = []
+
+    def add(self, pieces: list[Piece]) -> None:
+        for piece in pieces:
+            closed = self.packer.add(piece)
+            if closed is not None:
+                self.rows.append(closed)
+
+    def full_batches(self) -> Iterator[list[Row]]:
+        """The complete micro-batches now available (each leaves this batcher as it is yielded)."""
+        while len(self.rows) >= self.batch_size:
+            batch, self.rows = self.rows[: self.batch_size], self.rows[self.batch_size:]
+            yield batch
+
+    def next_start(self) -> tuple[Any, int] | None:
+        """Where the first row not yet handed out starts (None if nothing is pending)."""
+        if self.rows:
+            return self.rows[0].pieces[0].start, self.rows[0].pieces[0].chunk
+        return self.packer.open_start()
+
+    def rest(self) -> list[Row]:
+        """Every row not yet handed out, the open one included (end of a finite pass)."""
+        rows = self.rows + ([self.packer.row] if self.packer.row.pieces else [])
+        self.rows, self.packer.row = [], Row()
+        return rows
+
+
 def collate(rows: list[Row], seq_len: int, pad_id: int, tokens_per_crop: dict[int, int]) -> PackedBatch:
-    B = len(rows)
-    input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
-    targets = torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((B, seq_len), dtype=torch.long)
-    segment_ids = torch.zeros((B, seq_len), dtype=torch.long)
-    crops, batch = [], PackedBatch(input_ids, targets, position_ids, segment_ids)
+    B, L = len(rows), seq_len
+    input_ids_BL = torch.full((B, L), pad_id, dtype=torch.long)
+    targets_BL = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    position_ids_BL = torch.zeros((B, L), dtype=torch.long)
+    segment_ids_BL = torch.zeros((B, L), dtype=torch.long)
+    crops, batch = [], PackedBatch(input_ids_BL, targets_BL, position_ids_BL, segment_ids_BL)
     for b, row in enumerate(rows):
         at = 0
         for seg, piece in enumerate(row.pieces, start=1):
             s = piece.sample
             n = len(s)
-            input_ids[b, at: at + n] = s.input_ids
-            targets[b, at: at + n] = s.targets
-            position_ids[b, at: at + n] = torch.arange(n)
-            segment_ids[b, at: at + n] = seg
+            input_ids_BL[b, at: at + n] = s.input_ids
+            targets_BL[b, at: at + n] = s.targets
+            position_ids_BL[b, at: at + n] = torch.arange(n)
+            segment_ids_BL[b, at: at + n] = seg
             crops.extend(s.crops)
             batch.num_images += s.num_images
             batch.num_frames += s.num_frames
             batch.num_samples += piece.chunk == 0
+            batch.where.append(s.where)
             at += n
         batch.num_tokens += at
     grouped = group_crops(crops, tokens_per_crop)
     batch.pixel_values, batch.pixel_mask = grouped["pixel_values"], grouped["pixel_mask"]
     batch.image_feature_order = grouped["image_feature_order"]
-    batch.num_targets = int((targets != IGNORE_INDEX).sum())
+    batch.num_targets = int((targets_BL != IGNORE_INDEX).sum())
+    return batch
+
+
+def padding_batch(batch_size: int, seq_len: int, pad_id: int) -> PackedBatch:
+    """A batch of ``batch_size`` all-padding rows: no tokens, no targets, ``padding=True``."""
+    batch = collate([Row() for _ in range(batch_size)], seq_len, pad_id, {})
+    batch.padding = True
     return batch

@@ -8,7 +8,13 @@ Design decisions:
   ``<fim_prefix>`` + crops x Q ``<|img|>`` + ``<fim_suffix>`` block, Q from the projector table.
   Unlike ``AriaProcessor``, crops are counted per image (it gives every image the largest count of
   the call). We add a ``system`` role and videos: each sampled frame is an image block, optionally
-  wrapped as ``[MM:SS]`` + block + ``\\n``.
+  wrapped as ``[MM:SS]`` + block + ``\\n``. ``_render`` is the one implementation of this layout,
+  for training (``encode``) and inference (``__call__`` / ``prompt_inputs``) alike.
+- Media are *planned* before they are decoded: an image's crop count comes from its header size
+  (``image_size`` -> ``ImageProcessor.num_crops``), a video's frames from its container index
+  (``open_video`` -> ``sample_indices``). So the whole text is rendered and tokenized first and every
+  cheap check (special tokens in text, too long for the row, nothing supervised) runs before any
+  pixel is decoded.
 - The whole rendered string is tokenized at once with character offsets; a token is supervised if
   it overlaps a supervised character span: assistant content plus its ``<|im_end|>\\n`` in a
   conversation, all text (and the appended end-of-text id) in a document. Media never are.
@@ -17,6 +23,8 @@ Design decisions:
   their boundary.
 - Crops are kept per media item in token order, each chunk of one size: image crops at
   ``image_size`` (980 by default) and video frames at ``video.image_size`` (490) may share a sample.
+- Text holding any special token string of the loaded tokenizer (``</s>``, ``<pad>``, Aria's
+  markers, ...) is refused (``special_token_in_text``): tokenized, it would become a control id.
 """
 
 from __future__ import annotations
@@ -24,17 +32,19 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from aria.data.errors import DataError
-from aria.data.image import ImageProcessor, ProcessedImage, load_image
+from aria.config import VideoConfig
+from aria.data.errors import DataError, MediaError
+from aria.data.image import ImageProcessor, ProcessedImage, image_size, load_image
 from aria.data.records import MediaRef, Part, Sample, Turn
 from aria.data.tokenizer import SPECIAL_TOKENS, Tokenizer
-from aria.data.video import format_timestamp, load_video
+from aria.data.video import format_timestamp, open_video, sample_indices
 from aria.model.loss import IGNORE_INDEX
 
 # transformers' Aria chat template, character for character (the two line breaks are literal).
@@ -53,20 +63,6 @@ FIM_PREFIX, FIM_SUFFIX, IMG = SPECIAL_TOKENS["fim_prefix"], SPECIAL_TOKENS["fim_
 
 
 @dataclass
-class VideoOptions:
-    num_frames: int = 8
-    """Frames sampled uniformly when a video gives neither num_frames nor fps (official default)."""
-    fps: float | None = None
-    """Sample this many frames per second instead of uniformly (capped by max_frames)."""
-    max_frames: int = 128
-    """Cap on frames per video in fps mode."""
-    image_size: int = 490
-    """Crop size of video frames (490 px -> 128 tokens per frame for Aria)."""
-    timestamps: bool = False
-    """Write '[MM:SS]' before each frame and a line break after it."""
-
-
-@dataclass
 class EncodedSample:
     input_ids: torch.Tensor
     """(T,) int64."""
@@ -77,6 +73,9 @@ class EncodedSample:
     where: str = ""
     num_images: int = 0
     num_frames: int = 0
+    document: bool = False
+    """A document (any cut of it is still a document, so a text-only one may be split across rows);
+    False for a conversation, which is never split."""
 
     def __len__(self) -> int:
         return self.input_ids.numel()
@@ -84,6 +83,12 @@ class EncodedSample:
     @property
     def num_crops(self) -> int:
         return sum(c[0].shape[0] for c in self.crops)
+
+
+def too_long(num_tokens: int, num_crops: int, seq_len: int) -> DataError:
+    """The error for a sample that cannot fit a packed row."""
+    return DataError(f"sample of {num_tokens} tokens ({num_crops} image crops) is longer than the row "
+                     f"(seq_len={seq_len}); image blocks and conversations are never cut", "too_long")
 
 
 class _Text:
@@ -107,16 +112,30 @@ class _Text:
         return "".join(self.pieces)
 
 
+@dataclass
+class _Planned:
+    """A media item whose image blocks are known but whose pixels are not decoded yet."""
+
+    side: int
+    """Crop side (picks the tokens per crop)."""
+    blocks: list[int]
+    """Crops of each image block: one block per image, one per video frame."""
+    stamps: list[float] | None
+    """Seconds of each video frame (None for an image)."""
+    decode: Callable[[], list[ProcessedImage]]
+    """The blocks' crops, one ``ProcessedImage`` per block."""
+
+
 class Processor:
     """Tokenizer + image processor + video sampling: ``encode(sample)`` for training,
     ``__call__(messages, images, videos)`` for inference."""
 
     def __init__(self, tokenizer: Tokenizer, tokens_per_crop: dict[int, int], image_size: int = 980,
                  min_image_size: int = 336, split_image: bool = False,
-                 video: VideoOptions | None = None) -> None:
+                 video: VideoConfig | None = None) -> None:
         self.tokenizer = tokenizer
         self.tokens_per_crop = {int(k): int(v) for k, v in tokens_per_crop.items()}
-        self.video = video or VideoOptions()
+        self.video = video or VideoConfig()
         for side, what in ((image_size, "image_size"), (self.video.image_size, "video.image_size")):
             if side not in self.tokens_per_crop:
                 raise ValueError(f"data.{what}={side} has no entry in the model's crop table "
@@ -132,10 +151,9 @@ class Processor:
             if not data.tokenizer:
                 raise ValueError("config field 'data.tokenizer' is empty: give a tokenizer directory")
             tokenizer = Tokenizer.load(data.tokenizer)
-        v = data.video
         return cls.for_model(tokenizer, model_cfg, image_size=data.image_size,
                              min_image_size=data.min_image_size, split_image=data.split_image,
-                             video=VideoOptions(v.num_frames, v.fps, v.max_frames, v.image_size, v.timestamps))
+                             video=data.video)
 
     @classmethod
     def for_model(cls, tokenizer: Tokenizer, model_cfg, **kwargs) -> "Processor":
@@ -150,56 +168,75 @@ class Processor:
                              f"vocabulary (model.text.vocab_size) only {model_cfg.text.vocab_size}")
         return cls(tokenizer, table, **kwargs)
 
-    # -- media --------------------------------------------------------------------------------
+    # -- media: plan (sizes from headers), then decode ----------------------------------------
 
-    def _image(self, ref: MediaRef) -> ProcessedImage:
+    def _plan_image(self, ref: MediaRef) -> _Planned:
         if ref.data is None:
-            return self.images(load_image(ref.path))
-        if isinstance(ref.data, (bytes, bytearray)):
-            return self.images(load_image(io.BytesIO(ref.data), name=ref.name))
-        return self.images(ref.data.convert("RGB"))
-
-    def _video(self, ref: MediaRef) -> tuple[list[ProcessedImage], list[float]]:
-        options = dict(num_frames=ref.num_frames, fps=ref.fps, max_frames=ref.max_frames or self.video.max_frames)
-        if options["num_frames"] is None and options["fps"] is None:
-            if self.video.fps is not None:
-                options["fps"] = self.video.fps
-            else:
-                options["num_frames"] = self.video.num_frames
-        if options["num_frames"] is not None:
-            options["fps"] = None
-        if isinstance(ref.data, list):  # already decoded frames (inference)
-            frames, stamps = ref.data, [float(i) for i in range(len(ref.data))]
+            height, width = image_size(ref.path)
+            load = lambda: load_image(ref.path)  # noqa: E731
         elif isinstance(ref.data, (bytes, bytearray)):
-            fd, tmp = tempfile.mkstemp(suffix=Path(ref.name).suffix or ".mp4")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(ref.data)
-                video = load_video(tmp, **options)
-            finally:
-                os.unlink(tmp)
-            frames, stamps = video.frames, video.timestamps
-        else:
-            video = load_video(ref.path, **options)
-            frames, stamps = video.frames, video.timestamps
-        return [self.frames(frame) for frame in frames], stamps
+            height, width = image_size(io.BytesIO(ref.data), name=ref.name)
+            load = lambda: load_image(io.BytesIO(ref.data), name=ref.name)  # noqa: E731
+        else:  # an in-memory PIL image (inference): the image processor composites transparency
+            width, height = ref.data.size
+            if width < 1 or height < 1:
+                raise MediaError(f"image has no pixels ({width}x{height})", kind="bad_image")
+            load = lambda: ref.data  # noqa: E731
+        return _Planned(self.images.max_image_size, [self.images.num_crops(height, width)], None,
+                        lambda: [self.images(load())])
+
+    def _plan_video(self, ref: MediaRef, stack: ExitStack) -> _Planned:
+        side = self.video.image_size
+        if isinstance(ref.data, list):  # already decoded frames (inference)
+            frames = ref.data
+            return _Planned(side, [1] * len(frames), [float(i) for i in range(len(frames))],
+                            lambda: [self.frames(frame) for frame in frames])
+        num_frames, fps = ref.num_frames, ref.fps
+        if num_frames is None and fps is None:
+            num_frames, fps = (None, self.video.fps) if self.video.fps is not None else (self.video.num_frames, None)
+        if num_frames is not None:
+            fps = None
+        path = ref.path
+        if isinstance(ref.data, (bytes, bytearray)):  # a tar member: decord reads files
+            fd, path = tempfile.mkstemp(suffix=Path(ref.name).suffix or ".mp4")
+            stack.callback(os.unlink, path)
+            with os.fdopen(fd, "wb") as f:
+                f.write(ref.data)
+        video = open_video(path)
+        indices = sample_indices(video.num_total, video.fps, num_frames, fps,
+                                 ref.max_frames or self.video.max_frames)
+        return _Planned(side, [1] * len(indices), [i / video.fps for i in indices],
+                        lambda: [self.frames(frame) for frame in video.decode(indices).frames])
+
+    @staticmethod
+    def _decode(plans: list[_Planned]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        crops = []
+        for plan in plans:
+            blocks = plan.decode()
+            got = [b.num_crops for b in blocks]
+            if got != plan.blocks:
+                raise MediaError(f"media decoded to {got} crops per block, but its header gave "
+                                 f"{plan.blocks}", kind="bad_media")
+            crops += [(b.pixel_values, b.pixel_mask) for b in blocks]
+        return crops
 
     # -- rendering ----------------------------------------------------------------------------
 
-    def _render(self, sample: Sample, add_generation_prompt: bool = False
-                ) -> tuple[_Text, EncodedSample, int]:
-        """The sample's text with supervised spans, its crops (in ``out``) and its <|img|> count."""
-        out = EncodedSample(torch.empty(0), torch.empty(0), where=sample.where)
-        text = _Text()
-        num_image_tokens = 0
+    def _check_text(self, sample: Sample) -> None:
+        for t, turn in enumerate(sample.turns):
+            for part in turn.parts:
+                token = self.tokenizer.find_special_token(part.text) if part.type == "text" else None
+                if token is not None:
+                    name = part.field or f"turn {t} text"
+                    raise DataError(f"'{name}' contains the special token {token} as text; it would "
+                                    "become a control token", "special_token_in_text")
 
-        def block(crops: ProcessedImage, side: int) -> None:
-            nonlocal num_image_tokens
-            out.crops.append((crops.pixel_values, crops.pixel_mask))
-            count = crops.num_crops * self.tokens_per_crop[side]
-            text.add(FIM_PREFIX + IMG * count + FIM_SUFFIX)
-            num_image_tokens += count
-
+    def _render(self, sample: Sample, add_generation_prompt: bool, stack: ExitStack
+                ) -> tuple[_Text, list[_Planned], int]:
+        """The sample's text with supervised spans, its media plans in token order, and its
+        <|img|> count. Nothing is decoded yet."""
+        self._check_text(sample)
+        text, plans, num_image_tokens = _Text(), [], 0
         for turn in sample.turns:
             supervised = turn.role is None or turn.role == "assistant"
             if turn.role is not None:
@@ -209,37 +246,40 @@ class Processor:
                     text.add(part.text, supervised)
                     continue
                 ref = sample.media[part.media]
-                if ref.kind == "image":
-                    block(self._image(ref), self.images.max_image_size)
-                    out.num_images += 1
-                    continue
-                frames, stamps = self._video(ref)
-                for frame, stamp in zip(frames, stamps):
-                    if self.video.timestamps:
-                        text.add(format_timestamp(stamp))
-                    block(frame, self.video.image_size)
-                    if self.video.timestamps:
+                plan = self._plan_image(ref) if ref.kind == "image" else self._plan_video(ref, stack)
+                plans.append(plan)
+                for k, crops in enumerate(plan.blocks):
+                    count = crops * self.tokens_per_crop[plan.side]
+                    if plan.stamps is not None and self.video.timestamps:
+                        text.add(format_timestamp(plan.stamps[k]))
+                    text.add(FIM_PREFIX + IMG * count + FIM_SUFFIX)
+                    if plan.stamps is not None and self.video.timestamps:
                         text.add("\n")
-                out.num_frames += len(frames)
+                    num_image_tokens += count
             if turn.role is not None:
                 text.add(f"{IM_END}\n", supervised)
         if add_generation_prompt:
             text.add(f"{IM_START}assistant\n")
-        return text, out, num_image_tokens
+        return text, plans, num_image_tokens
 
-    def encode(self, sample: Sample) -> EncodedSample:
-        """Tokens, shifted targets and crops of one sample; ``DataError`` on bad media."""
+    def encode(self, sample: Sample, max_tokens: int | None = None) -> EncodedSample:
+        """Tokens, shifted targets and crops of one sample; ``DataError`` on bad input. With
+        ``max_tokens``, a sample with media longer than that is refused (``too_long``) before its
+        media are decoded (a sample without media is left to the packer, which may split it)."""
         try:
-            return self._encode(sample)
+            with ExitStack() as stack:
+                return self._encode(sample, max_tokens, stack)
         except DataError as err:
             raise err.at(sample.where) from None
 
-    def _encode(self, sample: Sample) -> EncodedSample:
-        text, out, num_image_tokens = self._render(sample)
+    def _encode(self, sample: Sample, max_tokens: int | None, stack: ExitStack) -> EncodedSample:
+        text, plans, num_image_tokens = self._render(sample, False, stack)
         ids, supervised_mask = self._tokenize(text)
         if not sample.is_chat:  # a document ends with the end-of-text token, which is learned
             ids.append(self.tokenizer.eos_id)
             supervised_mask.append(True)
+        if max_tokens is not None and plans and len(ids) > max_tokens:
+            raise too_long(len(ids), sum(sum(p.blocks) for p in plans), max_tokens)
         input_ids = torch.tensor(ids, dtype=torch.long)
         found = int((input_ids == self.tokenizer.image_id).sum())
         if found != num_image_tokens:
@@ -249,9 +289,11 @@ class Processor:
         if not bool((labels != IGNORE_INDEX).any()):
             raise DataError("no supervised token (empty assistant answer or document text)",
                             "no_supervised_tokens")
-        out.input_ids = input_ids
-        out.targets = torch.cat([labels[1:], torch.tensor([IGNORE_INDEX])])
-        return out
+        targets = torch.cat([labels[1:], torch.tensor([IGNORE_INDEX])])
+        return EncodedSample(input_ids, targets, self._decode(plans), where=sample.where,
+                             num_images=sum(p.stamps is None for p in plans),
+                             num_frames=sum(len(p.stamps) for p in plans if p.stamps is not None),
+                             document=not sample.is_chat)
 
     def _tokenize(self, text: _Text) -> tuple[list[int], list[bool]]:
         ids, offsets = self.tokenizer.encode_with_offsets(str(text))
@@ -268,22 +310,6 @@ class Processor:
 
     # -- inference ----------------------------------------------------------------------------
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The chat-template text of HF-style messages (images as one placeholder block each)."""
-        out = []
-        for message in messages:
-            content = message["content"]
-            if isinstance(content, str):
-                body = content
-            else:
-                body = "".join(item["text"] if item["type"] == "text" else
-                               FIM_PREFIX + IMG + FIM_SUFFIX if item["type"] == "image" else ""
-                               for item in content)
-            out.append(f"{IM_START}{message['role']}\n{body}{IM_END}\n")
-        if add_generation_prompt:
-            out.append(f"{IM_START}assistant\n")
-        return "".join(out)
-
     def __call__(self, messages: list[dict], images: list[Any] | None = None,
                  videos: list[Any] | None = None, add_generation_prompt: bool = True) -> dict[str, Any]:
         """Model inputs (batch of one) for HF-style ``messages``; their image and video items take
@@ -297,9 +323,9 @@ class Processor:
             items = message["content"]
             items = [{"type": "text", "text": items}] if isinstance(items, str) else items
             parts = []
-            for item in items:
+            for i, item in enumerate(items):
                 if item["type"] == "text":
-                    parts.append(Part("text", item["text"]))
+                    parts.append(Part("text", item["text"], field=f"messages[{m}].content[{i}].text"))
                     continue
                 if item["type"] not in pools or not pools[item["type"]]:
                     raise ValueError(f"messages[{m}] has more {item['type']} items than "
@@ -316,9 +342,17 @@ class Processor:
         if pools["image"] or pools["video"]:
             raise ValueError(f"{len(pools['image'])} image(s) and {len(pools['video'])} video(s) are "
                              "left over: the messages have fewer media items")
-        text, out, _ = self._render(Sample("chat", turns, media, "prompt"), add_generation_prompt)
-        inputs: dict[str, Any] = {"input_ids": torch.tensor([self.tokenizer.encode(str(text))])}
-        inputs.update(group_crops(out.crops, self.tokens_per_crop))
+        return self.prompt_inputs(Sample("chat", turns, media, "prompt"), add_generation_prompt)
+
+    def prompt_inputs(self, sample: Sample, add_generation_prompt: bool = True) -> dict[str, Any]:
+        """Model inputs (batch of one) for a conversation to be continued: ``input_ids`` (1, T), its
+        crops grouped as ``group_crops`` does, and the crop list itself (``crops``) for batching."""
+        with ExitStack() as stack:
+            text, plans, _ = self._render(sample, add_generation_prompt, stack)
+            crops = self._decode(plans)
+        inputs: dict[str, Any] = {"input_ids": torch.tensor([self.tokenizer.encode(str(text))]),
+                                  "crops": crops}
+        inputs.update(group_crops(crops, self.tokens_per_crop))
         return inputs
 
 

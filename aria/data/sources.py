@@ -4,11 +4,19 @@ by one *slot* (a rank's loader worker) with a position that can be saved and res
 Design decisions:
 - A slot is ``rank * num_workers + worker`` out of ``world * num_workers``. Slots see disjoint
   samples that together cover each epoch.
-- JSONL: the line offsets are indexed once; epoch e visits a seeded permutation, slot s takes every
-  S-th entry. Position = (epoch, entries taken).
+- Sources are opened once, in the training process; loader workers are forked and inherit them.
+  A JSONL file is indexed once (byte offsets, numpy int64: 8 bytes a record; line numbers only when
+  blank lines make them differ from record numbers).
+- JSONL: epoch e visits a seeded permutation, slot s takes every S-th entry. Position = (epoch,
+  entries taken). Each source of a mixture has its own salt (its index in the mixture), so two
+  datasets of the same length are not visited in the same order.
 - Shards: epoch e visits the shards in a seeded order; with at least S shards slot s reads every S-th
-  shard, otherwise every slot reads every shard and keeps every S-th sample. Samples inside a shard
-  keep their order. Position = (epoch, shard number in the slot's list, samples taken in it).
+  shard, otherwise every slot reads every shard and keeps the samples whose running index in the
+  epoch is s modulo S (a running index, not one per shard: with per-shard indices short shards
+  would favour the first slots). A sample that is not the slot's is skipped before its member bytes
+  are read or its JSON parsed. Samples inside a shard keep their order (there is no in-shard
+  shuffle: shuffle when writing shards; the shard order and the mixture are random). Position =
+  (epoch, shard number in the slot's list, samples passed in it, running index, samples taken).
 - A source yields raw records plus a ``MediaResolver``; parsing and decoding happen downstream, so
   a bad record costs only its own line.
 """
@@ -17,14 +25,17 @@ from __future__ import annotations
 
 import glob
 import tarfile
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from aria.data.errors import DataError
 from aria.data.records import MediaResolver, parse_json_line
+
+_JSONL_SALT, _SHARD_SALT = 0, 1
 
 
 @dataclass
@@ -36,8 +47,8 @@ class RawRecord:
     error: DataError | None = None
 
 
-def _epoch_rng(seed: int, epoch: int, salt: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, salt])
+def _epoch_rng(seed: int, epoch: int, kind: int, salt: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, kind, salt])
 
 
 class JsonlSource:
@@ -47,7 +58,7 @@ class JsonlSource:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"JSONL dataset file not found: {self.path}")
-        offsets, line_numbers = [], []
+        offsets, line_numbers = array("q"), array("q")
         with open(self.path, "rb") as f:
             pos = 0
             for number, line in enumerate(f, start=1):
@@ -57,24 +68,29 @@ class JsonlSource:
                 pos += len(line)
         if not offsets:
             raise ValueError(f"dataset {self.path} is empty: no records")
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.line_numbers = np.asarray(line_numbers, dtype=np.int64)
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)
+        self.line_numbers = None  # record i is on line i + 1 unless the file has blank lines
+        if line_numbers[-1] != len(line_numbers):
+            self.line_numbers = np.frombuffer(line_numbers, dtype=np.int64)
         self.resolver = MediaResolver(self.path.parent, allow_outside=allow_outside_media)
         self.name = str(self.path)
 
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def line_number(self, index: int) -> int:
+        return index + 1 if self.line_numbers is None else int(self.line_numbers[index])
+
     def read(self, index: int, handle) -> RawRecord:
         handle.seek(int(self.offsets[index]))
-        where = f"{self.path}:{int(self.line_numbers[index])}"
+        where = f"{self.path}:{self.line_number(index)}"
         try:
             return RawRecord(parse_json_line(handle.readline(), where), self.resolver, where)
         except DataError as err:
             return RawRecord(None, None, where, err)
 
-    def iterate(self, slot: int, num_slots: int, seed: int, position: dict | None = None
-                ) -> Iterator[tuple[RawRecord, dict]]:
+    def iterate(self, slot: int, num_slots: int, seed: int, position: dict | None = None,
+                salt: int = 0) -> Iterator[tuple[RawRecord, dict]]:
         """Endless: yields (record, position after it) over epochs."""
         epoch = position["epoch"] if position else 0
         taken = position["taken"] if position else 0
@@ -83,7 +99,7 @@ class JsonlSource:
                              "loader slots (ranks x data.num_workers) that share it")
         with open(self.path, "rb") as handle:
             while True:
-                order = _epoch_rng(seed, epoch, 0).permutation(len(self))[slot::num_slots]
+                order = _epoch_rng(seed, epoch, _JSONL_SALT, salt).permutation(len(self))[slot::num_slots]
                 for i in range(taken, len(order)):
                     yield self.read(int(order[i]), handle), {"epoch": epoch, "taken": i + 1}
                 epoch, taken = epoch + 1, 0
@@ -110,9 +126,12 @@ class ShardSource:
             raise FileNotFoundError(f"no webdataset shards (*.tar) found at {spec}")
         self.shards, self.name = shards, spec
 
-    def samples(self, shard: str) -> Iterator[RawRecord]:
-        """The samples of one shard, in order; a broken shard ends with one error record."""
-        key, members, count = None, {}, 0
+    def walk(self, shard: str, keep: Callable[[int], bool] = lambda n: True
+             ) -> Iterator[tuple[int, RawRecord | None]]:
+        """(index in the shard, record) for every sample of ``shard``, in order; the record is None
+        for a sample ``keep(index)`` refuses, whose member bytes are then neither read nor parsed.
+        A broken shard ends with an error record (at the index of the sample it broke in)."""
+        n, key, members = -1, None, {}
         try:
             with tarfile.open(shard, mode="r|*") as tar:
                 for info in tar:
@@ -120,17 +139,23 @@ class ShardSource:
                         continue
                     base, _, ext = Path(info.name).name.partition(".")
                     prefix = str(Path(info.name).parent / base) if "/" in info.name else base
-                    if prefix != key and key is not None:
-                        yield self._record(shard, key, members)
-                        count += 1
-                        members = {}
-                    key = prefix
-                    members[ext] = tar.extractfile(info).read()
+                    if prefix != key:
+                        if key is not None:
+                            yield n, self._record(shard, key, members) if keep(n) else None
+                        n, key, members = n + 1, prefix, {}
+                    if keep(n):
+                        members[ext] = tar.extractfile(info).read()
             if key is not None:
-                yield self._record(shard, key, members)
+                yield n, self._record(shard, key, members) if keep(n) else None
         except (tarfile.TarError, OSError, EOFError) as err:
-            yield RawRecord(None, None, f"{shard}:sample {count}",
-                            DataError(f"unreadable shard ({err}); the rest of it is skipped", "bad_shard"))
+            n = max(n, 0)
+            error = DataError(f"unreadable shard ({err}); the rest of it is skipped", "bad_shard")
+            yield n, RawRecord(None, None, f"{shard}:sample {n}", error) if keep(n) else None
+
+    def samples(self, shard: str) -> Iterator[RawRecord]:
+        """The samples of one shard, in order; a broken shard ends with one error record."""
+        for _, raw in self.walk(shard):
+            yield raw
 
     @staticmethod
     def _record(shard: str, key: str, members: dict[str, bytes]) -> RawRecord:
@@ -144,32 +169,36 @@ class ShardSource:
             return RawRecord(None, None, where, err)
         return RawRecord(record, MediaResolver(members=members), where)
 
-    def iterate(self, slot: int, num_slots: int, seed: int, position: dict | None = None
-                ) -> Iterator[tuple[RawRecord, dict]]:
-        epoch = position["epoch"] if position else 0
-        shard_pos = position["shard"] if position else 0
-        taken = position["taken"] if position else 0
+    def iterate(self, slot: int, num_slots: int, seed: int, position: dict | None = None,
+                salt: int = 0) -> Iterator[tuple[RawRecord, dict]]:
+        """Endless: yields (record, position after it) over epochs."""
+        position = position or {}
+        epoch = position.get("epoch", 0)
+        shard_pos, offset = position.get("shard", 0), position.get("offset", 0)
+        index, taken = position.get("index", 0), position.get("taken", 0)
         by_shard = len(self.shards) >= num_slots
         while True:
-            order = _epoch_rng(seed, epoch, 1).permutation(len(self.shards))
+            order = _epoch_rng(seed, epoch, _SHARD_SALT, salt).permutation(len(self.shards))
             mine = order[slot::num_slots] if by_shard else order
-            yielded = taken
             for s in range(shard_pos, len(mine)):
-                seen = 0  # samples of this shard belonging to this slot
-                for n, raw in enumerate(self.samples(self.shards[int(mine[s])])):
-                    if not by_shard and n % num_slots != slot and raw.error is None:
-                        continue
-                    seen += 1
-                    if seen <= taken:
-                        continue
-                    yielded += 1
-                    yield raw, {"epoch": epoch, "shard": s, "taken": seen}
-                taken = 0
-            if yielded == 0:
+                base = index - offset  # running index of the shard's first sample
+
+                def keep(n: int, base=base, offset=offset) -> bool:
+                    return n >= offset and (by_shard or (base + n) % num_slots == slot)
+
+                last = offset - 1
+                for n, raw in self.walk(self.shards[int(mine[s])], keep):
+                    last = n
+                    if raw is not None:
+                        taken += 1
+                        yield raw, {"epoch": epoch, "shard": s, "offset": n + 1, "index": base + n + 1,
+                                    "taken": taken}
+                index, offset = base + last + 1, 0
+            if taken == 0:
                 raise ValueError(f"webdataset shards {self.name} gave loader slot {slot} of {num_slots} "
                                  "no sample in a whole epoch: too few samples for the ranks x "
                                  "data.num_workers sharing them")
-            epoch, shard_pos, taken = epoch + 1, 0, 0
+            epoch, shard_pos, offset, index, taken = epoch + 1, 0, 0, 0, 0
 
     def iterate_once(self) -> Iterator[RawRecord]:
         for shard in self.shards:

@@ -6,14 +6,23 @@ Design decisions:
   released Aria tokenizer ships and what ``AriaProcessor`` runs) or a sentencepiece ``.model``.
   Loading never imports transformers.
 - A whole rendered string is encoded at once, with character offsets, exactly as ``AriaProcessor``
-  tokenizes it; label masks are then derived from character spans (``chat.py``). Encoding a string
-  piece by piece can differ at the seams (e.g. a prefix-space rule applied to the first piece only).
+  tokenizes it; label masks are then derived from character spans (``processor.py``). Encoding a
+  string piece by piece can differ at the seams (e.g. a prefix-space rule applied to the first piece
+  only). Every token's span covers the character(s) it encodes: sentencepiece reports byte-fallback
+  pieces of one character as zero-width spans but the last, and those are widened to the character,
+  as ``tokenizers`` reports them, so both backends supervise the same tokens.
 - The Aria special tokens must all exist; a tokenizer without them is refused with their names.
+- ``special_tokens`` lists every control/special token string of the loaded tokenizer (not just
+  Aria's five): such a string inside data text would silently become a control id (``</s>`` ends a
+  document early with the ``tokenizers`` backend), so the processor refuses text that holds one.
+  Added tokens that are ordinary text (the line-break symbol of our tokenizers) are not in it.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from functools import cached_property
 from pathlib import Path
 
 SPECIAL_TOKENS = {
@@ -107,7 +116,8 @@ class Tokenizer:
             enc = self._backend.encode(text, add_special_tokens=False)
             return enc.ids, enc.offsets
         proto = self._backend.encode(text, return_type="proto")
-        # sentencepiece reports UTF-8 byte offsets; spans elsewhere are in characters
+        # sentencepiece reports UTF-8 byte offsets; spans elsewhere are in characters. char_at[b] is
+        # the character holding byte b; a span ends after the character holding its last byte.
         char_at = [0] * (len(text.encode("utf-8")) + 1)
         at = 0
         for i, ch in enumerate(text):
@@ -115,7 +125,37 @@ class Tokenizer:
             char_at[at: at + n] = [i] * n
             at += n
         char_at[at] = len(text)
-        return [p.id for p in proto.pieces], [(char_at[p.begin], char_at[p.end]) for p in proto.pieces]
+        spans = []
+        for p in proto.pieces:
+            start = char_at[p.begin]
+            # A byte-fallback piece that is not the last byte of its character comes back zero-width
+            # (begin == end): it still encodes part of the character at ``begin``.
+            end = char_at[p.end - 1] + 1 if p.end > p.begin else min(start + 1, len(text))
+            spans.append((start, end))
+        return [p.id for p in proto.pieces], spans
+
+    @cached_property
+    def special_tokens(self) -> tuple[str, ...]:
+        """Every special token string (control, unknown, and added/user-defined tokens that are not
+        plain whitespace), longest first."""
+        if self.kind == "tokenizers":
+            found = [t.content for t in self._backend.get_added_tokens_decoder().values() if t.special]
+        else:
+            sp = self._backend
+            found = [sp.id_to_piece(i) for i in range(sp.get_piece_size())
+                     if sp.is_control(i) or sp.is_unknown(i)]
+            found += _user_defined_pieces(sp)
+        found += SPECIAL_TOKENS.values()
+        return tuple(sorted({t for t in found if t and t.strip()}, key=lambda t: (-len(t), t)))
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern:
+        return re.compile("|".join(re.escape(t) for t in self.special_tokens))
+
+    def find_special_token(self, text: str) -> str | None:
+        """The first special token string inside ``text``, if any."""
+        match = self._special_pattern.search(text)
+        return match.group(0) if match else None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         if self.kind == "tokenizers":
@@ -125,6 +165,18 @@ class Tokenizer:
                         self.fim_suffix_id, self.eos_id}
             ids = [i for i in ids if i not in specials]
         return self._backend.decode(list(ids))
+
+
+def _user_defined_pieces(sp) -> list[str]:
+    """The user-defined pieces of a sentencepiece model (always matched in text, like added tokens)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:  # protobuf missing: control and unknown pieces (plus Aria's) still count
+        return []
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return [p.piece for p in proto.pieces if p.type == user_defined]
 
 
 def _token(value) -> str | None:

@@ -3,6 +3,10 @@
 Design decisions:
 - Sampling is pure index arithmetic (``uniform_indices``, ``fps_indices``), separate from
   decoding (``load_video``), so the rules are unit-tested on hand-computed cases without a file.
+  ``max_frames`` caps both modes (uniform sampling of more frames than the cap takes the cap).
+- Opening and decoding are separate steps (``open_video`` -> ``VideoFile.decode``): the frame
+  count and rate come from the container index, so a sample's token count is known (and a sample
+  too long for its row refused) before any frame is decoded.
 - ``uniform_indices`` is the official Aria rule ``[int(n / k) * i for i in range(k)]``: integer
   stride from frame 0 (so the tail is never sampled when ``n`` is not a multiple of ``k``).
   One deliberate change: a video shorter than ``k`` frames gives every frame once (``0..n-1``)
@@ -107,14 +111,56 @@ def format_timestamp(seconds: float) -> str:
     return f"[{minutes:02d}:{secs:02d}]"
 
 
-def load_video(path: str | os.PathLike, num_frames: int | None = None, fps: float | None = None,
-               max_frames: int = 128) -> VideoFrames:
-    """Decode the frames of ``path`` chosen by ``uniform_indices(n, num_frames)`` (the official
-    sampling) or by ``fps_indices(n, native_fps, fps, max_frames)``; exactly one of ``num_frames``
-    and ``fps`` must be given. Raises ``MediaError`` for a missing, unreadable or empty video."""
+def sample_indices(num_total: int, native_fps: float, num_frames: int | None = None,
+                   fps: float | None = None, max_frames: int = 128) -> list[int]:
+    """The frames to take: ``uniform_indices(n, min(num_frames, max_frames))`` (the official
+    sampling, capped) or ``fps_indices(n, native_fps, fps, max_frames)``; exactly one of
+    ``num_frames`` and ``fps`` must be given."""
     if (num_frames is None) == (fps is None):
         raise ValueError(f"give exactly one of num_frames and fps, got num_frames={num_frames}, "
                          f"fps={fps}")
+    if num_frames is not None:
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        return uniform_indices(num_total, min(num_frames, max_frames))
+    return fps_indices(num_total, native_fps, fps, max_frames)
+
+
+@dataclass
+class VideoFile:
+    """An opened video: its frame count and rate are known, no frame is decoded yet."""
+
+    path: str
+    reader: "decord.VideoReader"
+    num_total: int
+    """Frames in the file."""
+    fps: float
+    """Native (average) frame rate."""
+
+    def decode(self, indices: list[int]) -> VideoFrames:
+        """The frames at ``indices`` (from ``sample_indices``), or ``MediaError``."""
+        try:
+            batch = self.reader.get_batch(indices)
+        except (decord.DECORDError, RuntimeError) as err:
+            raise MediaError(f"cannot decode frames {indices} of video file {self.path}: "
+                             f"{_first_line(err)}", kind="bad_video") from err
+        # get_batch returns whatever decord's global bridge is set to (e.g. torch, as the official
+        # code sets it); np.asarray accepts a torch tensor, and decord's own array via asnumpy.
+        frames_NHWC = np.asarray(batch.asnumpy() if hasattr(batch, "asnumpy") else batch)
+        if frames_NHWC.shape[0] != len(indices):
+            raise MediaError(f"decoded {frames_NHWC.shape[0]} frames of video file {self.path}, "
+                             f"wanted {len(indices)}", kind="bad_video")
+        return VideoFrames(
+            frames=[Image.fromarray(frame_HWC) for frame_HWC in frames_NHWC],
+            indices=list(indices),
+            timestamps=[index / self.fps for index in indices],
+            fps=self.fps,
+        )
+
+
+def open_video(path: str | os.PathLike) -> VideoFile:
+    """Open ``path`` with decord (frame count and rate, no decoding), or raise ``MediaError`` for a
+    missing, unreadable or empty video."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MediaError(f"video file {path} does not exist", kind="missing_file")
@@ -132,27 +178,20 @@ def load_video(path: str | os.PathLike, num_frames: int | None = None, fps: floa
     native_fps = float(reader.get_avg_fps())
     if not native_fps > 0 or not math.isfinite(native_fps):
         raise MediaError(f"video file {path} reports frame rate {native_fps}", kind="bad_video")
-    if num_frames is not None:
-        indices = uniform_indices(num_total, num_frames)
-    else:
-        indices = fps_indices(num_total, native_fps, fps, max_frames)
-    try:
-        batch = reader.get_batch(indices)
-    except (decord.DECORDError, RuntimeError) as err:
-        raise MediaError(f"cannot decode frames {indices} of video file {path}: "
-                         f"{_first_line(err)}", kind="bad_video") from err
-    # get_batch returns whatever decord's global bridge is set to (e.g. torch, as the official
-    # code sets it); np.asarray accepts a torch tensor, and decord's own array via asnumpy.
-    frames_NHWC = np.asarray(batch.asnumpy() if hasattr(batch, "asnumpy") else batch)
-    if frames_NHWC.shape[0] != len(indices):
-        raise MediaError(f"decoded {frames_NHWC.shape[0]} frames of video file {path}, wanted "
-                         f"{len(indices)}", kind="bad_video")
-    return VideoFrames(
-        frames=[Image.fromarray(frame_HWC) for frame_HWC in frames_NHWC],
-        indices=indices,
-        timestamps=[index / native_fps for index in indices],
-        fps=native_fps,
-    )
+    return VideoFile(path, reader, num_total, native_fps)
+
+
+def load_video(path: str | os.PathLike, num_frames: int | None = None, fps: float | None = None,
+               max_frames: int = 128) -> VideoFrames:
+    """Decode the frames of ``path`` chosen by ``sample_indices``: uniform (the official sampling,
+    at most ``max_frames``) or every ``1/fps`` seconds (capped by ``max_frames``); exactly one of
+    ``num_frames`` and ``fps`` must be given. Raises ``MediaError`` for a missing, unreadable or
+    empty video."""
+    if (num_frames is None) == (fps is None):
+        raise ValueError(f"give exactly one of num_frames and fps, got num_frames={num_frames}, "
+                         f"fps={fps}")
+    video = open_video(path)
+    return video.decode(sample_indices(video.num_total, video.fps, num_frames, fps, max_frames))
 
 
 def _first_line(err: BaseException) -> str:

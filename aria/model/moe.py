@@ -21,6 +21,11 @@ Design decisions:
   the data-parallel group before the Switch loss, whose probability term stays local.
 - Auxiliary-loss-free balancing keeps a per-expert bias used for selection only; the trainer sums
   ``tokens_per_expert`` over the step and calls ``update_expert_bias`` before the optimizer step.
+- Expert parallelism (``shard_experts``): each rank of an EP group of size P holds E / P experts.
+  Between ``permute`` and the expert GEMMs the expert-sorted rows travel to their expert's rank by
+  one all-to-all, are regrouped by local expert, computed, and travel back by the inverse
+  all-to-all. The split sizes of a variable all-to-all must be known on the host: that is one sync
+  per layer, and only when P > 1.
 """
 
 from __future__ import annotations
@@ -99,6 +104,19 @@ def experts_grouped(x_AD: torch.Tensor, w_fc1_ED2I: torch.Tensor, w_fc2_EID: tor
     offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
     h_A2I = F.grouped_mm(x_AD, w_fc1_ED2I, offs=offsets_E)
     return F.grouped_mm(_swiglu(h_A2I), w_fc2_EID, offs=offsets_E)
+
+
+def regroup_order(recv_counts_PE: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows received source-major ([from rank 0: expert 0, 1, ...], [from rank 1: ...]) -> the order
+    that groups them by local expert (expert-major, sources in rank order inside an expert)."""
+    P, E = recv_counts_PE.shape
+    starts_PE = (torch.cumsum(recv_counts_PE.reshape(-1), 0) - recv_counts_PE.reshape(-1)).view(P, E)
+    lengths = recv_counts_PE.t().reshape(-1)  # expert-major blocks
+    starts = starts_PE.t().reshape(-1)
+    block_start_in_output = torch.cumsum(lengths, 0) - lengths
+    within = torch.arange(total, device=recv_counts_PE.device) - torch.repeat_interleave(
+        block_start_in_output, lengths, output_size=total)
+    return torch.repeat_interleave(starts, lengths, output_size=total) + within
 
 
 def experts_loop(x_AD: torch.Tensor, w_fc1_ED2I: torch.Tensor, w_fc2_EID: torch.Tensor,
@@ -180,9 +198,31 @@ class Experts(nn.Module):
         super().__init__()
         self.w_fc1 = nn.Parameter(torch.empty(cfg.num_experts, dim, 2 * cfg.intermediate_size))
         self.w_fc2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.intermediate_size, dim))
+        self.ep_group: dist.ProcessGroup | None = None
+        self.ep_group_name: str | None = None
+        self.ep_size, self.ep_rank = 1, 0
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        return experts_grouped(x_AD, self.w_fc1, self.w_fc2, counts_E)
+        """Rows sorted by (global) expert in, expert outputs in the same order out."""
+        if self.ep_size == 1:
+            return experts_grouped(x_AD, self.w_fc1, self.w_fc2, counts_E)
+        return self._forward_parallel(x_AD, counts_E)
+
+    def _forward_parallel(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_to_all_single as all_to_all_autograd
+
+        P = self.ep_size
+        send_counts_PE = counts_E.view(P, -1)  # rows for rank p, per local expert of rank p
+        recv_counts_PE = torch.empty_like(send_counts_PE)
+        dist.all_to_all_single(recv_counts_PE, send_counts_PE, group=self.ep_group)
+        send, recv = torch.stack([send_counts_PE.sum(1), recv_counts_PE.sum(1)]).tolist()  # host sync
+        x_recv = all_to_all_autograd(x_AD.new_empty(sum(recv), x_AD.shape[1]), x_AD.contiguous(),
+                                     recv, send, group=self.ep_group)
+        order = regroup_order(recv_counts_PE, sum(recv))
+        y_local = experts_grouped(x_recv[order], self.w_fc1, self.w_fc2, recv_counts_PE.sum(0))
+        y_recv = y_local.new_empty(y_local.shape).index_copy_(0, order, y_local)
+        return all_to_all_autograd(y_recv.new_empty(sum(send), y_recv.shape[1]), y_recv, send, recv,
+                                   group=self.ep_group)
 
 
 class SharedExperts(nn.Module):
@@ -250,11 +290,45 @@ class MoE(nn.Module):
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.router.weight, std=std)
+        if self.router.expert_bias is not None:
+            self.router.expert_bias.zero_()
         nn.init.normal_(self.experts.w_fc1, std=std)
         nn.init.normal_(self.experts.w_fc2, std=std)
         if self.shared is not None:
             for linear in (self.shared.gate_proj, self.shared.up_proj, self.shared.down_proj):
                 init_linear(linear, std)
+
+
+@torch.no_grad()
+def shard_experts(moe_layers: list[MoE], group: dist.ProcessGroup, group_name: str) -> None:
+    """Keep only this rank's E / P experts of every layer (expert parallelism over ``group``).
+
+    The expert parameters are tagged the way DeepSpeed expects of MoE parameters (``allreduce=False``
+    and the expert-parallel group's name), so their gradients are reduced over the expert-data
+    group only.
+    """
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    for layer in moe_layers:
+        E = layer.cfg.num_experts
+        if E % P:
+            raise ValueError(f"model.moe.num_experts={E} is not divisible by parallel.ep_size={P}")
+        experts, local = layer.experts, E // P
+        for name in ("w_fc1", "w_fc2"):
+            full = getattr(experts, name)
+            setattr(experts, name, nn.Parameter(full.detach()[rank * local:(rank + 1) * local].clone(),
+                                                requires_grad=full.requires_grad))
+        experts.ep_group, experts.ep_group_name, experts.ep_size, experts.ep_rank = group, group_name, P, rank
+    tag_expert_parameters(moe_layers)
+
+
+def tag_expert_parameters(moe_layers: list[MoE]) -> None:
+    """(Re)attach DeepSpeed's MoE attributes to sharded expert parameters; moving a module between
+    devices (``to_empty``) creates new parameter objects without them."""
+    for layer in moe_layers:
+        experts = layer.experts
+        if experts.ep_size > 1:
+            for p in (experts.w_fc1, experts.w_fc2):
+                p.allreduce, p.group_name = False, experts.ep_group_name
 
 
 @torch.no_grad()

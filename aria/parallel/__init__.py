@@ -1,0 +1,1 @@
+"""Distributed setup: process groups, the DeepSpeed engine, expert parallelism."""

@@ -1,0 +1,94 @@
+"""The DeepSpeed engine built from our config: ZeRO stage, precision, clipping, accumulation, a
+client ``torch.optim.AdamW`` and our LR schedule, with expert parallelism wired in.
+
+Design decisions:
+- The optimizer is a client ``torch.optim.AdamW`` (DeepSpeed's own would JIT-compile FusedAdam on
+  CPU). Weight decay skips 1-D parameters (norms, biases).
+- Expert parameters of an expert-parallel model go to DeepSpeed's MoE parameter groups
+  (``split_params_into_different_moe_groups_for_optimizer``), so ZeRO reduces their gradients over
+  the expert-data-parallel group. DeepSpeed only turns its MoE handling on when the model contains
+  one of its own ``MoE`` modules; ``ExpertParallelMarker`` is such a module with no parameters and no
+  forward, carrying the expert counts DeepSpeed reads. Our checkpoints save expert weights
+  themselves (``aria.train.checkpoint``), so DeepSpeed never needs its per-expert files.
+- DeepSpeed's ``backward`` would divide the loss by the accumulation steps; the trainer already
+  normalises by the global number of supervised tokens, so it passes ``scale_wrt_gas=False``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aria.config import RunConfig
+from aria.train.schedule import lr_multiplier
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def add_expert_parallel_marker(model: nn.Module, num_experts: int, ep_size: int, group_name: str) -> None:
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    class ExpertParallelMarker(DeepSpeedMoE):
+        """Makes DeepSpeed treat the model as MoE (see module docstring); holds nothing, runs never."""
+
+        def __init__(self) -> None:
+            nn.Module.__init__(self)
+            self.num_experts, self.ep_size, self.expert_group_name = num_experts, ep_size, group_name
+            self.num_local_experts = 0  # no per-expert files for DeepSpeed to write or read
+
+        def set_deepspeed_parallelism(self, *args, **kwargs) -> None:
+            pass  # the groups exist already (aria.parallel.dist.expert_parallel_groups)
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("ExpertParallelMarker is a marker, not a layer")
+
+    model.add_module("expert_parallel_marker", ExpertParallelMarker())
+
+
+def precision(cfg: RunConfig) -> torch.dtype:
+    if cfg.parallel.precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
+
+
+def deepspeed_config(cfg: RunConfig, dtype: torch.dtype) -> dict:
+    zero = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: nn.Module, cfg: RunConfig, ep_group_name: str | None = None):
+    """(engine, optimizer, lr_scheduler); ``model`` already has its stage applied and experts sharded."""
+    import deepspeed
+
+    groups = param_groups(model, cfg.optim.weight_decay)
+    if ep_group_name is not None:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        add_expert_parallel_marker(model, cfg.model.moe.num_experts, cfg.parallel.ep_size, ep_group_name)
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.optim, cfg.train.max_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, precision(cfg)), dist_init_required=False)
+    return engine, optimizer, scheduler

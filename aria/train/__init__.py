@@ -1,0 +1,1 @@
+"""Training: config composition, stages, the loop, checkpoints, metrics."""

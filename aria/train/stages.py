@@ -1,0 +1,59 @@
+"""Stages as data: which module groups train, and the RoPE base, applied by one function.
+
+Design decisions:
+- The model is cut into five named groups once, by module, never by matching parameter-name
+  substrings: ``vision`` (the ViT), ``projector``, ``language_model`` (embeddings, attention, norms,
+  LM head), ``experts`` (routed and shared) and ``router``. Every parameter belongs to exactly one
+  group (checked).
+- A stage sets ``requires_grad`` per group; frozen parameters never reach the optimizer. The RoPE
+  base is part of the model config, so a stage that changes it changes the config the model is
+  built from (``stage_model_config``), and checkpoints record the new value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from aria.config import MODULE_GROUPS, ModelConfig, StageConfig
+
+
+def module_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Every parameter of ``model`` (an ``Aria``) in exactly one of the five groups."""
+    groups: dict[str, list[nn.Parameter]] = {g: [] for g in MODULE_GROUPS}
+    groups["vision"] += list(model.vision.parameters())
+    groups["projector"] += list(model.projector.parameters())
+    decoder = model.decoder
+    for layer in decoder.layers:
+        groups["router"] += list(layer.moe.router.parameters())
+        groups["experts"] += list(layer.moe.experts.parameters())
+        if layer.moe.shared is not None:
+            groups["experts"] += list(layer.moe.shared.parameters())
+        for module in (layer.attn_norm, layer.attn, layer.mlp_norm):
+            groups["language_model"] += list(module.parameters())
+    groups["language_model"] += list(decoder.embed.parameters()) + list(decoder.norm.parameters())
+    if model.lm_head.weight is not decoder.embed.weight:
+        groups["language_model"] += list(model.lm_head.parameters())
+    seen = {id(p) for ps in groups.values() for p in ps}
+    stray = [n for n, p in model.named_parameters() if id(p) not in seen]
+    assert not stray and len(seen) == sum(map(len, groups.values())), f"ungrouped parameters {stray}"
+    return groups
+
+
+def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, int]:
+    """Freeze / unfreeze the groups; returns the trainable parameter count per group."""
+    counts = {}
+    for name, params in module_groups(model).items():
+        train = stage.trainable[name]
+        for p in params:
+            p.requires_grad_(train)
+        counts[name] = sum(p.numel() for p in params) if train else 0
+    return counts
+
+
+def stage_model_config(model: ModelConfig, stage: StageConfig) -> ModelConfig:
+    """The model config with the stage's RoPE base, if it sets one."""
+    if stage.rope_theta is None or stage.rope_theta == model.text.rope_theta:
+        return model
+    return dataclasses.replace(model, text=dataclasses.replace(model.text, rope_theta=float(stage.rope_theta)))

@@ -1,0 +1,297 @@
+"""The one training loop, for every stage and every fine-tune.
+
+Letters: B rows per micro-batch, T tokens per row, G micro-batches per step (gradient
+accumulation), W data-parallel processes.
+
+Design decisions:
+- Build: the model is constructed on the meta device, its experts sharded for expert parallelism,
+  then materialised on the device in the training dtype, so no rank ever holds more than its share.
+  Weights come from an HF directory, a previous run / checkpoint, or a seeded random init (expert
+  slices seeded per EP rank, so experts differ).
+- Loss: each micro-batch contributes ``W * CE_sum / N`` with N the supervised tokens of the whole
+  step on all ranks (one all-reduce per step, before any backward), so DeepSpeed's average over
+  ranks yields exactly the token-mean of the global batch, however tokens fall across ranks and
+  micro-batches. Router losses are averaged over micro-batches.
+- One host sync per step: the all-reduce of token counts and, after backward, of the step's loss
+  statistics, which also decides the non-finite check *before* the optimizer applies anything.
+- Extras are hooks around the step, not branches inside the model: auxiliary-loss-free bias
+  updates before the optimizer step, evaluation and checkpoints after it, SIGTERM turning into a
+  checkpoint at the next step boundary (agreed by all ranks through the same all-reduce).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from aria.config import RunConfig, parse_mixture
+from aria.model.aria import Aria
+from aria.model.moe import shard_experts, tag_expert_parameters, update_expert_bias
+from aria.parallel.dist import DistInfo, barrier, expert_parallel_groups, init_distributed
+from aria.parallel.engine import build_engine, precision
+from aria.train import checkpoint as ckpt
+from aria.train.stages import apply_stage, stage_model_config
+
+EXIT_OK, EXIT_NONFINITE, EXIT_TERMINATED = 0, 3, 143
+TRAINING_ONLY_MOE_FIELDS = ("aux_loss_coeff", "z_loss_coeff", "balance_scope", "bias_balancing",
+                            "bias_update_rate")
+
+
+def resolve_model_config(cfg: RunConfig):
+    """The architecture comes from the weights' source when there is one; the router-loss options
+    always come from this run's config; the stage may set the RoPE base."""
+    model = cfg.model
+    source = cfg.init.from_hf or cfg.init.from_checkpoint
+    if source:
+        model = ckpt.source_model_config(source, hf=bool(cfg.init.from_hf))
+        options = {f: getattr(cfg.model.moe, f) for f in TRAINING_ONLY_MOE_FIELDS}
+        model = dataclasses.replace(model, moe=dataclasses.replace(model.moe, **options))
+    return stage_model_config(model, cfg.stage)
+
+
+def to_device(inputs: dict, device: torch.device) -> dict:
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device, non_blocking=True)
+        if isinstance(x, list):
+            return [move(v) for v in x]
+        return x
+
+    return {k: move(v) for k, v in inputs.items()}
+
+
+def attention_pairs(segment_ids_BT: torch.Tensor) -> int:
+    """Query-key pairs of causal attention within the packed documents (for FLOP counting)."""
+    pairs = 0
+    for row in segment_ids_BT:
+        n = torch.bincount(row[row > 0])
+        pairs += int((n * (n + 1) // 2).sum())
+    return pairs
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.info: DistInfo = init_distributed()
+        self.run_dir = Path(cfg.run_dir)
+        self.resume_from = ckpt.latest_checkpoint(self.run_dir)
+        self.model_cfg = resolve_model_config(cfg)
+        self.cfg = dataclasses.replace(cfg, model=self.model_cfg)
+        self.stop_requested = False
+
+    # -- building -----------------------------------------------------------------------------
+
+    def build_model(self) -> Aria:
+        cfg, info = self.cfg, self.info
+        dtype = precision(cfg)
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device("meta"):
+                model = Aria(self.model_cfg)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        self.ep_group_name = None
+        if cfg.parallel.ep_size > 1:
+            group, self.ep_group_name = expert_parallel_groups(cfg.parallel.ep_size)
+            shard_experts(model.moe_layers, group, self.ep_group_name)
+        model = model.to_empty(device=info.device)
+        tag_expert_parameters(model.moe_layers)
+        with torch.no_grad():
+            if cfg.init.from_hf:
+                ckpt.load_weights(model, Path(cfg.init.from_hf), hf=True)
+            elif cfg.init.from_checkpoint:
+                ckpt.load_weights(model, ckpt.resolve_model_dir(cfg.init.from_checkpoint))
+            else:
+                torch.manual_seed(cfg.train.seed)
+                model.init_weights()
+                torch.manual_seed(cfg.train.seed + 1 + model.moe_layers[0].experts.ep_rank)
+                std = self.model_cfg.text.initializer_range
+                for layer in model.moe_layers:
+                    torch.nn.init.normal_(layer.experts.w_fc1, std=std)
+                    torch.nn.init.normal_(layer.experts.w_fc2, std=std)
+        self.trainable = apply_stage(model, cfg.stage)
+        model.set_gradient_checkpointing(vision=cfg.parallel.checkpoint_vision,
+                                         decoder=cfg.parallel.checkpoint_decoder)
+        return model.train()
+
+    def build_data(self):
+        from aria.data.loader import build_train_loader
+        from aria.data.processor import Processor
+
+        self.processor = Processor.from_config(self.cfg.data, self.model_cfg)
+        return build_train_loader(self.cfg.data, self.processor, self.cfg.train.seq_len,
+                                  self.cfg.train.micro_batch_size, self.info.rank,
+                                  self.info.world_size, self.cfg.train.seed)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from aria.train.compose import resolved_yaml
+        from aria.train.metrics import MetricsLogger, Throughput, expert_load, peak_flops
+
+        cfg, info = self.cfg, self.info
+        torch.manual_seed(cfg.train.seed)
+        model = self.build_model()
+        engine, _, _ = build_engine(model, cfg, self.ep_group_name)
+        loader = self.build_data()
+        config_yaml = resolved_yaml(cfg)
+        step, tokens_seen = 0, 0
+        if self.resume_from is not None:
+            state = ckpt.load_checkpoint(engine, model, self.resume_from, cfg, info)
+            step, tokens_seen = state["step"], state["tokens_seen"]
+            loader.load_state_dict(state["data"])
+        elif info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config_yaml)
+        barrier()
+        metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.to_dict(), cfg.train.max_steps, step,
+                                info.is_main, info.world_size)
+        if self.resume_from is not None:
+            metrics.message(f"resumed from {self.resume_from} at step {step}")
+        throughput = Throughput(peak_flops(info.device))
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        G, W = cfg.train.grad_accum, info.world_size
+        batches = iter(loader)
+        exit_code = EXIT_OK
+        saved_at = step if self.resume_from is not None else None
+        try:
+            while step < cfg.train.max_steps:
+                started = time.perf_counter()
+                micro = [next(batches) for _ in range(G)]
+                agreed = torch.tensor([float(sum(b.num_targets for b in micro)), float(self.stop_requested)],
+                                      dtype=torch.float64, device=info.device)
+                if W > 1:
+                    dist.all_reduce(agreed)
+                n_global, stop = max(agreed[0].item(), 1.0), agreed[1].item() > 0
+                if stop:
+                    metrics.message(f"SIGTERM: saving a checkpoint at step {step} and stopping")
+                    exit_code = EXIT_TERMINATED
+                    break
+                stats, tokens_per_expert, flops, tokens = self._accumulate(engine, micro, n_global, W, G)
+                if not math.isfinite(stats["loss"]):
+                    metrics.message(f"non-finite loss {stats['loss']} at step {step + 1}: the update was "
+                                    f"not applied; saving the step-{step} weights and stopping")
+                    exit_code = EXIT_NONFINITE
+                    break
+                if tokens_per_expert is not None and self.model_cfg.moe.bias_balancing:
+                    update_expert_bias(model.moe_layers, tokens_per_expert)
+                engine.step()
+                step += 1
+                grad_norm = engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                tokens_seen += tokens
+                throughput.update(time.perf_counter() - started, tokens, flops)
+                record = {**stats, "grad_norm": grad_norm, "lr": engine.get_lr()[0],
+                          "tokens_seen": tokens_seen, "tokens_per_s": throughput.tokens_per_s(),
+                          "tflops": throughput.tflops(), "mfu": throughput.mfu(),
+                          "skipped_samples": dict(loader.skipped())}
+                if tokens_per_expert is not None:
+                    record.update(expert_load(tokens_per_expert))
+                if not math.isfinite(grad_norm) and cfg.optim.grad_clip > 0:
+                    metrics.log(step, record)
+                    metrics.message(f"non-finite gradient norm at step {step}: stopping; the last good "
+                                    f"checkpoint is {ckpt.latest_checkpoint(self.run_dir)}")
+                    saved_at, exit_code = step, EXIT_NONFINITE  # these weights are not worth saving
+                    break
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and cfg.data.eval:
+                    record.update(self.evaluate(engine))
+                metrics.log(step, record)
+                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                    self._save(engine, model, step, tokens_seen, loader, config_yaml, metrics)
+                    saved_at = step
+            if exit_code == EXIT_OK and cfg.data.eval and not (cfg.train.eval_every and
+                                                                step % cfg.train.eval_every == 0):
+                metrics.log(step, self.evaluate(engine))
+            if saved_at != step:
+                self._save(engine, model, step, tokens_seen, loader, config_yaml, metrics)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            metrics.close()
+        return exit_code
+
+    def _accumulate(self, engine, micro, n_global: float, W: int, G: int):
+        """Forward + backward of the G micro-batches; the step's all-reduced statistics."""
+        from aria.train.metrics import batch_flops
+
+        device = self.info.device
+        ce = torch.zeros((), device=device, dtype=torch.float64)
+        aux = torch.zeros((), device=device, dtype=torch.float64)
+        z = torch.zeros((), device=device, dtype=torch.float64)
+        tokens_per_expert, flops, tokens = None, 0.0, 0
+        for i, batch in enumerate(micro):
+            out = engine(**to_device(batch.model_inputs(), device))
+            loss = out.loss_sum * (W / n_global)
+            if out.router_loss is not None:
+                loss = loss + out.router_loss / G
+                aux += out.aux_loss_L.detach().sum() / G
+                z += out.z_loss_L.detach().sum() / G
+                tpe = out.tokens_per_expert_LE.detach()
+                tokens_per_expert = tpe if tokens_per_expert is None else tokens_per_expert + tpe
+            engine.backward(loss, scale_wrt_gas=False)
+            if i < G - 1:
+                engine.step()  # DeepSpeed counts micro-steps; the update happens on the last one
+            ce += out.loss_sum.detach()
+            crops = {}
+            pixels = batch.pixel_values
+            for pv in ([pixels] if isinstance(pixels, torch.Tensor) else pixels or []):
+                crops[pv.shape[-1]] = crops.get(pv.shape[-1], 0) + pv.shape[0]
+            flops += batch_flops(self.model_cfg, batch.num_tokens, attention_pairs(batch.segment_ids), crops)
+            tokens += batch.num_tokens
+        counts = torch.tensor([float(tokens), flops], device=device, dtype=torch.float64)
+        totals = torch.cat([torch.stack([ce, aux, z]), counts])
+        if W > 1:
+            dist.all_reduce(totals)
+        ce_sum, aux_sum, z_sum, all_tokens, all_flops = totals.tolist()
+        stats = {"loss": ce_sum / n_global, "aux_loss": aux_sum / W, "z_loss": z_sum / W}
+        if tokens_per_expert is not None and W > 1:
+            dist.all_reduce(tokens_per_expert)
+        return stats, tokens_per_expert, all_flops, int(all_tokens)
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict:
+        from aria.data.loader import eval_batches
+
+        cfg, info = self.cfg, self.info
+        engine.module.eval()
+        results, total_ce, total_n = {}, 0.0, 0.0
+        for path, _ in parse_mixture(cfg.data.eval, "data.eval"):
+            sums = torch.zeros(2, dtype=torch.float64, device=info.device)
+            for i, batch in enumerate(eval_batches(path, self.processor, cfg.train.seq_len,
+                                                   cfg.train.micro_batch_size, info.rank, info.world_size,
+                                                   cfg.data.strict, cfg.data.allow_outside_media)):
+                if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+                    break
+                out = engine(**to_device(batch.model_inputs(), info.device))
+                sums += torch.stack([out.loss_sum.double(), out.num_targets.double()])
+            if info.world_size > 1:
+                dist.all_reduce(sums)
+            ce_sum, n = sums.tolist()
+            results[f"eval_loss/{Path(path).stem}"] = ce_sum / max(n, 1.0)
+            total_ce, total_n = total_ce + ce_sum, total_n + n
+        engine.module.train()
+        results["eval_loss"] = total_ce / max(total_n, 1.0)
+        return results
+
+    def _save(self, engine, model, step, tokens_seen, loader, config_yaml, metrics) -> None:
+        path = ckpt.save_checkpoint(engine, model, self.cfg, {"step": step, "tokens_seen": tokens_seen,
+                                                             "data": loader.state_dict()},
+                                    self.info, config_yaml, self.model_cfg)
+        metrics.message(f"saved checkpoint {path}")
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+
+def train(cfg: RunConfig) -> int:
+    """Run ``cfg`` to completion (or a clean stop); returns the process exit code."""
+    trainer = Trainer(cfg)
+    code = trainer.run()
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+    return code
