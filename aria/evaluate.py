@@ -1,6 +1,6 @@
 """Answer accuracy: greedy generation on the questions of a JSONL dataset, compared with the answers.
 
-Letters: B prompts in a batch, T prompt length.
+Letters: B prompts in a batch, T prompt length, N new tokens.
 
 Design decisions:
 - The reference answer is the text of a conversation's last assistant turn; the prompt is
@@ -105,18 +105,20 @@ def normalize(text: str) -> str:
 def split_prompt(sample: Sample) -> tuple[Sample, str]:
     """(the conversation before its last turn, the text of that turn) for a conversation ending in
     an assistant text answer; ``DataError`` kind ``no_answer`` otherwise."""
-    last = sample.turns[-1] if sample.is_chat and sample.turns else None
+    where = sample.where or None
+    if not sample.is_chat:
+        raise DataError(f"a {sample.kind} document has no question to answer; evaluation needs "
+                        "conversations", "no_answer", where)
+    last = sample.turns[-1] if sample.turns else None
     if last is None or last.role != "assistant":
-        role = "a document" if not sample.is_chat else f"a {last.role} turn" if last else "nothing"
-        raise DataError(f"the conversation must end with an assistant answer to score, but ends with "
-                        f"{role}", "no_answer", sample.where or None)
+        raise DataError("the conversation must end with an assistant answer to score, but ends with "
+                        f"{'a ' + str(last.role) + ' turn' if last else 'nothing'}", "no_answer", where)
     if any(p.type != "text" for p in last.parts):
         raise DataError("the last assistant turn holds media; the reference answer must be text only",
-                        "no_answer", sample.where or None)
+                        "no_answer", where)
     answer = "".join(p.text for p in last.parts)
     if not answer.strip():
-        raise DataError("the last assistant turn is empty: no reference answer", "no_answer",
-                        sample.where or None)
+        raise DataError("the last assistant turn is empty: no reference answer", "no_answer", where)
     # The last turn has no media, so the media list (indexed by the earlier parts) stays valid.
     return Sample(sample.kind, sample.turns[:-1], sample.media, sample.where), answer
 
@@ -181,7 +183,7 @@ def _generate_batch(model: torch.nn.Module, processor: Processor, inputs: list[d
     for row in new_BN.tolist():
         if tok.im_end_id in row:
             row = row[:row.index(tok.im_end_id)]
-        answers.append(tok.decode(row))
+        answers.append(tok.decode(row, skip_special_tokens=True))
     return answers
 
 

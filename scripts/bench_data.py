@@ -7,7 +7,10 @@ same images, same run), video decoding, and the whole loader (parse, decode, pro
 Images: half smooth gradients, half noise, sizes between 200x300 and 1600x1200, one call per image,
 single-threaded. Video: a synthetic 640x360 30 fps clip per codec, ``load_video`` with uniform
 sampling (decord single-threaded; a timing covers opening, seeking, decoding and PIL conversion).
-Loader: the shapes world at 490 px, one worker process, packed rows of 2048 tokens.
+Loader: the shapes world at 490 px, one worker process, packed rows of 2048 tokens. Loader at Aria
+scale: photo-sized JPEGs (about 1000 px) processed at 980 px with Aria's crop table {490: 128,
+980: 256} (256 <|img|> tokens per image), rows of 8192 tokens, 1 and 2 worker processes; it prints
+samples/s, crops/s and batches/s, and the float32 pixel megabytes each batch carries to the trainer.
 """
 
 from __future__ import annotations
@@ -131,14 +134,15 @@ def bench_loader(quick: bool) -> None:
 
     batches = 3 if quick else 30
     with tempfile.TemporaryDirectory() as tmp:
-        make_shapes(tmp, seed=0, train_images=40 if quick else 400, test_images=4, train_videos=8 if quick else 80,
+        seq_len, rows = (512, 2) if quick else (2048, 4)
+        make_shapes(tmp, seed=0, train_images=20 if quick else 400, test_images=4, train_videos=4 if quick else 80,
                     test_videos=2)
         train([f"{tmp}/text_train.jsonl"], f"{tmp}/tok", vocab_size=512)
         processor = Processor.for_model(Tokenizer.load(f"{tmp}/tok"), load_model_config("tiny"), image_size=490)
-        print("\n== loader: shapes world (image and video questions), 490 px, rows of 2048, 1 worker ==")
+        print(f"\n== loader: shapes world (image and video questions), 490 px, rows of {seq_len}, 1 worker ==")
         print(f"{'rows/batch':>10} {'batches/s':>9} {'samples/s':>9} {'tokens/s':>9} {'crops/s':>8} {'padding':>7}")
         data = DataConfig(train=f"{tmp}/chat_train.jsonl", num_workers=1, image_size=490)
-        loader = iter(build_train_loader(data, processor, seq_len=2048, batch_size=4))
+        loader = iter(build_train_loader(data, processor, seq_len=seq_len, batch_size=rows))
         next(loader)  # worker start-up is not throughput
         samples = tokens = crops = slots = 0
         start = time.perf_counter()
@@ -148,8 +152,58 @@ def bench_loader(quick: bool) -> None:
             crops += b.pixel_values.shape[0] if b.pixel_values is not None else 0
         dt = time.perf_counter() - start
         loader.close()  # stop the worker before its files go
-        print(f"{4:>10} {batches / dt:>9.2f} {samples / dt:>9.1f} {tokens / dt:>9.0f} {crops / dt:>8.1f} "
+        print(f"{rows:>10} {batches / dt:>9.2f} {samples / dt:>9.1f} {tokens / dt:>9.0f} {crops / dt:>8.1f} "
               f"{1 - tokens / slots:>7.1%}")
+        bench_aria_loader(quick, Path(tmp) / "tok")
+
+
+def write_photos(directory: Path, n: int, seed: int = 0) -> list[str]:
+    """``n`` JPEGs of 700-1400 px a side (half gradients, half noise); their relative paths."""
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, image in enumerate(make_images(n, (700, 700), (1400, 1400), seed)):
+        name = f"images/{i:04d}.jpg"
+        image.save(directory / name, quality=90)
+        names.append(name)
+    return names
+
+
+def bench_aria_loader(quick: bool, tokenizer_dir: Path) -> None:
+    import json
+
+    from aria.config import DataConfig
+    from aria.data.loader import build_train_loader
+    from aria.data.processor import Processor
+    from aria.data.tokenizer import Tokenizer
+
+    seq_len, batches, num_photos = (1024, 2, 6) if quick else (8192, 4, 48)
+    processor = Processor(Tokenizer.load(tokenizer_dir), {490: 128, 980: 256}, image_size=980)
+    print(f"\n== loader at Aria scale: ~1000 px JPEGs at 980 px (256 tokens each), rows of {seq_len}, "
+          "1 row per batch ==")
+    print(f"{'workers':>7} {'batches/s':>9} {'samples/s':>9} {'crops/s':>8} {'tokens/s':>9} {'MB px/batch':>11}")
+    with tempfile.TemporaryDirectory() as tmp:
+        names = write_photos(Path(tmp), num_photos)
+        with open(Path(tmp) / "train.jsonl", "w") as f:
+            for i, name in enumerate(names):
+                f.write(json.dumps({"messages": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]},
+                    {"role": "assistant", "content": f"Picture number {i}."}], "images": [name]}) + "\n")
+        for workers in (1, 2):
+            data = DataConfig(train=tmp, num_workers=workers, image_size=980)
+            loader = iter(build_train_loader(data, processor, seq_len=seq_len, batch_size=1))
+            for _ in range(workers):
+                next(loader)  # worker start-up is not throughput
+            samples = tokens = crops = 0
+            start = time.perf_counter()
+            for _ in range(batches):
+                b = next(loader)
+                samples, tokens = samples + b.num_samples, tokens + b.num_tokens
+                crops += b.pixel_values.shape[0] if b.pixel_values is not None else 0
+            dt = time.perf_counter() - start
+            loader.close()
+            megabytes = crops * 3 * 980 * 980 * 4 / batches / 1e6
+            print(f"{workers:>7} {batches / dt:>9.2f} {samples / dt:>9.1f} {crops / dt:>8.1f} {tokens / dt:>9.0f} "
+                  f"{megabytes:>11.0f}")
 
 
 def main() -> None:

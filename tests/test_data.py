@@ -1,8 +1,10 @@
 """The data pipeline: tokenizer, chat format and labels against transformers' AriaProcessor, video
-layout, packing through the model, webdataset splitting and exact resume, mixing, bad input, tools."""
+layout, packing through the model, webdataset splitting and exact resume, mixing, bad input (every
+case through the loader, default and strict), tools."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -17,12 +19,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from aria.config import DataConfig, VideoConfig, load_model_config
+import aria.data.loader as loader_module
+import aria.data.sources as sources_module
 from aria.data.errors import BadInputPolicy, DataError
-from aria.data.loader import StreamSpec, TrainLoader, build_train_loader, iterate_samples
-from aria.data.packing import Packer, Piece, collate
+from aria.data.loader import StreamSpec, TrainLoader, build_train_loader, eval_batches, iterate_samples
+from aria.data.packing import Packer, Piece, Row, collate
 from aria.data.processor import CHAT_TEMPLATE, Processor
 from aria.data.records import MediaResolver, parse_record
-from aria.data.sources import JsonlSource, ShardSource
+from aria.data.sources import JsonlSource, ShardSource, open_source
 from aria.data.tokenizer import Tokenizer
 from aria.model import IGNORE_INDEX, build_model
 from data_tools.make_shapes import make_shapes
@@ -71,6 +75,7 @@ def write_video(path: Path, frames: int = 12, fps: int = 6, size: int = 32) -> N
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
+        container.start_encoding()  # writes the header even when there are no frames
         for i in range(frames):
             arr = np.full((size, size, 3), (i * 20) % 256, dtype=np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
@@ -123,10 +128,54 @@ def hf_processor(tok_dir):
                          chat_template=CHAT_TEMPLATE, size_conversion=TABLE)
 
 
+def T(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+IMAGE = {"type": "image"}
+CHATS = {
+    "system_multi_turn_images": MESSAGES,
+    "string_content": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                       {"role": "user", "content": "Bye"}],
+    "string_and_list_mixed": [{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": [T("What is shown here?")]},
+                              {"role": "assistant", "content": "A cat."}],
+    "images_start_middle_end": [{"role": "user", "content": [IMAGE, T("left "), IMAGE, T(" right"), IMAGE]}],
+    "empty_text_items": [{"role": "system", "content": [T("")]},
+                         {"role": "user", "content": [T(""), IMAGE, T("")]},
+                         {"role": "assistant", "content": ""}],
+    "unicode_and_whitespace": [{"role": "user", "content": "  Ünïcode ✓ ψ \t tabs\n\nnew lines  "},
+                               {"role": "assistant", "content": [T(" é "), T("\n")]},
+                               {"role": "user", "content": [T("\n"), IMAGE, T(" \u00a0 ")]}],
+    "assistant_with_image": [{"role": "user", "content": "Draw it"},
+                             {"role": "assistant", "content": [T("Here:"), IMAGE]}],
+}
+
+
 @pytest.mark.parametrize("generation_prompt", [False, True])
-def test_chat_text_equals_the_hf_template(tok, hf_processor, generation_prompt):
-    ours = processor(tok).render(MESSAGES, add_generation_prompt=generation_prompt)
-    assert ours == hf_processor.apply_chat_template(MESSAGES, add_generation_prompt=generation_prompt)
+@pytest.mark.parametrize("name", list(CHATS))
+def test_chat_template_parity_through_the_real_path(tok, hf_processor, name, generation_prompt):
+    messages = CHATS[name]
+    n = sum(isinstance(m["content"], list) and sum(i["type"] == "image" for i in m["content"]) for m in messages)
+    images = [gradient(40 + 30 * i, 60 + 20 * i, i) for i in range(n)]
+    ours = processor(tok, image_size=490)(messages, images=images, add_generation_prompt=generation_prompt)
+    text = hf_processor.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+    ref = hf_processor(text=text, images=images or None, max_image_size=490, return_tensors="pt")
+    assert ours["input_ids"].tolist() == ref["input_ids"].tolist()
+    expanded = text.replace("<fim_prefix><|img|><fim_suffix>", "<fim_prefix>" + "<|img|>" * 16 + "<fim_suffix>")
+    assert tok.decode(ours["input_ids"][0].tolist()) == expanded
+
+
+def test_transparent_in_memory_image_is_composited_like_hf(tok, hf_processor):
+    rgba = np.zeros((60, 80, 4), np.uint8)
+    rgba[..., 0] = 200  # red under the transparent half too: dropping alpha would show it
+    rgba[30:, :, 3] = 255
+    messages = [{"role": "user", "content": [IMAGE, T("Colour?")]}]
+    for image in (Image.fromarray(rgba, "RGBA"), Image.fromarray(rgba[..., 2:], "LA")):
+        ours = processor(tok, image_size=490)(messages, images=[image])
+        text = hf_processor.apply_chat_template(messages, add_generation_prompt=True)
+        ref = hf_processor(text=text, images=[image], max_image_size=490, return_tensors="pt")
+        assert (ours["pixel_values"] - ref["pixel_values"]).abs().max() < 1e-2
 
 
 @pytest.mark.parametrize("side", [490, 980])
@@ -180,7 +229,14 @@ def encode_record(proc: Processor, record: dict, base: Path):
     return proc.encode(parse_record(record, "test", MediaResolver(base)))
 
 
-def test_only_assistant_turns_are_supervised(tok, shapes):
+@pytest.fixture(scope="session", params=["tokenizer.json", "tokenizer.model"])
+def any_tok(request, tok_dir) -> Tokenizer:
+    """The test tokenizer through either backend."""
+    return Tokenizer.load(tok_dir if request.param == "tokenizer.json" else Path(tok_dir) / "tokenizer.model")
+
+
+def test_only_assistant_turns_are_supervised(any_tok, shapes):
+    tok = any_tok
     record = {"messages": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
@@ -192,7 +248,54 @@ def test_only_assistant_turns_are_supervised(tok, shapes):
     assert supervised_text(tok, encoded) == "red<|im_end|>\nmoves left<|im_end|>\n"
     assert encoded.num_images == 1 and encoded.num_frames == 3 and encoded.num_crops == 4
     assert int((encoded.input_ids == tok.image_id).sum()) == 4 * 16
-    assert encoded.targets[-1] == IGNORE_INDEX
+    assert encoded.targets[-1] == IGNORE_INDEX and not encoded.document
+
+
+def test_non_ascii_answer_start_is_supervised_with_both_backends(any_tok):
+    # ψ, é and ✓ are not in the test vocabulary: they become byte-fallback tokens, and the first
+    # byte of the answer must be supervised like the others.
+    tok = any_tok
+    record = {"messages": [{"role": "system", "content": "Réponds."}, {"role": "user", "content": "Quel symbole ?"},
+                           {"role": "assistant", "content": "ψ est « psi » ✓"},
+                           {"role": "user", "content": "Et ?"},
+                           {"role": "assistant", "content": [{"type": "text", "text": "éà"}]}]}
+    encoded = processor(tok).encode(parse_record(record, "r", MediaResolver()))
+    assert supervised_text(tok, encoded) == "ψ est « psi » ✓<|im_end|>\néà<|im_end|>\n"
+    answer_ids = tok.encode("ψ est « psi » ✓<|im_end|>\n") + tok.encode("éà<|im_end|>\n")
+    assert int((encoded.targets != IGNORE_INDEX).sum()) == len(answer_ids)
+
+
+@pytest.mark.parametrize("token", ["</s>", "<pad>", "<s>", "<unk>", "<reserved_0>", "<|img|>", "<|im_end|>"])
+def test_special_token_strings_in_text_are_refused(any_tok, token):
+    record = {"messages": [{"role": "user", "content": "fine"},
+                           {"role": "assistant", "content": [{"type": "text", "text": f"a {token} b"}]}]}
+    with pytest.raises(DataError, match=r"r: 'messages\[1\]\.content\[0\]\.text' contains the special token") as err:
+        processor(any_tok).encode(parse_record(record, "r", MediaResolver()))
+    assert err.value.kind == "special_token_in_text" and token in str(err.value)
+    ordinary = {"messages": [{"role": "user", "content": "a\nb <b> </ s>"}, {"role": "assistant", "content": "ok"}]}
+    processor(any_tok).encode(parse_record(ordinary, "r", MediaResolver()))
+
+
+def test_uniform_video_sampling_is_capped_by_max_frames(tok, shapes):
+    record = {"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "up"}],
+              "video": {"path": "videos/train_000001.mp4", "num_frames": 8, "max_frames": 3}}
+    assert encode_record(processor(tok, image_size=490), record, shapes).num_frames == 3
+    del record["video"]["max_frames"]
+    proc = processor(tok, image_size=490, video=VideoConfig(num_frames=8, max_frames=2))
+    assert encode_record(proc, record, shapes).num_frames == 2
+
+
+def test_too_long_media_sample_is_refused_before_decoding(tok, shapes, tmp_path):
+    raw = (shapes / "images/train_000000.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(raw[: len(raw) // 2])  # header intact, pixels truncated
+    record = {"kind": "caption", "images": ["cut.png"], "text": "A red circle."}
+    sample = parse_record(record, "r", MediaResolver(tmp_path))
+    with pytest.raises(DataError, match="longer than the row") as err:
+        processor(tok, image_size=490).encode(sample, max_tokens=10)
+    assert err.value.kind == "too_long"  # not bad_image: the pixels were never decoded
+    with pytest.raises(DataError) as err:
+        processor(tok, image_size=490).encode(sample, max_tokens=100)
+    assert err.value.kind == "bad_image"
 
 
 def test_documents_supervise_text_and_end_of_text_not_images(tok, shapes):
@@ -208,6 +311,7 @@ def test_video_frames_with_timestamps(tok, shapes):
               "video": {"path": "videos/train_000001.mp4", "fps": 4, "max_frames": 16}}
     proc = processor(tok, image_size=490, video=VideoConfig(timestamps=True))
     encoded = encode_record(proc, record, shapes)
+    assert proc.encode(parse_record(record, "r", MediaResolver(shapes)), max_tokens=len(encoded)).num_frames == 4
     text = tok.decode(encoded.input_ids.tolist())
     # 8 frames at 8 fps = 1 s; 4 fps sampling takes t = 0, .25, .5, .75 -> all "[00:00]"
     assert encoded.num_frames == 4 and text.count("[00:00]<fim_prefix>") == 4
@@ -221,7 +325,7 @@ def test_video_frames_with_timestamps(tok, shapes):
 
 def encoded_samples(tok, shapes, n: int, split: str = "train"):
     proc = processor(tok, image_size=490)
-    return [e for _, e in iterate_samples(str(shapes / f"chat_{split}.jsonl"), proc, split)][:n], proc
+    return [e for _, e in itertools.islice(iterate_samples(str(shapes / f"chat_{split}.jsonl"), proc, split), n)], proc
 
 
 def test_packing_keeps_image_blocks_whole_and_restarts_positions(tok, shapes):
@@ -274,18 +378,38 @@ def test_too_long_is_skipped_but_text_documents_are_split(tok, shapes):
     pieces = Packer(seq_len=16).pieces(doc, None)
     assert [len(p.sample) for p in pieces[:-1]] == [16] * (len(pieces) - 1)
     assert torch.equal(torch.cat([p.sample.input_ids for p in pieces]), doc.input_ids)
+    assert all(p.sample.document for p in pieces)
+
+
+def test_text_only_conversation_is_never_split(tok):
+    # A cut conversation could put an answer in a row without its question.
+    chat = {"messages": [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "yes"}]}
+    encoded = processor(tok).encode(parse_record(chat, "c", MediaResolver()))
+    assert not encoded.crops and not encoded.document
+    with pytest.raises(DataError, match="longer than the row") as err:
+        Packer(seq_len=16).pieces(encoded, None)
+    assert err.value.kind == "too_long" and err.value.where == "c"
 
 
 def test_images_and_video_frames_of_two_sizes_share_a_batch(tok, shapes):
     proc = processor(tok, image_size=980, video=VideoConfig(num_frames=2, image_size=490))
     record = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "image"}]},
                            {"role": "assistant", "content": "ok"}],
-              "images": ["images/train_000002.png", "images/train_000003.png"], "video": {"path": "videos/train_000002.mp4"}}
+              "images": ["images/train_000002.png", "images/train_000003.png"],
+              "video": {"path": "videos/train_000002.mp4"}}
     encoded = encode_record(proc, record, shapes)
-    batch = collate([type(Packer(1).row)([Piece(encoded, None)], len(encoded))], len(encoded) + 3, tok.pad_id, TABLE)
+    batch = collate([Row([Piece(encoded, None)], len(encoded))], len(encoded) + 3, tok.pad_id, TABLE)
     assert [pv.shape[-1] for pv in batch.pixel_values] == [490, 980]
     assert int((batch.input_ids == tok.image_id).sum()) == 2 * 32 + 2 * 16
-    out = build_model(TINY).eval()(**{k: v for k, v in batch.model_inputs().items() if k != "targets"})
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    with torch.no_grad():
+        embeds_BTD = model.embed(batch.input_ids, batch.pixel_values, batch.pixel_mask, batch.image_feature_order)
+        # each <|img|> slot, in token order, holds the features of its own crop computed alone
+        per_crop = torch.cat([model.image_features(pv, pm).flatten(0, 1) for pv, pm in encoded.crops])
+        assert [pv.shape[-1] for pv, _ in encoded.crops] == [980, 490, 490, 980]
+        torch.testing.assert_close(embeds_BTD[batch.input_ids == tok.image_id], per_crop)
+        out = model(**{k: v for k, v in batch.model_inputs().items() if k != "targets"})
     assert torch.isfinite(out.logits).all()
 
 
@@ -311,55 +435,161 @@ def text_shards(text_jsonl, tmp_path_factory) -> Path:
     return out
 
 
-def one_epoch(source, slot: int, slots: int) -> list[str]:
+def one_epoch(source, slot: int, slots: int, seed: int = 3) -> list[str]:
     seen = []
-    for raw, position in source.iterate(slot, slots, seed=3):
+    for raw, position in source.iterate(slot, slots, seed=seed):
         if position["epoch"] > 0:
             break
-        seen.append(raw.record["text"])
+        seen.append(raw.where)
     return seen
 
 
+def dataset_path(kind: str, text_jsonl: Path, text_shards: Path) -> str:
+    return {"jsonl": str(text_jsonl), "shards": str(text_shards),  # 9 shards for 4 slots: whole shards
+            "few_shards": str(text_shards / "docs-00000[0-2].tar")}[kind]  # 3 shards of 7 < 4 slots
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "shards", "few_shards"])
-def test_slots_see_disjoint_samples_covering_the_epoch(text_jsonl, text_shards, tmp_path, kind):
-    if kind == "jsonl":
-        source = JsonlSource(text_jsonl)
-    elif kind == "shards":
-        source = ShardSource(text_shards)  # 9 shards for 4 slots: whole shards per slot
-    else:
-        source = ShardSource(str(text_shards / "docs-00000[0-2].tar"))  # 3 shards < 4 slots
+def test_slots_see_disjoint_samples_covering_the_epoch(text_jsonl, text_shards, kind):
+    source = open_source(dataset_path(kind, text_jsonl, text_shards))
     per_slot = [one_epoch(source, slot, 4) for slot in range(4)]  # 2 ranks x 2 workers
     everything = [t for slot in per_slot for t in slot]
     expected = 60 if kind != "few_shards" else 21
     assert len(everything) == len(set(everything)) == expected
     assert all(per_slot)
+    if kind != "shards":  # a running index over the epoch: shares differ by at most one
+        assert max(map(len, per_slot)) - min(map(len, per_slot)) <= 1
 
 
-def loader(path, rank: int, world: int, workers: int, tok, seed: int = 0) -> TrainLoader:
-    spec = StreamSpec([(str(path), 1.0)], processor(tok), seq_len=24, batch_size=2, rank=rank,
-                      world_size=world, seed=seed)
+def test_few_shard_mode_parses_only_the_slots_own_samples(text_shards, monkeypatch):
+    calls = []
+    real = sources_module.parse_json_line
+    monkeypatch.setattr(sources_module, "parse_json_line",
+                        lambda line, where: (calls.append(where), real(line, where))[1])
+    source = ShardSource(str(text_shards / "docs-00000[0-2].tar"))
+    for slot in range(4):
+        calls.clear()
+        mine = one_epoch(source, slot, 4)
+        assert len(calls) == len(mine) + 1  # its own samples, and the first of the next epoch
+
+
+def loader(datasets, rank: int, world: int, workers: int, tok, seed: int = 3, seq_len: int = 128,
+           batch_size: int = 2, proc: Processor | None = None, strict: bool = False) -> TrainLoader:
+    datasets = [(str(datasets), 1.0)] if isinstance(datasets, (str, Path)) else datasets
+    spec = StreamSpec(datasets, proc or processor(tok, image_size=490), seq_len=seq_len, batch_size=batch_size,
+                      rank=rank, world_size=world, seed=seed, strict=strict)
     return TrainLoader(spec, workers)
 
 
-@pytest.mark.parametrize("dataset", ["jsonl", "shards"])
-def test_restored_loader_continues_exactly(text_jsonl, text_shards, tok, dataset):
-    path = text_jsonl if dataset == "jsonl" else text_shards
-    first = loader(path, rank=1, world=2, workers=2, tok=tok)
-    it = iter(first)
-    for _ in range(5):
-        next(it)
-    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-    following = [next(it).input_ids for _ in range(6)]
-    it.close()
-    resumed = loader(path, rank=1, world=2, workers=2, tok=tok)
-    resumed.load_state_dict(state)
-    it = iter(resumed)
-    again = [next(it).input_ids for _ in range(6)]
-    it.close()
-    assert all(torch.equal(a, b) for a, b in zip(following, again))
-    wrong = loader(path, rank=1, world=2, workers=1, tok=tok)
-    with pytest.raises(ValueError, match="same world size and data.num_workers"):
-        wrong.load_state_dict(state)
+def take(it, n: int) -> list:
+    return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "shards", "few_shards"])
+def test_ranks_and_workers_through_the_loader_are_disjoint_and_cover_the_epoch(text_jsonl, text_shards, tok, kind):
+    """2 ranks x 2 workers through TrainLoader, each rank stopped after 3 batches and resumed (so its
+    workers' turns are rotated): every slot's epoch share is its own, and together they cover it."""
+    path = dataset_path(kind, text_jsonl, text_shards)
+    shares = [len(one_epoch(open_source(path), slot, 4)) for slot in range(4)]
+    seen: dict[int, list[str]] = {slot: [] for slot in range(4)}
+
+    def record(batches):
+        for batch in batches:
+            seen[batch.state["slot"]].extend(batch.where)
+
+    for rank in (0, 1):
+        first = loader(path, rank, 2, 2, tok)
+        it = iter(first)
+        record(take(it, 3))
+        it.close()
+        resumed = loader(path, rank, 2, 2, tok)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert resumed.next_worker == 1
+        it = iter(resumed)
+        while any(len(seen[s]) < shares[s] for s in (2 * rank, 2 * rank + 1)):
+            record(take(it, 1))
+        it.close()
+    assert not any("[tokens" in w for ws in seen.values() for w in ws)  # no document was split
+    epoch = [w for slot in range(4) for w in seen[slot][: shares[slot]]]
+    assert len(epoch) == len(set(epoch)) == (21 if kind == "few_shards" else 60)
+
+
+@pytest.fixture(scope="module")
+def image_jsonl(shapes) -> Path:
+    """16 image questions of the shapes world (media paths relative to its directory)."""
+    lines = [line for line in (shapes / "chat_train.jsonl").read_text().splitlines() if '"images"' in line]
+    path = shapes / "chat_images.jsonl"
+    path.write_text("\n".join(lines[:16]) + "\n")
+    return path
+
+
+def fingerprint(batch) -> tuple:
+    pixels = batch.pixel_values
+    pixel_sum = None if pixels is None else round(float(pixels.double().sum()), 3)
+    return batch.input_ids.tolist(), batch.where, pixel_sum
+
+
+def epochs_of(state: dict) -> list:
+    return [p and p["epoch"] for pos in state["positions"].values() for p in pos["mixture"]["positions"]]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("setup", ["mixture_of_two_jsonl_0_workers", "images_and_shards_2_ranks_2_workers",
+                                   "few_shards_3_workers"])
+def test_resume_is_exact_across_epochs_and_twice(text_jsonl, text_shards, image_jsonl, tmp_path, tok, setup):
+    small = tmp_path / "small.jsonl"  # 7 documents: several epochs within the run
+    small.write_text("".join(json.dumps({"kind": "text", "text": f"small {i}"}) + "\n" for i in range(7)))
+    datasets, rank, world, workers = {
+        "mixture_of_two_jsonl_0_workers": ([(str(text_jsonl), 1.0), (str(small), 2.0)], 0, 1, 0),
+        "images_and_shards_2_ranks_2_workers": ([(str(image_jsonl), 1.0), (str(text_shards), 1.0)], 1, 2, 2),
+        "few_shards_3_workers": ([(str(text_shards / "docs-00000[0-1].tar"), 1.0)], 0, 1, 3),
+    }[setup]
+    total, cuts = 12, (4, 9)
+
+    def run(state, n):
+        got = loader(datasets, rank, world, workers, tok)
+        if state is not None:
+            got.load_state_dict(json.loads(json.dumps(state)))
+        it = iter(got)
+        batches = [fingerprint(b) for b in take(it, n)]
+        it.close()
+        return batches, got.state_dict()
+
+    reference, _ = run(None, total)
+    head, state1 = run(None, cuts[0])
+    middle, state2 = run(state1, cuts[1] - cuts[0])  # a resumed loader ...
+    tail, _ = run(state2, total - cuts[1])  # ... resumed again
+    assert head + middle + tail == reference
+    assert epochs_of(state1) != epochs_of(state2), "the cut points should lie in different epochs"
+
+
+def test_datasets_of_a_mixture_are_shuffled_differently(tmp_path):
+    from aria.data.loader import Mixture
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"kind": "text", "text": f"{name} {i}"}) + "\n"
+                                                       for i in range(30)))
+    mix = Mixture([JsonlSource(tmp_path / "a.jsonl"), JsonlSource(tmp_path / "b.jsonl")], [1.0, 1.0], 0, 1, seed=0)
+    lines: dict[int, list[int]] = {0: [], 1: []}
+    for _ in range(40):
+        raw, _, k = mix.next()
+        lines[k].append(int(raw.where.rsplit(":", 1)[1]))
+    n = min(len(lines[0]), len(lines[1]))
+    assert n > 10 and lines[0][:n] != lines[1][:n]
+
+
+def test_jsonl_is_indexed_once_and_compactly(text_jsonl, tok, tmp_path, monkeypatch):
+    made = []
+    real_init = JsonlSource.__init__
+    monkeypatch.setattr(JsonlSource, "__init__", lambda self, *a, **k: (made.append(1), real_init(self, *a, **k))[1])
+    it = iter(build_train_loader(DataConfig(train=str(text_jsonl), num_workers=0), processor(tok), 64, 1))
+    take(it, 3)
+    assert len(made) == 1  # by build_train_loader; the stream (and forked workers) reuse it
+    source = JsonlSource(text_jsonl)
+    assert source.offsets.dtype == np.int64 and source.line_numbers is None
+    (tmp_path / "gaps.jsonl").write_text('\n{"kind": "text", "text": "a"}\n  \n\n{"kind": "text", "text": "b"}\n')
+    gaps = JsonlSource(tmp_path / "gaps.jsonl")
+    assert [raw.where.rsplit(":", 1)[1] for raw in gaps.iterate_once()] == ["2", "5"]
 
 
 def test_mixing_draws_by_weight_and_is_seeded_and_resumable(text_jsonl, tmp_path):
@@ -388,8 +618,59 @@ def test_mixing_draws_by_weight_and_is_seeded_and_resumable(text_jsonl, tmp_path
 # ---------------------------------------------------------------------------------------------
 
 
+GOOD = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                     {"role": "assistant", "content": "red"}], "images": ["images/good.png"]}
+ANSWER = GOOD["messages"][1]
+
+
+def with_image(path: str) -> dict:
+    return {**GOOD, "images": [path]}
+
+
+def video_question(video) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "video"}]}, ANSWER], "video": video}
+
+
+def says(text: str) -> dict:
+    return {"messages": [{"role": "user", "content": text}, ANSWER]}
+
+
+BAD_CASES = [  # (name, record or raw JSON line, kind)
+    ("malformed_json", '{"messages": [', "bad_json"),
+    ("unknown_role", {**GOOD, "messages": [{"role": "robot", "content": "hi"}, ANSWER]}, "unknown_role"),
+    ("unknown_content_type", {**GOOD, "messages": [{"role": "user", "content": [{"type": "audio"}]}, ANSWER]},
+     "unknown_content_type"),
+    ("image_count_mismatch", {**GOOD, "images": []}, "image_count_mismatch"),
+    ("missing_file", with_image("images/missing.png"), "missing_file"),
+    ("truncated_image", with_image("images/truncated.png"), "bad_image"),
+    ("not_an_image", with_image("images/not_an_image.png"), "bad_image"),
+    ("undecodable_video", video_question({"path": "broken.mp4"}), "bad_video"),
+    ("path_escape", with_image("../outside.png"), "path_escape"),
+    ("aria_marker_in_text", says("<|img|> hi"), "special_token_in_text"),
+    ("no_assistant", {"messages": [{"role": "user", "content": "only a question"}]}, "no_assistant"),
+    ("too_long_caption", {"kind": "caption", "images": ["images/good.png"], "text": "long " * 300}, "too_long"),
+    ("deeply_nested_json", '{"a": ' * 100_000 + "1" + "}" * 100_000, "bad_json"),
+    ("images_not_a_list", {"kind": "caption", "images": 5, "text": "x"}, "invalid_record"),
+    ("nul_in_path", with_image("images/a\u0000b.png"), "invalid_record"),
+    ("lone_surrogate", says("broken \ud800 text"), "bad_text"),
+    ("infinite_fps", video_question({"path": "zero.mp4", "fps": float("inf")}), "invalid_record"),
+    ("nan_fps", video_question({"path": "zero.mp4", "fps": float("nan")}), "invalid_record"),
+    ("boolean_num_frames", video_question({"path": "zero.mp4", "num_frames": True}), "invalid_record"),
+    ("end_of_text_in_text", says("stop </s> here"), "special_token_in_text"),
+    ("pad_in_text", says("<pad>"), "special_token_in_text"),
+    ("zero_frame_video", video_question({"path": "zero.mp4"}), "empty_video"),
+    ("too_long_conversation", says("long " * 300), "too_long"),
+    ("unknown_message_key", {**GOOD, "messages": [{"role": "user", "content": "hi", "weight": 0}, ANSWER]},
+     "invalid_record"),
+]
+BAD_SEQ_LEN = 64  # one good sample per row (so that rows start at known places), too_long cases longer
+GOOD_TAIL = 9
+
+
 @pytest.fixture(scope="module")
 def bad_dataset(shapes, tmp_path_factory) -> tuple[Path, Counter]:
+    """train.jsonl: a good line, every bad case in order, GOOD_TAIL good lines; case_<name>.jsonl:
+    one bad case twice (strict-mode runs)."""
     d = tmp_path_factory.mktemp("bad")
     (d / "images").mkdir()
     Image.open(shapes / "images/train_000000.png").save(d / "images/good.png")
@@ -397,51 +678,51 @@ def bad_dataset(shapes, tmp_path_factory) -> tuple[Path, Counter]:
     (d / "images/truncated.png").write_bytes(raw[: len(raw) // 2])
     (d / "images/not_an_image.png").write_text("hello")
     (d / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50)
+    write_video(d / "zero.mp4", frames=0)
     (d.parent / "outside.png").write_bytes(raw)
-    good = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
-                         {"role": "assistant", "content": "red"}], "images": ["images/good.png"]}
-
-    def with_image(path):
-        return {**good, "images": [path]}
-
-    lines = [
-        (json.dumps(good), None),
-        ('{"messages": [', "bad_json"),
-        (json.dumps({**good, "messages": [{"role": "robot", "content": "hi"}, good["messages"][1]]}), "unknown_role"),
-        (json.dumps({**good, "messages": [{"role": "user", "content": [{"type": "audio"}]}, good["messages"][1]]}),
-         "unknown_content_type"),
-        (json.dumps({**good, "images": []}), "image_count_mismatch"),
-        (json.dumps(with_image("images/missing.png")), "missing_file"),
-        (json.dumps(with_image("images/truncated.png")), "bad_image"),
-        (json.dumps(with_image("images/not_an_image.png")), "bad_image"),
-        (json.dumps({"messages": [{"role": "user", "content": [{"type": "video"}]}, good["messages"][1]],
-                     "video": {"path": "broken.mp4"}}), "bad_video"),
-        (json.dumps(with_image("../outside.png")), "path_escape"),
-        (json.dumps({"messages": [{"role": "user", "content": "<|img|> hi"}, good["messages"][1]]}),
-         "special_token_in_text"),
-        (json.dumps({"messages": [{"role": "user", "content": "only a question"}]}), "no_assistant"),
-        (json.dumps({"kind": "caption", "images": ["images/good.png"], "text": "long " * 300}), "too_long"),
-        (json.dumps(good), None),
-    ]
-    (d / "train.jsonl").write_text("\n".join(line for line, _ in lines) + "\n")
-    return d, Counter(kind for _, kind in lines if kind)
+    lines = [line if isinstance(line, str) else json.dumps(line) for _, line, _ in BAD_CASES]
+    (d / "train.jsonl").write_text("\n".join([json.dumps(GOOD), *lines, *[json.dumps(GOOD)] * GOOD_TAIL]) + "\n")
+    for (name, _, _), line in zip(BAD_CASES, lines):
+        (d / f"case_{name}.jsonl").write_text(f"{line}\n{line}\n")
+    return d, Counter(kind for _, _, kind in BAD_CASES)
 
 
 def test_every_bad_record_is_skipped_and_counted_with_its_line(tok, bad_dataset):
     d, expected = bad_dataset
     policy = BadInputPolicy(keep=True)
-    proc = processor(tok, image_size=490)
-    good = 0
-    for _, encoded in iterate_samples(str(d), proc, "train", policy=policy):
-        try:
-            Packer(seq_len=256).pieces(encoded, None)
-            good += 1
-        except DataError as err:
-            policy.handle(err)
-    assert good == 2
+    good = list(iterate_samples(str(d), processor(tok, image_size=490), "train", policy=policy, seq_len=BAD_SEQ_LEN))
+    assert len(good) == 1 + GOOD_TAIL and 2 * len(good[0][1]) > BAD_SEQ_LEN
     assert policy.counts == expected
-    lines = sorted(int(str(e).split(":")[1]) for e in policy.errors if str(e).startswith(str(d)))
-    assert lines == list(range(2, 14))
+    lines = [int(str(e).split(":")[1]) for e in policy.errors]
+    assert lines == list(range(2, 2 + len(BAD_CASES)))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_bad_record_is_counted_by_the_loader(tok, bad_dataset, workers):
+    d, expected = bad_dataset
+    it = iter(got := loader(d / "train.jsonl", 0, 1, workers, tok, seq_len=BAD_SEQ_LEN, batch_size=1))
+    for _ in range(200):  # until every slot's resume point (a row's first sample) is in its second epoch
+        next(it)
+        starts = [p["mixture"]["positions"][0] for p in got.positions.values()]
+        if len(starts) == max(1, workers) and all(s and s["epoch"] >= 1 for s in starts):
+            break
+    it.close()
+    skipped = got.skipped()
+    # all of the first epoch's bad records, and some of the second's
+    assert expected <= skipped <= expected + expected, skipped
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("case", [name for name, _, _ in BAD_CASES])
+def test_strict_mode_raises_every_case_with_its_kind_and_line(tok, bad_dataset, case, workers):
+    d, _ = bad_dataset
+    kind = {name: k for name, _, k in BAD_CASES}[case]
+    it = iter(loader(d / f"case_{case}.jsonl", 0, 1, workers, tok, seq_len=BAD_SEQ_LEN, batch_size=1, strict=True))
+    with pytest.raises(DataError) as err:
+        take(it, 5)
+    it.close()
+    assert err.value.kind == kind  # the worker's error arrives whole, not re-raised by message
+    assert err.value.where in (f"{d}/case_{case}.jsonl:1", f"{d}/case_{case}.jsonl:2")
 
 
 def test_strict_mode_raises_at_the_first_bad_record(tok, bad_dataset):
@@ -449,6 +730,38 @@ def test_strict_mode_raises_at_the_first_bad_record(tok, bad_dataset):
     with pytest.raises(DataError, match=r"train\.jsonl:2: malformed JSON"):
         for _ in iterate_samples(str(d), processor(tok, image_size=490), "train", strict=True):
             pass
+
+
+def test_unexpected_exception_is_a_located_data_error(tok, text_jsonl, monkeypatch):
+    real_encode = Processor.encode
+
+    def flaky(self, sample, max_tokens=None):
+        if sample.where.endswith(":3"):
+            raise ZeroDivisionError("a bug somewhere")
+        return real_encode(self, sample, max_tokens)
+
+    monkeypatch.setattr(Processor, "encode", flaky)
+    policy = BadInputPolicy(keep=True)
+    assert len(list(iterate_samples(str(text_jsonl), processor(tok), policy=policy))) == 59
+    (err,) = policy.errors
+    assert err.kind == "unexpected_error" and err.where == f"{text_jsonl}:3" and "ZeroDivisionError" in str(err)
+    with pytest.raises(DataError, match=r"docs\.jsonl:3: unexpected ZeroDivisionError") as err:
+        take(iter(loader(text_jsonl, 0, 1, 0, tok, strict=True, batch_size=8)), 10)
+    assert err.value.kind == "unexpected_error"
+
+
+def test_records_ignore_unknown_top_level_keys_and_errors_name_the_message():
+    parse_record({"kind": "text", "text": "x", "meta": {"lang": "en"}, "qtype": "colour"}, "r", MediaResolver())
+    record = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                           {"role": "user", "content": [{"type": "text", "text": 5}]}]}
+    with pytest.raises(DataError, match=r"^r: 'messages\[2\]\.content\[0\]\.text' must be a string"):
+        parse_record(record, "r", MediaResolver())
+    record["messages"][2]["content"] = [{"type": "text", "text": "x", "lang": "en"}]
+    with pytest.raises(DataError, match=r"'messages\[2\]\.content\[0\]' has unknown key\(s\) \['lang'\]"):
+        parse_record(record, "r", MediaResolver())
+    official = {"messages": [{"role": "user", "content": [{"type": "image", "text": None}]}, ANSWER],
+                "images": ["a.png"]}
+    assert parse_record(official, "r", MediaResolver()).media[0].kind == "image"
 
 
 def test_outside_media_is_allowed_on_request(tok, bad_dataset):
@@ -469,6 +782,45 @@ def test_empty_and_all_bad_datasets_are_errors(tok, tmp_path):
                                       processor(tok), 64, 1))
     with pytest.raises(RuntimeError, match="no usable sample in a whole epoch.*bad_json"):
         next(batches)
+    (tmp_path / "no_shards").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither train.jsonl nor"):
+        build_train_loader(DataConfig(train=str(tmp_path / "no_shards"), num_workers=0), processor(tok), 64, 1)
+    (tmp_path / "empty_shards").mkdir()
+    import tarfile
+    tarfile.open(tmp_path / "empty_shards" / "a-000000.tar", "w").close()
+    batches = iter(build_train_loader(DataConfig(train=str(tmp_path / "empty_shards"), num_workers=0),
+                                      processor(tok), 64, 1))
+    with pytest.raises(ValueError, match="no sample in a whole epoch"):
+        next(batches)
+
+
+def test_loader_options_reach_the_dataloader(tok, text_jsonl, monkeypatch):
+    seen = {}
+
+    class FakeDataLoader:
+        def __init__(self, dataset, batch_size=None, **kwargs):
+            seen.clear()
+            seen.update(kwargs)
+
+        def __iter__(self):
+            return iter(())
+
+    monkeypatch.setattr(loader_module, "DataLoader", FakeDataLoader)
+    data = DataConfig(train=str(text_jsonl), num_workers=2)
+    list(build_train_loader(data, processor(tok), 64, 1))
+    assert seen["prefetch_factor"] == 2 and seen["timeout"] == 600
+    list(build_train_loader(data, processor(tok), 64, 1, prefetch_factor=1, timeout=30))
+    assert seen["prefetch_factor"] == 1 and seen["timeout"] == 30
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_eval_ranks_get_equal_batch_counts_and_cover_the_set(tok, text_jsonl, world):
+    per_rank = [list(eval_batches(str(text_jsonl), processor(tok), 128, 2, rank, world)) for rank in range(world)]
+    assert len({len(batches) for batches in per_rank}) == 1
+    real = [b for batches in per_rank for b in batches if not b.padding]
+    assert sum(b.num_samples for b in real) == 60
+    pads = [b for batches in per_rank for b in batches if b.padding]
+    assert pads and all(b.num_tokens == b.num_targets == 0 and b.input_ids.shape == (2, 128) for b in pads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,34 +832,68 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def test_validate_reports_bad_lines_and_statistics(tok_dir, bad_dataset, shapes):
+def validate(capsys, *args: str) -> tuple[int, str]:
+    from data_tools.validate import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().out
+
+
+def stats_rows(out: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if line[:1].isalpha()}
+
+
+def test_validate_reports_bad_lines_and_statistics(tok_dir, bad_dataset, shapes, capsys):
     d, expected = bad_dataset
-    done = run_tool("-m", "data_tools.validate", str(d), "--tokenizer", str(tok_dir), "--image-size", "490",
-                    "--seq-len", "256")
-    assert done.returncode == 1
-    assert f"{sum(expected.values())} bad record(s)" in done.stdout
-    assert f"{d / 'train.jsonl'}:5: 0 image item(s)" not in done.stdout  # messages name counts, not zero
-    assert f"{d / 'train.jsonl'}:5: 1 image item(s) in the content but 0 path(s)" in done.stdout
-    done = run_tool("-m", "data_tools.validate", str(shapes / "chat_test.jsonl"), "--tokenizer", str(tok_dir),
-                    "--image-size", "490")
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[2:] if line[:1].isalpha()}
+    code, out = validate(capsys, str(d), "--tokenizer", str(tok_dir), "--image-size", "490", "--seq-len", "256")
+    assert code == 1
+    assert f"{sum(expected.values())} bad record(s)" in out
+    assert f"{d / 'train.jsonl'}:5: 1 image item(s) in the content but 0 path(s)" in out
+    code, out = validate(capsys, str(shapes / "chat_test.jsonl"), "--tokenizer", str(tok_dir), "--image-size", "490")
+    assert code == 0, out
+    rows = stats_rows(out)
     assert rows["chat:image"][0] == "24" and rows["chat:video"][0] == "3"  # 6 images x 4 questions, 3 videos
     assert rows["chat:video"][5] == str(3 * 8)  # frames
+    code, out = validate(capsys, str(shapes / "chat_test.jsonl"), "--tokenizer", str(tok_dir), "--image-size", "490",
+                         "--max-frames", "3", "--min-image-size", "100")
+    assert code == 0 and stats_rows(out)["chat:video"][5] == str(3 * 3)
+    code, out = validate(capsys, str(shapes / "chat_test.jsonl"), "--tokenizer", str(tok_dir), "--image-size", "490",
+                         "--min-image-size", "600")
+    assert code == 2 and "min_image_size" in out
 
 
-def test_text_and_jsonl_to_wds_tools(tmp_path, shapes, tok):
+def test_validate_takes_settings_from_a_run_config(tok_dir, shapes, tmp_path, capsys):
+    from aria.config import RunConfig
+    from aria.train.compose import resolved_yaml
+
+    cfg = RunConfig.from_dict({"run_dir": str(tmp_path / "run"), "model": TINY.to_dict(),
+                               "data": {"tokenizer": str(tok_dir), "image_size": 490, "video": {"max_frames": 2}}})
+    (tmp_path / "config.yaml").write_text(resolved_yaml(cfg))
+    code, out = validate(capsys, str(shapes / "chat_test.jsonl"), "--config", str(tmp_path / "config.yaml"))
+    assert code == 0, out
+    assert stats_rows(out)["chat:video"][5] == str(3 * 2)
+    with pytest.raises(SystemExit):
+        validate(capsys, str(shapes / "chat_test.jsonl"), "--config", str(tmp_path / "config.yaml"),
+                 "--max-frames", "4")
+
+
+def test_text_and_jsonl_to_wds_tools(tmp_path, shapes, tok, bad_dataset, capsys):
+    from data_tools import jsonl_to_wds, text_to_wds
+
     (tmp_path / "a.txt").write_text("first document\n\nsecond\nline\n")
-    done = run_tool("-m", "data_tools.text_to_wds", str(tmp_path / "a.txt"), "--out", str(tmp_path / "t"),
-                    "--documents", "paragraphs")
-    assert done.returncode == 0, done.stderr
+    assert text_to_wds.main([str(tmp_path / "a.txt"), "--out", str(tmp_path / "t"), "--documents", "paragraphs"]) == 0
     texts = [r.record["text"] for r in ShardSource(tmp_path / "t").iterate_once()]
     assert texts == ["first document", "second\nline"]
-    done = run_tool("-m", "data_tools.jsonl_to_wds", str(shapes / "chat_test.jsonl"), "--out", str(tmp_path / "w"),
-                    "--samples-per-shard", "10")
-    assert done.returncode == 0, done.stderr
+    assert jsonl_to_wds.main([str(shapes / "chat_test.jsonl"), "--out", str(tmp_path / "w"),
+                              "--samples-per-shard", "10"]) == 0
+    # records that fail parsing or whose media cannot be read are skipped and counted
+    d, _ = bad_dataset
+    done = jsonl_to_wds.convert(d, tmp_path / "b", log=lambda _: None)
+    assert done["samples"] > 1 + GOOD_TAIL  # the good ones, and those whose media fail only to decode
+    assert {"bad_json", "missing_file", "path_escape", "bad_text", "invalid_record"} <= set(done["skipped"])
     from_shards = [e.input_ids for _, e in iterate_samples(str(tmp_path / "w"), processor(tok, image_size=490))]
-    from_jsonl = [e.input_ids for _, e in iterate_samples(str(shapes / "chat_test.jsonl"), processor(tok, image_size=490))]
+    from_jsonl = [e.input_ids for _, e in iterate_samples(str(shapes / "chat_test.jsonl"),
+                                                          processor(tok, image_size=490))]
     assert len(from_shards) == len(from_jsonl) == 27
     assert all(torch.equal(a, b) for a, b in zip(from_shards, from_jsonl))
 
@@ -515,5 +901,6 @@ def test_text_and_jsonl_to_wds_tools(tmp_path, shapes, tok):
 def test_bench_data_runs():
     done = run_tool(str(ROOT / "scripts" / "bench_data.py"), "--quick")
     assert done.returncode == 0, done.stderr[-3000:]
-    for header in ("== images", "== video", "== loader", "ours/HF", "frames/s", "samples/s"):
+    for header in ("== images", "== video", "== loader", "== loader at Aria scale", "ours/HF", "frames/s",
+                   "samples/s", "crops/s", "batches/s"):
         assert header in done.stdout

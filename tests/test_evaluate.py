@@ -83,7 +83,8 @@ def test_split_prompt_multi_turn(shapes, processor):
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
         {"role": "user", "content": [{"type": "text", "text": "And the shape?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A "}, {"type": "text", "text": "star."}]}],
+        {"role": "assistant", "content": [{"type": "text", "text": "A "},
+                                          {"type": "text", "text": "star."}]}],
         "images": ["images/test_000000.png"]}
     sample = chat_sample(record, shapes)
     prompt, answer = split_prompt(sample)
@@ -103,7 +104,8 @@ def test_split_prompt_multi_turn(shapes, processor):
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                   {"role": "user", "content": "Still there?"}]},
     {"messages": [{"role": "user", "content": "Draw it"},
-                  {"role": "assistant", "content": [{"type": "image"}]}], "images": ["images/test_000000.png"]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "Here:"}, {"type": "image"}]}],
+     "images": ["images/test_000000.png"]},
     {"messages": [{"role": "user", "content": "Say nothing"}, {"role": "assistant", "content": "  "}]},
     {"kind": "text", "text": "A document, not a question."},
 ], ids=["ends_with_user", "media_answer", "empty_answer", "document"])
@@ -178,12 +180,13 @@ def test_accuracy_arithmetic(shapes, processor, tok, model, monkeypatch):
     answers = [r["messages"][-1]["content"][0]["text"] for r in recs]
     # Even samples: the answer in another case and spacing; odd samples: a wrong answer.
     outputs = [f" {a.upper()} ." if i % 2 == 0 else "wrong" for i, a in enumerate(answers)]
-    fake, seen = scripted_generate(tok, outputs)
+    # A special token in an answer is dropped from the prediction.
+    fake, seen = scripted_generate(tok, ["<fim_prefix>" + outputs[0]] + outputs[1:])
     monkeypatch.setattr(evaluate, "generate", fake)
     result = exact_match(model, processor, str(shapes / "chat_test.jsonl"), batch_size=4)
 
     assert len(seen) == len(recs)
-    assert [s.prediction for s in result.samples] == outputs  # cut at <|im_end|>
+    assert [s.prediction for s in result.samples] == outputs  # cut at <|im_end|>, no specials
     assert [s.answer for s in result.samples] == answers
     assert [s.correct for s in result.samples] == [i % 2 == 0 for i in range(len(recs))]
     assert [s.id for s in result.samples] == [r["id"] for r in recs]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from aria.data.errors import MediaError
 from aria.data.image import (DEFAULT_SPLIT_RESOLUTIONS, ImageProcessor, ProcessedImage,
-                             load_image)
+                             image_size, load_image)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-2  # the contract; in practice the difference is float32 rounding (~1e-7)
@@ -209,6 +209,33 @@ def test_load_image(tmp_path):
     image = load_image(tmp_path / "anim.gif")
     os.remove(tmp_path / "anim.gif")
     assert np.asarray(image)[0, 0].tolist() == [255, 0, 0]
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_image_size_reads_the_header_only(tmp_path, fmt):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display: height and width swap
+    Image.fromarray(gradient(30, 40)).save(tmp_path / f"rot.{fmt}", exif=exif)
+    assert image_size(tmp_path / f"rot.{fmt}") == (40, 30) == load_image(tmp_path / f"rot.{fmt}").size[::-1]
+    path = _truncated(tmp_path, fmt)  # pixels cut off: the header still answers
+    assert image_size(path) == (64, 64)
+    with pytest.raises(MediaError):
+        load_image(path)
+    with open(path, "rb") as f:
+        assert image_size(f, name="member.png") == (64, 64)
+
+
+@pytest.mark.parametrize("case,kind", [("missing", "missing_file"), ("text", "bad_image"), ("too_large", "too_large")])
+def test_image_size_errors(tmp_path, case, kind):
+    path, max_pixels = tmp_path / "x.png", 50_000_000
+    if case == "text":
+        path.write_text("not an image")
+    elif case == "too_large":
+        Image.new("RGB", (100, 60)).save(path)
+        max_pixels = 5999
+    with pytest.raises(MediaError) as err:
+        image_size(path, max_pixels=max_pixels)
+    assert err.value.kind == kind and str(path) in str(err.value)
 
 
 def _truncated(tmp_path: Path, fmt: str) -> Path:

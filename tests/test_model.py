@@ -246,3 +246,11 @@ def test_crops_of_two_sizes_fill_their_slots_in_order(model):
                               model.image_features(small).flatten(0, 1),
                               model.image_features(big[1]).flatten(0, 1)])
     torch.testing.assert_close(embeds[0, ids[0] == CFG.image_token_id], expected)
+
+
+def test_uint8_pixels_are_normalised_like_the_processor(model):
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (2, 3, 16, 16), generator=g, dtype=torch.uint8)
+    normalised = (raw.float() / 255.0 - 0.5) / 0.5  # the HF processor's rescale + normalise
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_features(raw), model.image_features(normalised))

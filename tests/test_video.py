@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from aria.data.errors import MediaError
-from aria.data.video import VideoFrames, format_timestamp, fps_indices, load_video, uniform_indices
+from aria.data.video import (VideoFrames, format_timestamp, fps_indices, load_video, open_video, sample_indices,
+                              uniform_indices)
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_INDEX = 125  # three base-5 digits
@@ -229,6 +230,26 @@ def test_load_video_fps_capped_by_max_frames(clips):
     video = load_video(clips["mp4_100x25"], fps=10.0, max_frames=8)
     assert video.indices == [0, 13, 25, 38, 50, 63, 75, 88]
     assert frame_indices(video) == video.indices
+
+
+def test_load_video_uniform_is_capped_by_max_frames(clips):
+    video = load_video(clips["mp4_100x25"], num_frames=8, max_frames=4)
+    assert video.indices == [0, 25, 50, 75] and frame_indices(video) == video.indices
+
+
+def test_sample_indices_caps_both_modes():
+    assert sample_indices(100, 25.0, num_frames=8, max_frames=4) == uniform_indices(100, 4)
+    assert sample_indices(100, 25.0, num_frames=3, max_frames=4) == uniform_indices(100, 3)
+    assert sample_indices(100, 25.0, fps=10.0, max_frames=8) == fps_indices(100, 25.0, 10.0, 8)
+    with pytest.raises(ValueError, match="exactly one"):
+        sample_indices(100, 25.0)
+
+
+def test_open_video_knows_the_frames_before_decoding(clips):
+    video = open_video(clips["mkv_100x25"])
+    assert (video.num_total, video.fps) == (100, 25.0)
+    frames = video.decode([3, 50])
+    assert frame_indices(frames) == [3, 50] and frames.timestamps == pytest.approx([3 / 25, 2.0])
 
 
 def test_load_video_short_video_gives_every_frame(clips):

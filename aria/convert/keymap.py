@@ -32,8 +32,8 @@ KEY_TABLE: list[tuple[str, str]] = [
     ("projector.query", "multi_modal_projector.query"),
     *[(f"projector.cross_attn.{p}.weight", f"multi_modal_projector.cross_attn.{p}.weight")
       for p in ("q_proj", "k_proj", "v_proj")],
-    ("projector.cross_attn.in_proj.weight", "multi_modal_projector.cross_attn.multihead_attn.in_proj_weight"),
-    ("projector.cross_attn.in_proj.bias", "multi_modal_projector.cross_attn.multihead_attn.in_proj_bias"),
+    ("projector.cross_attn.in_proj_weight", "multi_modal_projector.cross_attn.multihead_attn.in_proj_weight"),
+    ("projector.cross_attn.in_proj_bias", "multi_modal_projector.cross_attn.multihead_attn.in_proj_bias"),
     *[(f"projector.cross_attn.out_proj.{t}", f"multi_modal_projector.cross_attn.multihead_attn.out_proj.{t}")
       for t in ("weight", "bias")],
     *[(f"projector.cross_attn.linear.{t}", f"multi_modal_projector.cross_attn.linear.{t}")

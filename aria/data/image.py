@@ -111,10 +111,16 @@ def image_size(path: str | os.PathLike | BinaryIO, max_pixels: int = DEFAULT_MAX
     with _open(path, name) as opened:
         width, height = opened.size
         _check_size(width, height, name, max_pixels)
-        try:
-            orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
-        except Exception as e:  # a corrupt EXIF block
-            raise MediaError(f"cannot read image {name!r}: {type(e).__name__}: {e}", kind="bad_image") from e
+        orientation = 1
+        # PNG's getexif() decodes the whole image to look for an eXIf chunk after the pixel data;
+        # one before them is already in ``info``. (A late one is rare; in split mode it could
+        # change the crop count, which the processor then reports as bad media.)
+        if opened.format != "PNG" or "exif" in opened.info:
+            try:
+                orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
+            except Exception as e:  # a corrupt EXIF block
+                raise MediaError(f"cannot read image {name!r}: {type(e).__name__}: {e}",
+                                 kind="bad_image") from e
     return (width, height) if orientation in _TRANSPOSING_ORIENTATIONS else (height, width)
 
 

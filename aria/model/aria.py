@@ -8,6 +8,9 @@ Design decisions:
   it; the crops' features fill the <|img|> slots in row-major order of ``input_ids``, crop after
   crop. Crops of several sizes come as one tensor per size plus the slot order of their features.
   A count mismatch raises with both counts (one host sync per forward, never per layer).
+- Pixels may arrive normalised (float, as the HF processor makes them) or as raw uint8 (what the
+  data loader ships: 4x less memory to move between processes and to the device); uint8 is
+  normalised here with Aria's mean = std = 0.5, i.e. x * 2/255 - 1, on the device.
 - ``segment_ids`` (B, T) replaces an attention mask: 0 = padding, 1, 2, ... = documents packed into
   the row. An HF-style 0/1 ``attention_mask`` is a valid ``segment_ids``.
 - With ``targets`` the forward returns the *summed* chunked cross-entropy and the number of
@@ -16,22 +19,23 @@ Design decisions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aria.config import ModelConfig
 from aria.model.decoder import KVCache, TextDecoder
-from aria.model.layers import init_linear
 from aria.model.loss import IGNORE_INDEX, chunked_cross_entropy
 from aria.model.moe import MoE
 from aria.model.projector import Projector
 from aria.model.vision import VisionEncoder
 
 
-@dataclass
-class AriaOutput:
+class AriaOutput(NamedTuple):
+    """A named tuple so that DeepSpeed (ZeRO-3 hooks) sees every tensor the model returns."""
+
     logits: torch.Tensor | None = None
     """(B, T or logits_to_keep, V) when no targets are given."""
     loss_sum: torch.Tensor | None = None
@@ -55,6 +59,21 @@ def merge_image_features(embeds_BTD: torch.Tensor, slots_BT: torch.Tensor, num_s
     return embeds_BTD.masked_scatter(slots_BT.unsqueeze(-1), features_RD.to(embeds_BTD.dtype))
 
 
+class LMHead(nn.Module):
+    """The output projection; with targets it returns the chunked loss instead of logits, so the
+    full logits never exist (and ZeRO-3 gathers the weight because this module runs)."""
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+
+    def forward(self, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor | None = None) -> torch.Tensor:
+        if targets_BT is None:
+            return F.linear(hidden_BTD, self.weight)
+        return chunked_cross_entropy(hidden_BTD.reshape(-1, hidden_BTD.shape[-1]), self.weight,
+                                     targets_BT.reshape(-1))
+
+
 class Aria(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -62,7 +81,7 @@ class Aria(nn.Module):
         self.vision = VisionEncoder(cfg.vision)
         self.projector = Projector(cfg)
         self.decoder = TextDecoder(cfg)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.text.hidden_size, cfg.text.vocab_size)
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.decoder.embed.weight
 
@@ -77,7 +96,7 @@ class Aria(nn.Module):
         self.projector.init_weights(std)
         self.decoder.init_weights()
         if not self.cfg.text.tie_word_embeddings:
-            init_linear(self.lm_head, std)
+            nn.init.normal_(self.lm_head.weight, std=std)
 
     def set_gradient_checkpointing(self, vision: bool, decoder: bool) -> None:
         self.vision.gradient_checkpointing = vision
@@ -86,7 +105,10 @@ class Aria(nn.Module):
     def image_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
                        ) -> torch.Tensor:
         """(N, C, H, W) crops [+ (N, H, W) pixel mask] -> (N, Q, D) image-token embeddings."""
-        patches_NGD, valid_NG = self.vision(pixel_values, pixel_mask)
+        dtype = self.projector.query.dtype
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = pixel_values.to(dtype) * (2.0 / 255.0) - 1.0
+        patches_NGD, valid_NG = self.vision(pixel_values.to(dtype), pixel_mask)
         return self.projector(patches_NGD, valid_NG)
 
     def embed(self, input_ids_BT: torch.Tensor, pixel_values=None, pixel_mask=None,
@@ -110,9 +132,8 @@ class Aria(nn.Module):
                 raise ValueError(f"input_ids hold {num_slots} <|img|> tokens (id "
                                  f"{self.cfg.image_token_id}) but no pixel_values were given")
             return embeds_BTD
-        dtype = embeds_BTD.dtype
         if isinstance(pixel_values, torch.Tensor):
-            features_NQD = self.image_features(pixel_values.to(dtype), pixel_mask)
+            features_NQD = self.image_features(pixel_values, pixel_mask)
             rows_RD = features_NQD.flatten(0, 1)
             described = f" ({features_NQD.shape[0]} crops x {features_NQD.shape[1]} queries)"
         else:
@@ -120,7 +141,7 @@ class Aria(nn.Module):
             if len(masks) != len(pixel_values) or image_feature_order is None:
                 raise ValueError("pixel_values given per crop size need a pixel_mask list of the same "
                                  "length (or None) and image_feature_order")
-            groups = [self.image_features(pv.to(dtype), pm) for pv, pm in zip(pixel_values, masks)]
+            groups = [self.image_features(pv, pm) for pv, pm in zip(pixel_values, masks)]
             rows_RD = torch.cat([g.flatten(0, 1) for g in groups])
             if image_feature_order.numel() != rows_RD.shape[0]:
                 raise ValueError(f"image_feature_order has {image_feature_order.numel()} entries for "
@@ -145,22 +166,19 @@ class Aria(nn.Module):
         valid_BT = None if segment_ids is None else segment_ids > 0
         dec = self.decoder(embeds_BTD, position_ids, segment_ids, cache, valid_BT)
 
-        out = AriaOutput(aux_loss_L=dec.aux_loss_L, z_loss_L=dec.z_loss_L,
-                         tokens_per_expert_LE=dec.tokens_per_expert_LE)
+        router_loss = None
         if dec.aux_loss_L is not None:
             moe = self.cfg.moe
-            out.router_loss = moe.aux_loss_coeff * dec.aux_loss_L.sum() + moe.z_loss_coeff * dec.z_loss_L.sum()
+            router_loss = moe.aux_loss_coeff * dec.aux_loss_L.sum() + moe.z_loss_coeff * dec.z_loss_L.sum()
+        routing = dict(router_loss=router_loss, aux_loss_L=dec.aux_loss_L, z_loss_L=dec.z_loss_L,
+                       tokens_per_expert_LE=dec.tokens_per_expert_LE)
         hidden_BTD = dec.hidden_BTD
         if targets is None:
             if logits_to_keep:
                 hidden_BTD = hidden_BTD[:, -logits_to_keep:]
-            out.logits = self.lm_head(hidden_BTD)
-        else:
-            targets_N = targets.reshape(-1)
-            out.loss_sum = chunked_cross_entropy(hidden_BTD.reshape(-1, hidden_BTD.shape[-1]),
-                                                 self.lm_head.weight, targets_N)
-            out.num_targets = (targets_N != IGNORE_INDEX).sum()
-        return out
+            return AriaOutput(logits=self.lm_head(hidden_BTD), **routing)
+        return AriaOutput(loss_sum=self.lm_head(hidden_BTD, targets),
+                          num_targets=(targets != IGNORE_INDEX).sum(), **routing)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None,

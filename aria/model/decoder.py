@@ -18,7 +18,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -111,8 +111,9 @@ class DecoderLayer(nn.Module):
         return x_BTD + mlp_out, stats
 
 
-@dataclass
-class DecoderOutput:
+class DecoderOutput(NamedTuple):
+    """A named tuple (not a dataclass): DeepSpeed ZeRO-3 must see the tensors a module returns."""
+
     hidden_BTD: torch.Tensor
     """Final-norm hidden states (the LM head is applied by the caller)."""
     aux_loss_L: torch.Tensor | None = None
@@ -158,12 +159,11 @@ class TextDecoder(nn.Module):
         if cache is not None:
             cache.advance(T)
 
-        out = DecoderOutput(self.norm(x_BTD))
-        if stats:
-            out.aux_loss_L = torch.stack([s.aux_loss for s in stats])
-            out.z_loss_L = torch.stack([s.z_loss for s in stats])
-            out.tokens_per_expert_LE = torch.stack([s.tokens_per_expert for s in stats])
-        return out
+        if not stats:
+            return DecoderOutput(self.norm(x_BTD))
+        return DecoderOutput(self.norm(x_BTD), torch.stack([s.aux_loss for s in stats]),
+                             torch.stack([s.z_loss for s in stats]),
+                             torch.stack([s.tokens_per_expert for s in stats]))
 
     @staticmethod
     def attention_mask(B: int, T: int, segment_ids_BT: torch.Tensor | None, cache: KVCache | None,

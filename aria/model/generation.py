@@ -42,8 +42,10 @@ def generate(model: Aria, input_ids: torch.Tensor, pixel_values: torch.Tensor | 
              max_new_tokens: int = 32, eos_token_ids: Sequence[int] = (),
              pad_token_id: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
              generator: torch.Generator | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Returns the new tokens (B, n <= max_new_tokens). ``temperature`` 0 means greedy."""
+             on_token: Callable[[torch.Tensor], None] | None = None,
+             image_feature_order: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns the new tokens (B, n <= max_new_tokens). ``temperature`` 0 means greedy. Crops of
+    several sizes come as per-size lists plus ``image_feature_order`` (see ``Aria.embed``)."""
     B, T = input_ids.shape
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.cfg.text, B, T + max_new_tokens, dtype, input_ids.device)
@@ -58,7 +60,8 @@ def generate(model: Aria, input_ids: torch.Tensor, pixel_values: torch.Tensor | 
         segments_BT = attention_mask.long()
         positions_BT = (segments_BT.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids, pixel_values, pixel_mask, position_ids=positions_BT,
-                segment_ids=segments_BT, cache=cache, logits_to_keep=1)
+                segment_ids=segments_BT, cache=cache, logits_to_keep=1,
+                image_feature_order=image_feature_order)
     next_pos_B1 = (positions_BT[:, -1:] if positions_BT is not None
                    else torch.full((B, 1), T - 1, device=input_ids.device)) + 1
 

@@ -32,7 +32,10 @@ class CrossAttention(nn.Module):
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
-        self.in_proj = nn.Linear(dim, 3 * dim)
+        # the packed in-projection as direct parameters: it is applied functionally (three slices),
+        # and ZeRO-3 gathers a module's own parameters when that module runs
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
         self.linear = nn.Linear(dim, dim)
 
@@ -40,8 +43,8 @@ class CrossAttention(nn.Module):
                 valid_NG: torch.Tensor | None) -> torch.Tensor:
         N, Q, D = queries_NQD.shape
         G = patches_NGD.shape[1]
-        w_q, w_k, w_v = self.in_proj.weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj.bias.chunk(3)
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         kv_NGD = self.norm_kv(patches_NGD)
         q = F.linear(self.q_proj(self.norm_q(queries_NQD)), w_q, b_q)
         k = F.linear(self.k_proj(kv_NGD), w_k, b_k)
@@ -85,4 +88,6 @@ class Projector(nn.Module):
 
     def init_weights(self, std: float) -> None:
         init_linears_and_norms(self, std)
+        nn.init.normal_(self.cross_attn.in_proj_weight, std=std)
+        nn.init.zeros_(self.cross_attn.in_proj_bias)
         nn.init.trunc_normal_(self.query, std=std)

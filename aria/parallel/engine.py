@@ -10,6 +10,9 @@ Design decisions:
   one of its own ``MoE`` modules; ``ExpertParallelMarker`` is such a module with no parameters and no
   forward, carrying the expert counts DeepSpeed reads. Our checkpoints save expert weights
   themselves (``aria.train.checkpoint``), so DeepSpeed never needs its per-expert files.
+- ZeRO-3 gathers a module's parameters through hooks that follow the order modules run in; a
+  token-routed MoE block runs its experts in a data-dependent way, so each MoE block is a ZeRO-3
+  "leaf": all its parameters are gathered when it starts.
 - DeepSpeed's ``backward`` would divide the loss by the accumulation steps; the trainer already
   normalises by the global number of supervised tokens, so it passes ``scale_wrt_gas=False``.
 """
@@ -79,6 +82,12 @@ def build_engine(model: nn.Module, cfg: RunConfig, ep_group_name: str | None = N
     """(engine, optimizer, lr_scheduler); ``model`` already has its stage applied and experts sharded."""
     import deepspeed
 
+    if cfg.parallel.zero_stage == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from aria.model.moe import MoE
+
+        set_z3_leaf_modules(model, [MoE])
     groups = param_groups(model, cfg.optim.weight_decay)
     if ep_group_name is not None:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer

@@ -37,7 +37,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 
 from aria.config import ModelConfig

@@ -22,6 +22,7 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import time
@@ -64,6 +65,47 @@ def to_device(inputs: dict, device: torch.device) -> dict:
         return x
 
     return {k: move(v) for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def weights_fingerprint(model) -> float:
+    """Sum of |w| over every weight of the model (expert shards summed over their EP group): what
+    a run started from, comparable with the same sum over a saved model directory."""
+    from aria.convert.checkpoint import EXPERT_PARAM
+
+    shared = torch.zeros((), dtype=torch.float64)
+    experts = torch.zeros((), dtype=torch.float64)
+    for name, tensor in model.state_dict().items():
+        total = tensor.detach().double().abs().sum().cpu()
+        if EXPERT_PARAM.search(name):
+            experts += total
+        else:
+            shared += total
+    layer = model.moe_layers[0].experts
+    if layer.ep_size > 1:
+        dist.all_reduce(experts, group=layer.ep_group)
+    return float(shared + experts)
+
+
+@torch.no_grad()
+def gradient_norm(model) -> float:
+    """Global L2 norm of the (already all-reduced) gradients; expert shards summed over EP ranks."""
+    from aria.convert.checkpoint import EXPERT_PARAM
+
+    device = next(model.parameters()).device
+    shared = torch.zeros((), dtype=torch.float64, device=device)
+    experts = torch.zeros((), dtype=torch.float64, device=device)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            squares = p.grad.detach().double().square().sum()
+            if EXPERT_PARAM.search(name):
+                experts += squares
+            else:
+                shared += squares
+    layer = model.moe_layers[0].experts
+    if layer.ep_size > 1:
+        dist.all_reduce(experts, group=layer.ep_group)
+    return float((shared + experts).sqrt())
 
 
 def attention_pairs(segment_ids_BT: torch.Tensor) -> int:
@@ -145,9 +187,15 @@ class Trainer:
             state = ckpt.load_checkpoint(engine, model, self.resume_from, cfg, info)
             step, tokens_seen = state["step"], state["tokens_seen"]
             loader.load_state_dict(state["data"])
-        elif info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config_yaml)
+        else:
+            fingerprint = weights_fingerprint(model)
+            if info.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.yaml").write_text(config_yaml)
+                source = cfg.init.from_hf or cfg.init.from_checkpoint
+                (self.run_dir / "init.json").write_text(json.dumps(
+                    {"source": str(source) if source else f"random (seed {cfg.train.seed})",
+                     "fingerprint": fingerprint}) + "\n")
         barrier()
         metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.to_dict(), cfg.train.max_steps, step,
                                 info.is_main, info.world_size)
@@ -180,9 +228,11 @@ class Trainer:
                     break
                 if tokens_per_expert is not None and self.model_cfg.moe.bias_balancing:
                     update_expert_bias(model.moe_layers, tokens_per_expert)
+                # without ZeRO DeepSpeed keeps no global norm: take it from the reduced gradients
+                own_norm = gradient_norm(model) if cfg.parallel.zero_stage == 0 else None
                 engine.step()
                 step += 1
-                grad_norm = engine.get_global_grad_norm()
+                grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
                 tokens_seen += tokens
                 throughput.update(time.perf_counter() - started, tokens, flops)

@@ -1,0 +1,340 @@
+"""Training with DeepSpeed: ZeRO 0-3 and expert parallelism on 2 gloo processes against 1, global
+token normalisation, exact resume (also after SIGKILL), atomic checkpoints, the non-finite stop,
+recipes, the four-stage pipeline and multi-node torchrun.
+
+The runs train ``model=tiny`` from one saved initial model on text documents whose lengths all lie
+in (seq_len / 2, seq_len]: every packed row then holds exactly one document, so one process with
+two rows per step sees the same rows as two processes with one row each. Their token counts
+differ, which is what the global normalisation must get right. Adam's eps is 1e-3 here: with the
+default 1e-8 Adam divides tiny gradients by their own magnitude, and 1e-9 rounding differences
+between a one-process and a two-process reduction can flip their sign.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from aria.config import load_model_config
+from aria.convert.checkpoint import iter_tensors, save_model_dir
+from aria.model import build_model
+from aria.train.compose import compose_run, recipes
+from aria.train.trainer import train
+from helpers import free_port, run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ_LEN = 60
+WORDS = ["red", "blue", "green", "circle", "square", "left", "right", "top", "bottom", "shape"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tokenizer, a text dataset of one-row documents, and an initial model directory."""
+    from aria.data.tokenizer import Tokenizer
+    from data_tools.train_tokenizer import train as train_tokenizer
+
+    root = tmp_path_factory.mktemp("train")
+    corpus = root / "corpus.txt"
+    rng = random.Random(0)
+    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)) + "\n")
+    tok_dir = train_tokenizer([str(corpus)], root / "tok", vocab_size=300)
+    tok = Tokenizer.load(tok_dir)
+    docs = []
+    for _ in range(2000):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60)))
+        if SEQ_LEN // 2 < len(tok.encode(text)) + 1 <= SEQ_LEN:
+            docs.append({"kind": "text", "text": text})
+        if len(docs) == 40:
+            break
+    assert len(docs) == 40, "could not make one-row documents"
+    (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cfg = load_model_config("tiny")
+    torch.manual_seed(0)
+    save_model_dir(build_model(cfg).state_dict(), cfg, root / "init")
+    return root
+
+
+def overrides(setup: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run_dir}", f"data.train={setup / 'docs.jsonl'}", f"data.tokenizer={setup / 'tok'}",
+            f"init.from_checkpoint={setup / 'init'}", f"train.seq_len={SEQ_LEN}", "train.max_steps=4",
+            "checkpoint.every_steps=2", "logging=quiet", "data.num_workers=0", "optim.eps=1e-3",
+            "optim.warmup_ratio=0", "model.moe.aux_loss_coeff=0", "model.moe.z_loss_coeff=0", *extra]
+
+
+def _job(rank: int, world: int, args: list[str], result: dict | None = None) -> None:
+    code = train(compose_run("config", args))
+    assert code == 0, f"exit code {code}"
+
+
+def run(world: int, args: list[str]) -> None:
+    run_distributed(_job, world, (args,))
+
+
+TIMING = ("tokens_per_s", "tflops", "mfu")
+
+
+def records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without its wall-clock fields."""
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in open(run_dir / "metrics.jsonl")]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(run_dir / "metrics.jsonl")]
+
+
+def final_weights(run_dir: Path, step: int = 4) -> dict:
+    return dict(iter_tensors(run_dir / "checkpoints" / f"step_{step:08d}" / "model"))
+
+
+def assert_same_training(a: Path, b: Path, tol: float = 1e-5) -> None:
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == 4
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= tol, (la, lb)
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= tol
+
+
+@pytest.fixture(scope="module")
+def one_process(setup, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    run(1, overrides(setup, run_dir, "train.micro_batch_size=2"))
+    return run_dir
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_expert_parallel_two_processes_equal_one(setup, one_process, tmp_path, zero):
+    run_dir = tmp_path / "ep2"
+    run(2, overrides(setup, run_dir, "train.micro_batch_size=1", "parallel.ep_size=2",
+                     f"parallel.zero_stage={zero}"))
+    assert_same_training(one_process, run_dir)
+    model_dir = run_dir / "checkpoints" / "step_00000004" / "model"
+    assert json.loads((model_dir / "layout.json").read_text()) == {"ep_size": 2}
+    assert len(list(model_dir.glob("experts-ep*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_zero_stage_trains_normalises_globally_and_resumes_exactly(setup, one_process, tmp_path, zero):
+    run_dir = tmp_path / f"zero{zero}"
+    args = overrides(setup, run_dir, "train.micro_batch_size=1", f"parallel.zero_stage={zero}")
+    run(2, args)
+    # two ranks with different token counts = one rank with both rows
+    assert_same_training(one_process, run_dir)
+    first = records(run_dir)
+    # rewind to the step-2 checkpoint, as if the run had died after it, and run the command again
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000002\n")
+    run(2, args)
+    assert records(run_dir) == first
+
+
+def test_sigkill_then_rerun_writes_the_metrics_of_an_uninterrupted_run(setup, tmp_path):
+    """Real processes, a loader with 2 workers, killed with SIGKILL after its step-2 checkpoint."""
+    base = [sys.executable, "-m", "aria.train"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full = tmp_path / "full"
+    args = overrides(setup, full, "train.micro_batch_size=1", "data.num_workers=2", "train.max_steps=6")
+    subprocess.run(base + args, check=True, capture_output=True, env=env, timeout=300)
+    killed = tmp_path / "killed"
+    args = overrides(setup, killed, "train.micro_batch_size=1", "data.num_workers=2", "train.max_steps=6")
+    proc = subprocess.Popen(base + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = killed / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    done = subprocess.run(base + args, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stdout + done.stderr
+    assert records(killed) == records(full)
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(setup, tmp_path, monkeypatch):
+    import aria.train.checkpoint as ckpt
+
+    run_dir = tmp_path / "crash"
+    real = ckpt.save_weights
+
+    def dies_at_step_4(model, cfg, directory, info):
+        if "step_00000004" in str(directory):
+            raise KeyboardInterrupt("killed while writing")
+        real(model, cfg, directory, info)
+
+    monkeypatch.setattr(ckpt, "save_weights", dies_at_step_4)
+    with pytest.raises(AssertionError, match="KeyboardInterrupt"):
+        run(1, overrides(setup, run_dir, "train.micro_batch_size=2"))
+    root = run_dir / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert (root / ".tmp-step_00000004").is_dir() and not (root / "step_00000004").exists()
+    monkeypatch.setattr(ckpt, "save_weights", real)
+    run(1, overrides(setup, run_dir, "train.micro_batch_size=2"))
+    assert (root / "latest").read_text().strip() == "step_00000004"
+    assert not (root / ".tmp-step_00000004").exists()
+    assert len(losses(run_dir)) == 4
+
+
+def _nan_job(rank, world, args):
+    import aria.model.aria as aria_model
+
+    real, calls = aria_model.chunked_cross_entropy, [0]
+
+    def poisoned(*a, **k):
+        calls[0] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls[0] == 3 else loss
+
+    aria_model.chunked_cross_entropy = poisoned
+    assert train(compose_run("config", args)) == 3
+
+
+def test_non_finite_loss_stops_with_a_checkpoint(setup, tmp_path, capfd):
+    run_dir = tmp_path / "nan"
+    run_distributed(_nan_job, 1, (overrides(setup, run_dir, "train.micro_batch_size=2",
+                                            "checkpoint.every_steps=100"),))
+    assert "non-finite loss nan at step 3" in capfd.readouterr().out
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    state = torch.load(run_dir / "checkpoints" / "step_00000002" / "trainer_rank00000.pt", weights_only=False)
+    assert state["step"] == 2 and len(losses(run_dir)) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes, the pipeline, multi-node
+# ---------------------------------------------------------------------------------------------
+
+RECIPE_FACTS = {  # recipe: (stage name, vision trains, seq_len, RoPE base set by the stage)
+    "stage1_language": ("language_pretraining", False, 8192, 1e5),
+    "stage2_multimodal": ("multimodal_pretraining", True, 8192, 1e5),
+    "stage3_long_context": ("long_context_pretraining", True, 65536, 5e6),
+    "stage4_post_training": ("post_training", True, 8192, 5e6),
+    "finetune": ("finetune", False, 2048, None),
+    "finetune_video": ("finetune", False, 4096, None),
+    "finetune_long_context": ("finetune", False, 65536, None),
+}
+
+
+def test_every_recipe_composes_with_its_stage_settings():
+    assert sorted(RECIPE_FACTS) == recipes()
+    for name, (stage, vision, seq_len, rope) in RECIPE_FACTS.items():
+        args = ["run_dir=/tmp/x", "data.train=/d", "data.tokenizer=/t", "init.from_checkpoint=/c"]
+        if name.startswith("finetune"):
+            args = ["run_dir=/tmp/x", "data.train=/d", "init.from_hf=/h"]
+        cfg = compose_run(name, args)
+        assert (cfg.stage.name, cfg.stage.trainable["vision"], cfg.train.seq_len, cfg.stage.rope_theta) == \
+            (stage, vision, seq_len, rope), name
+        assert cfg.recipe == name
+    ft = compose_run("finetune", ["run_dir=/x", "data.train=/d", "init.from_hf=/h"])
+    assert (ft.optim.lr, ft.optim.weight_decay, ft.optim.beta2, ft.model.moe.aux_loss_coeff) == (5e-6, 0.1, 0.95, 1e-4)
+    assert ft.data.tokenizer == "/h"  # the released directory holds the tokenizer too
+    with pytest.raises(ValueError, match=r"needs \['init.from_checkpoint'\]"):
+        compose_run("stage2_multimodal", ["run_dir=/x", "data.train=/d", "data.tokenizer=/t"])
+
+
+def fingerprint(model_dir: Path) -> float:
+    return float(sum(t.double().abs().sum() for _, t in iter_tensors(model_dir)))
+
+
+def test_pipeline_runs_four_stages_each_from_the_previous(tmp_path):
+    from data_tools.make_shapes import make_shapes
+    from data_tools.train_tokenizer import train as train_tokenizer
+
+    data = tmp_path / "shapes"
+    make_shapes(data, seed=0, train_images=16, test_images=4, train_videos=4, test_videos=2, workers=1,
+                samples_per_shard=20)
+    train_tokenizer([str(data / "text_train.jsonl"), str(data / "chat_train.jsonl")], data / "tokenizer",
+                    vocab_size=600)
+    out = tmp_path / "runs"
+    env = {**os.environ, "DATA": str(data), "LAUNCH": f"{sys.executable} -m aria.train"}
+    done = subprocess.run(["bash", str(ROOT / "recipes" / "pipeline.sh"), str(out), "train.max_steps=2",
+                           "train.seq_len=256", "logging=quiet", "data.num_workers=0", "data.image_size=490",
+                           "data.video.num_frames=2", "checkpoint.every_steps=1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    for previous, stage in zip(stages, stages[1:]):
+        start = json.loads((out / stage / "init.json").read_text())
+        assert Path(start["source"]).resolve() == (out / previous).resolve()
+        final = out / previous / "checkpoints" / "step_00000002" / "model"
+        assert start["fingerprint"] == pytest.approx(fingerprint(final), rel=1e-9)
+    thetas = [json.loads((out / s / "checkpoints" / "step_00000002" / "model" / "model_config.json")
+                         .read_text())["text"]["rope_theta"] for s in stages]
+    assert thetas == [1e5, 1e5, 5e6, 5e6]
+    # what trains: stage 1 freezes the vision encoder (steps 1 and 2 hold the same vision weights,
+    # not the same decoder), stage 2 trains it
+    step1 = dict(iter_tensors(out / "stage1" / "checkpoints" / "step_00000001" / "model"))
+    step2 = dict(iter_tensors(out / "stage1" / "checkpoints" / "step_00000002" / "model"))
+    after = dict(iter_tensors(out / "stage2" / "checkpoints" / "step_00000002" / "model"))
+    vision = [k for k in step1 if k.startswith("vision.")]
+    assert vision and all(torch.equal(step1[k], step2[k]) for k in vision)
+    assert not torch.equal(step1["decoder.embed.weight"], step2["decoder.embed.weight"])
+    assert not all(torch.equal(step2[k], after[k]) for k in vision)
+
+
+def test_two_nodes_through_torchrun_rendezvous_equal_one_process(setup, one_process, tmp_path):
+    port = free_port()
+    run_dir = tmp_path / "nodes"
+    args = overrides(setup, run_dir, "train.micro_batch_size=1")
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                               f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                               f"--master_port={port}", "-m", "aria.train", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    assert_same_training(one_process, run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules and stages (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_learning_rate_schedules_by_hand():
+    import math
+
+    from aria.config import OptimConfig
+    from aria.train.schedule import lr_multiplier
+
+    cos = lr_multiplier(OptimConfig(schedule="cosine", warmup_steps=2, min_lr_ratio=0.1), 12)
+    assert [cos(0), cos(1)] == [0.5, 1.0]
+    assert cos(2) == pytest.approx(1.0) and cos(11) == pytest.approx(0.1)
+    assert cos(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 9)))
+    lin = lr_multiplier(OptimConfig(schedule="linear", warmup_steps=0, min_lr_ratio=0.0), 11)
+    assert [lin(0), lin(5), lin(10)] == [1.0, 0.5, 0.0]
+    anneal = lr_multiplier(OptimConfig(schedule="anneal", warmup_steps=0, min_lr_ratio=0.0, decay_ratio=0.25), 20)
+    assert [anneal(0), anneal(14)] == [1.0, 1.0]  # stable until the last 25% (steps 15..19)
+    assert anneal(15) == 1.0 and anneal(19) == 0.0 and anneal(17) == pytest.approx(0.5)
+    const = lr_multiplier(OptimConfig(schedule="constant", warmup_ratio=0.5), 10)
+    assert [const(0), const(4), const(9)] == [0.2, 1.0, 1.0]
+
+
+def test_stage_freezes_exactly_its_groups():
+    from aria.config import StageConfig
+    from aria.train.stages import apply_stage, module_groups
+
+    model = build_model(load_model_config("tiny"), device="meta")
+    groups = module_groups(model)
+    assert sum(len(p) for p in groups.values()) == len(list(model.parameters()))
+    stage = StageConfig(trainable={"vision": False, "projector": True, "language_model": True,
+                                   "experts": False, "router": True})
+    counts = apply_stage(model, stage)
+    for name, params in groups.items():
+        assert all(p.requires_grad == stage.trainable[name] for p in params), name
+    assert counts["vision"] == counts["experts"] == 0
+    assert counts["router"] == sum(p.numel() for p in groups["router"]) > 0
+    assert not model.decoder.layers[0].moe.experts.w_fc1.requires_grad
+    assert model.decoder.layers[0].attn.q_proj.weight.requires_grad
