@@ -365,6 +365,10 @@ class DataConfig:
     """Allow media paths that resolve outside the dataset directory."""
     split_long_text: bool = True
     """Cut text-only documents longer than a row into row-sized pieces (others are skipped)."""
+    prefetch_factor: int = 2
+    """Batches each loader worker prepares ahead (memory: workers x prefetch x batch pixels)."""
+    loader_timeout: float = 600.0
+    """Seconds to wait for a worker's batch before failing (a hung decode must not hang training)."""
     _path: str = field(default="data", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -375,6 +379,9 @@ class DataConfig:
         _positive_int(f"{p}.min_image_size", self.min_image_size)
         _check(isinstance(self.num_workers, int) and self.num_workers >= 0, f"{p}.num_workers",
                self.num_workers, "an integer >= 0")
+        _positive_int(f"{p}.prefetch_factor", self.prefetch_factor)
+        _check(isinstance(self.loader_timeout, (int, float)) and self.loader_timeout > 0,
+               f"{p}.loader_timeout", self.loader_timeout, "a positive number of seconds")
         for name in ("train", "eval"):
             parse_mixture(getattr(self, name), f"{p}.{name}")
 

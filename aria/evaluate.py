@@ -30,7 +30,8 @@ import torch
 
 from aria.data.errors import BadInputPolicy, DataError
 from aria.data.processor import Processor, group_crops
-from aria.data.records import Sample, parse_record
+from aria.data.loader import read_record
+from aria.data.records import Sample
 from aria.data.sources import open_source
 from aria.model.generation import generate
 
@@ -238,10 +239,11 @@ def exact_match(model: torch.nn.Module, processor: Processor, dataset: str | Pat
             for raw in open_source(dataset, split).iterate_once():
                 if limit is not None and len(result.samples) + len(pending) >= limit:
                     break
+                loaded = policy.attempt(read_record, raw)  # parsing; bad records skipped
+                if loaded is None:
+                    continue
                 try:
-                    if raw.error is not None:
-                        raise raw.error
-                    prompt, answer = split_prompt(parse_record(raw.record, raw.where, raw.resolver))
+                    prompt, answer = split_prompt(loaded.sample)
                     inputs = prompt_inputs(processor, prompt)
                 except DataError as err:
                     policy.handle(err.at(raw.where))
@@ -260,3 +262,58 @@ def exact_match(model: torch.nn.Module, processor: Processor, dataset: str | Pat
 
 def _optional_str(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Our model from a model / checkpoint / run directory, or from a Hugging Face directory."""
+    from aria.convert.checkpoint import load_hf_dir, load_model_dir
+    from aria.train.checkpoint import resolve_model_dir
+
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / "model_config.json").is_file():
+        return load_hf_dir(path, device=device)
+    return load_model_dir(resolve_model_dir(path), device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m aria.evaluate MODEL DATA [--tokenizer DIR] [--image-size 490] ..."""
+    import argparse
+
+    from aria.config import VideoConfig
+    from aria.data.tokenizer import Tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m aria.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="run, checkpoint or model directory, or a Hugging Face directory")
+    parser.add_argument("data", help="JSONL dataset (file, or directory with {split}.jsonl) or shards")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory (default: the run's data.tokenizer, or MODEL itself)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--image-size", type=int, default=980, choices=(490, 980))
+    parser.add_argument("--video-frames", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write per-sample results (JSONL) here")
+    args = parser.parse_args(argv)
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        run_config = Path(args.model) / "config.yaml"
+        if run_config.is_file():
+            from aria.train.compose import load_resolved
+
+            tokenizer = load_resolved(run_config).data.tokenizer
+        else:
+            tokenizer = args.model
+    model = load_model(args.model)
+    processor = Processor.for_model(Tokenizer.load(tokenizer), model.cfg, image_size=args.image_size,
+                                    video=VideoConfig(num_frames=args.video_frames))
+    result = exact_match(model, processor, args.data, args.split, args.max_new_tokens, args.batch_size,
+                         args.limit)
+    print(result.table())
+    if args.out:
+        result.write_jsonl(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

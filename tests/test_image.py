@@ -283,3 +283,18 @@ def test_load_image_refuses_decompression_bomb_without_warning(tmp_path, recwarn
         load_image(path)
     assert err.value.kind == "too_large"
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_raw_pixels_normalise_to_the_float_output():
+    from aria.data.image import ImageProcessor
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8))
+    for split in (False, True):
+        floats = ImageProcessor(max_image_size=490, split_image=split)(image)
+        raw = ImageProcessor(max_image_size=490, split_image=split, raw_pixels=True)(image)
+        assert raw.pixel_values.dtype == torch.uint8
+        assert torch.equal(raw.pixel_mask, floats.pixel_mask)
+        torch.testing.assert_close(raw.pixel_values.float() * (2 / 255) - 1, floats.pixel_values,
+                                   atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="mean = std = 0.5"):
+        ImageProcessor(image_mean=(0.4, 0.4, 0.4), raw_pixels=True)

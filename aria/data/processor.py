@@ -132,7 +132,9 @@ class Processor:
 
     def __init__(self, tokenizer: Tokenizer, tokens_per_crop: dict[int, int], image_size: int = 980,
                  min_image_size: int = 336, split_image: bool = False,
-                 video: VideoConfig | None = None) -> None:
+                 video: VideoConfig | None = None, raw_pixels: bool = False) -> None:
+        """``raw_pixels``: crops as uint8 (the model normalises them on the device); the training
+        and evaluation loaders use it, inference callers get HF-style normalised floats."""
         self.tokenizer = tokenizer
         self.tokens_per_crop = {int(k): int(v) for k, v in tokens_per_crop.items()}
         self.video = video or VideoConfig()
@@ -141,8 +143,9 @@ class Processor:
                 raise ValueError(f"data.{what}={side} has no entry in the model's crop table "
                                  f"{self.tokens_per_crop} (crop side in px -> image tokens)")
         self.images = ImageProcessor(max_image_size=image_size, min_image_size=min_image_size,
-                                     split_image=split_image)
-        self.frames = ImageProcessor(max_image_size=self.video.image_size, min_image_size=min_image_size)
+                                     split_image=split_image, raw_pixels=raw_pixels)
+        self.frames = ImageProcessor(max_image_size=self.video.image_size, min_image_size=min_image_size,
+                                     raw_pixels=raw_pixels)
 
     @classmethod
     def from_config(cls, data, model_cfg, tokenizer: Tokenizer | None = None) -> "Processor":
@@ -153,7 +156,7 @@ class Processor:
             tokenizer = Tokenizer.load(data.tokenizer)
         return cls.for_model(tokenizer, model_cfg, image_size=data.image_size,
                              min_image_size=data.min_image_size, split_image=data.split_image,
-                             video=data.video)
+                             video=data.video, raw_pixels=True)
 
     @classmethod
     def for_model(cls, tokenizer: Tokenizer, model_cfg, **kwargs) -> "Processor":
@@ -171,19 +174,24 @@ class Processor:
     # -- media: plan (sizes from headers), then decode ----------------------------------------
 
     def _plan_image(self, ref: MediaRef) -> _Planned:
-        if ref.data is None:
-            height, width = image_size(ref.path)
-            load = lambda: load_image(ref.path)  # noqa: E731
-        elif isinstance(ref.data, (bytes, bytearray)):
-            height, width = image_size(io.BytesIO(ref.data), name=ref.name)
-            load = lambda: load_image(io.BytesIO(ref.data), name=ref.name)  # noqa: E731
+        if ref.data is None or isinstance(ref.data, (bytes, bytearray)):  # a file or a tar member
+            name = None if ref.data is None else ref.name
+
+            def source():  # a fresh file object for each read: the header probe, then the decode
+                return ref.path if ref.data is None else io.BytesIO(ref.data)
+
+            height, width = image_size(source(), name=name)
+
+            def decode() -> list[ProcessedImage]:
+                return [self.images(load_image(source(), name=name))]
         else:  # an in-memory PIL image (inference): the image processor composites transparency
             width, height = ref.data.size
             if width < 1 or height < 1:
                 raise MediaError(f"image has no pixels ({width}x{height})", kind="bad_image")
-            load = lambda: ref.data  # noqa: E731
-        return _Planned(self.images.max_image_size, [self.images.num_crops(height, width)], None,
-                        lambda: [self.images(load())])
+
+            def decode() -> list[ProcessedImage]:
+                return [self.images(ref.data)]
+        return _Planned(self.images.max_image_size, [self.images.num_crops(height, width)], None, decode)
 
     def _plan_video(self, ref: MediaRef, stack: ExitStack) -> _Planned:
         side = self.video.image_size

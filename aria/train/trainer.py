@@ -166,9 +166,11 @@ class Trainer:
         from aria.data.processor import Processor
 
         self.processor = Processor.from_config(self.cfg.data, self.model_cfg)
-        return build_train_loader(self.cfg.data, self.processor, self.cfg.train.seq_len,
+        data = self.cfg.data
+        return build_train_loader(data, self.processor, self.cfg.train.seq_len,
                                   self.cfg.train.micro_batch_size, self.info.rank,
-                                  self.info.world_size, self.cfg.train.seed)
+                                  self.info.world_size, self.cfg.train.seed, data.prefetch_factor,
+                                  data.loader_timeout)
 
     # -- the loop -----------------------------------------------------------------------------
 
