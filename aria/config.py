@@ -572,9 +572,62 @@ class LoggingConfig:
         _positive_int(f"{self._path}.log_every", self.log_every)
 
 
+# LoRA targets -> the stage group (``StageConfig.trainable``) whose modules they adapt.
+LORA_TARGET_GROUPS = {"q_proj": "language_model", "k_proj": "language_model", "v_proj": "language_model",
+                      "o_proj": "language_model", "experts": "experts", "shared_experts": "experts",
+                      "vision": "vision", "projector": "projector", "lm_head": "language_model"}
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters: every base weight frozen, a rank-r update W + (alpha / r) * A @ B trains
+    on each target. Defaults are the official Aria LoRA recipe's (r 8, alpha 32, dropout 0.05)."""
+
+    enabled: bool = False
+    """Train adapters instead of weights. The stage still says where adapters may go: every target
+    must lie in a group the stage trains."""
+    rank: int = 8
+    """Rank r of every adapter (a multiple of 8 when the routed experts are a target: their
+    grouped GEMM needs 16-byte aligned rows)."""
+    alpha: float = 32.0
+    """Scale numerator: the update is (alpha / rank) * A @ B."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input while training (the base path never drops)."""
+    targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "experts",
+                                                   "shared_experts"])
+    """Among: q_proj / k_proj / v_proj / o_proj (decoder attention), experts (the routed experts'
+    stacked fc1 and fc2, per expert), shared_experts (gate / up / down), vision (every ViT linear),
+    projector (every projector linear), lm_head."""
+    _path: str = field(default="lora", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self._path
+        _check(isinstance(self.enabled, bool), f"{p}.enabled", self.enabled, "true or false")
+        _positive_int(f"{p}.rank", self.rank)
+        _check(isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha > 0,
+               f"{p}.alpha", self.alpha, "a positive number")
+        _check(isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+               and 0 <= self.dropout < 1, f"{p}.dropout", self.dropout, "a number in [0, 1)")
+        _check(isinstance(self.targets, (list, tuple)) and len(self.targets) > 0
+               and all(isinstance(t, str) for t in self.targets), f"{p}.targets", self.targets,
+               f"a non-empty list among {list(LORA_TARGET_GROUPS)}")
+        unknown = [t for t in self.targets if t not in LORA_TARGET_GROUPS]
+        _check(not unknown, f"{p}.targets", self.targets,
+               f"names among {list(LORA_TARGET_GROUPS)} ({unknown} unknown)")
+        _check(len(set(self.targets)) == len(self.targets), f"{p}.targets", self.targets,
+               "each target at most once")
+        self.targets = list(self.targets)
+        _check("experts" not in self.targets or self.rank % 8 == 0, f"{p}.rank", self.rank,
+               "a multiple of 8 when 'experts' is a target (grouped_mm needs 16-byte aligned rows)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 RUN_NODES = {"data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig, "stage": StageConfig,
              "train": TrainConfig, "init": InitConfig, "checkpoint": CheckpointConfig,
-             "logging": LoggingConfig}
+             "logging": LoggingConfig, "lora": LoRAConfig}
 
 
 @dataclass
@@ -592,6 +645,7 @@ class RunConfig:
     init: InitConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     recipe: str = "custom"
 
     @classmethod
@@ -611,6 +665,16 @@ class RunConfig:
         if model.moe.num_experts % cfg.parallel.ep_size:
             raise ValueError(f"config field 'parallel.ep_size' = {cfg.parallel.ep_size} must divide "
                              f"model.moe.num_experts = {model.moe.num_experts}")
+        if cfg.lora.enabled:
+            frozen = [t for t in cfg.lora.targets if not cfg.stage.trainable[LORA_TARGET_GROUPS[t]]]
+            if frozen:
+                groups = sorted({LORA_TARGET_GROUPS[t] for t in frozen})
+                raise ValueError(
+                    f"config field 'lora.targets' = {cfg.lora.targets} is invalid: {frozen} adapt "
+                    f"group(s) {groups} that stage '{cfg.stage.name}' freezes "
+                    f"({', '.join(f'stage.trainable.{g}=false' for g in groups)}). With LoRA only "
+                    f"adapters train and the stage says where they may go: drop {frozen} from "
+                    f"lora.targets or set {', '.join(f'stage.trainable.{g}=true' for g in groups)}")
         return cfg
 
     def to_dict(self) -> dict:

@@ -1,36 +1,68 @@
-"""Answer accuracy: greedy generation on the questions of a JSONL dataset, compared with the answers.
+"""Answer accuracy on a JSONL dataset (exact match of greedy answers, or multiple choice by
+log-likelihood), and loading a model with its tokenizer and processor for the command-line tools.
 
-Letters: B prompts in a batch, T prompt length, N new tokens.
+Letters: B prompts in a batch, T prompt length, N new tokens, R option rows (every option of every
+prompt in the batch), O option length, V vocabulary.
+
+Dataset schema: the conversation records of training (docs/data_format.md), each ending with an
+assistant text turn, the reference answer. Optional top-level fields:
+
+- ``id``: copied to the per-sample results;
+- ``qtype`` (or ``category``): the group of the per-type table;
+- ``options`` (``choice`` metric): two or more distinct candidate answers (strings), one of which
+  equals the reference answer after ``normalize``. Whether the question lists them is up to the
+  data; the model is never shown the options, only asked how likely each is as its answer::
+
+    {"id": "q7", "qtype": "colour", "options": ["red", "green", "blue"], "images": ["img/7.png"],
+     "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                  {"role": "assistant", "content": "green"}]}
 
 Design decisions:
-- The reference answer is the text of a conversation's last assistant turn; the prompt is
-  everything before it plus the generation header, exactly the tokens the model saw in training.
-- A prediction is the generated text up to the first ``<|im_end|>``; it is correct when it equals
-  the answer after ``normalize`` (case, spacing and one trailing full stop are ignored).
+- The prompt is everything before the last turn plus the generation header, exactly the tokens the
+  model saw in training.
+- ``exact``: a prediction is the greedy answer up to the first stop token (``<|im_end|>`` or the
+  end-of-text token); correct when it equals the reference after ``normalize`` (case, spacing and
+  one trailing full stop are ignored).
+- ``choice``: an option's score is the summed log-probability of its tokens followed by
+  ``<|im_end|>``, i.e. of the option as the whole assistant answer (the end marker keeps "red" from
+  winning as a prefix of "red circle"). The prediction is the best-scoring option, the first listed
+  on a tie. An option is tokenized behind the ``<|im_start|>assistant\\n`` header and the header's
+  tokens are checked to be unchanged, so its tokens are those the full conversation would have.
+- ``choice`` batching: one prefill over the B prompts (left-padded), then every prompt's KV cache
+  row is copied once per option and one forward over all R option rows (right-padded as segment
+  0) gives every option token's log-probability. Images and prompts are encoded once, not once per
+  option; a test holds the scores against transformers' full forward of each prompt + option.
 - Prompts are batched with left padding, so every row generates exactly what it would alone
   (``generate`` turns the padding into segment 0); a test holds batched against one-at-a-time.
-- ``generate`` takes one crop tensor and no ``image_feature_order``, so a batch is split into
-  sub-batches of one crop size (e.g. 980 px images apart from 490 px video frames). A single
-  sample that mixes sizes cannot be generated for and raises ``ValueError``.
-- Bad records (malformed, no final assistant answer, unreadable media) are handled by
+  Crops of several sizes (980 px images beside 490 px video frames, in one prompt or across the
+  batch) go to the model per size with ``image_feature_order``.
+- Bad records (malformed, no final assistant answer, bad options, unreadable media) are handled by
   ``BadInputPolicy`` like in training: skipped and counted by reason, or raised when ``strict``.
   Media are decoded per record before batching, so a bad file costs only its own record.
+- Loading (``load_inference``): MODEL is a Hugging Face directory (``config.json``) or our model,
+  checkpoint or run directory. The tokenizer is the one given, else ``data.tokenizer`` of the run's
+  ``config.yaml`` (in the run or checkpoint directory, or in the checkpoint holding a model
+  directory), else MODEL itself; the media settings not given default to that run's ``data``
+  config, else to the directory's processor files (``preprocessor_config.json`` /
+  ``processor_config.json``, as ``aria-convert`` writes them), else to Aria's (980 px images, 490 px
+  video frames, 8 frames).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from aria.data.errors import BadInputPolicy, DataError
-from aria.data.processor import Processor, group_crops
 from aria.data.loader import read_record
+from aria.data.processor import IM_END, IM_START, Processor, group_crops
 from aria.data.records import Sample
 from aria.data.sources import open_source
 from aria.model.generation import generate
@@ -38,7 +70,8 @@ from aria.model.generation import generate
 log = logging.getLogger("aria.evaluate")
 
 NO_QTYPE = "(none)"
-"""The ``by_qtype`` key of samples whose record has no ``qtype``."""
+"""The ``by_qtype`` key of samples whose record has no ``qtype`` (or ``category``)."""
+METRICS = ("exact", "choice")
 
 _IMAGE_BLOCK = re.compile(r"<fim_prefix>(?:<\|img\|>)+<fim_suffix>")
 
@@ -54,6 +87,10 @@ class SampleResult:
     prediction: str
     answer: str
     correct: bool
+    options: list[str] | None = None
+    """The candidate answers (``choice`` metric only)."""
+    scores: list[float] | None = None
+    """Summed log-probability of each option (``choice`` metric only)."""
 
 
 @dataclass
@@ -91,10 +128,13 @@ class EvalResult:
         return "\n".join(lines)
 
     def write_jsonl(self, path: str | Path) -> None:
-        """One JSON object per sample (the ``SampleResult`` fields), in dataset order."""
+        """One JSON object per sample (the ``SampleResult`` fields; ``options`` and ``scores`` only
+        for the choice metric), in dataset order."""
         with open(path, "w", encoding="utf-8") as f:
             for s in self.samples:
-                f.write(json.dumps(asdict(s), ensure_ascii=False) + "\n")
+                row = {k: v for k, v in asdict(s).items()
+                       if v is not None or k not in ("options", "scores")}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def normalize(text: str) -> str:
@@ -127,15 +167,9 @@ def split_prompt(sample: Sample) -> tuple[Sample, str]:
 def prompt_inputs(processor: Processor, prompt: Sample) -> dict[str, Any]:
     """``processor.prompt_inputs`` with a generation header; media errors located at the record."""
     try:
-        inputs = processor.prompt_inputs(prompt, add_generation_prompt=True)
+        return processor.prompt_inputs(prompt, add_generation_prompt=True)
     except DataError as err:
         raise err.at(prompt.where) from None
-    sides = sorted({pv.shape[-1] for pv, _ in inputs["crops"]})
-    if len(sides) > 1:
-        raise ValueError(f"{prompt.where}: the prompt mixes crops of {sides} px, which needs "
-                         "image_feature_order, and generate() does not take it; evaluate with "
-                         "data.image_size equal to data.video.image_size")
-    return inputs
 
 
 def prompt_text(processor: Processor, input_ids: torch.Tensor) -> str:
@@ -143,49 +177,85 @@ def prompt_text(processor: Processor, input_ids: torch.Tensor) -> str:
     return _IMAGE_BLOCK.sub("<image>", text)
 
 
-@torch.no_grad()
-def generate_answers(model: torch.nn.Module, processor: Processor, inputs: list[dict[str, Any]],
-                     max_new_tokens: int) -> list[str]:
-    """Greedy answers for prepared ``prompt_inputs``, batched per crop size, in input order."""
-    by_side: dict[int | None, list[int]] = {}
-    for i, item in enumerate(inputs):
-        side = item["crops"][0][0].shape[-1] if item["crops"] else None
-        by_side.setdefault(side, []).append(i)
-    answers: list[str] = [""] * len(inputs)
-    for rows in by_side.values():
-        for i, text in zip(rows, _generate_batch(model, processor, [inputs[i] for i in rows],
-                                                 max_new_tokens)):
-            answers[i] = text
-    return answers
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
 
 
-def _generate_batch(model: torch.nn.Module, processor: Processor, inputs: list[dict[str, Any]],
-                    max_new_tokens: int) -> list[str]:
+def stop_ids(processor: Processor) -> list[int]:
+    """The tokens that end an answer: ``<|im_end|>`` and the end-of-text token."""
     tok = processor.tokenizer
+    return list(dict.fromkeys([tok.im_end_id, tok.eos_id]))
+
+
+def batch_model_inputs(model: torch.nn.Module, processor: Processor, inputs: list[dict[str, Any]]
+                       ) -> dict[str, Any]:
+    """Left-padded ``input_ids`` (B, T) and ``attention_mask`` of prepared prompts plus their crops
+    (in <|img|> order, grouped per size), on the model's device; float pixels in its dtype."""
     param = next(model.parameters())
     lengths = [item["input_ids"].shape[-1] for item in inputs]
     B, T = len(inputs), max(lengths)
-    input_ids_BT = torch.full((B, T), tok.pad_id, dtype=torch.long)
+    input_ids_BT = torch.full((B, T), processor.tokenizer.pad_id, dtype=torch.long)
     attention_mask_BT = torch.zeros((B, T), dtype=torch.long)
     for b, (item, n) in enumerate(zip(inputs, lengths)):
         input_ids_BT[b, T - n:] = item["input_ids"].reshape(-1)
         attention_mask_BT[b, T - n:] = 1
     # Crops in row order, each row's in its token order: the order of the <|img|> slots.
     pixels = group_crops([crop for item in inputs for crop in item["crops"]], processor.tokens_per_crop)
-    assert pixels["image_feature_order"] is None, "generate_answers groups rows by crop size"
-    pixel_values = pixel_mask = None
-    if pixels["pixel_values"] is not None:
-        pixel_values = pixels["pixel_values"].to(param.device, param.dtype)
-        pixel_mask = pixels["pixel_mask"].to(param.device)
-    new_BN = generate(model, input_ids_BT.to(param.device), pixel_values, pixel_mask,
-                      attention_mask=attention_mask_BT.to(param.device), max_new_tokens=max_new_tokens,
-                      eos_token_ids=[tok.im_end_id], pad_token_id=tok.pad_id)
-    answers = []
+
+    def move(x):
+        if x is None:
+            return None
+        if isinstance(x, list):
+            return [move(t) for t in x]
+        if x.is_floating_point():
+            return x.to(param.device, param.dtype)
+        return x.to(param.device)  # uint8 pixels (normalised by the model), bool masks, indices
+
+    return {"input_ids": input_ids_BT.to(param.device),
+            "attention_mask": attention_mask_BT.to(param.device),
+            "pixel_values": move(pixels["pixel_values"]), "pixel_mask": move(pixels["pixel_mask"]),
+            "image_feature_order": move(pixels["image_feature_order"])}
+
+
+@dataclass
+class Generated:
+    text: str
+    """The answer decoded without special tokens, up to the first stop token."""
+    token_ids: list[int]
+    """The new tokens up to (not including) the first stop token."""
+    stopped: bool
+    """True if a stop token ended the answer, False if ``max_new_tokens`` did."""
+
+
+@torch.no_grad()
+def generate_batch(model: torch.nn.Module, processor: Processor, inputs: list[dict[str, Any]],
+                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                   generator: torch.Generator | None = None,
+                   on_token: Callable[[torch.Tensor], None] | None = None) -> list[Generated]:
+    """Answers to prepared ``prompt_inputs`` (one left-padded batch), in input order. Greedy when
+    ``temperature`` is 0; sampled rows draw from ``generator`` in turn, so a sampled answer depends
+    on the seed and on the batch it is in."""
+    tok = processor.tokenizer
+    batch = batch_model_inputs(model, processor, inputs)
+    stops = stop_ids(processor)
+    new_BN = generate(model, batch["input_ids"], batch["pixel_values"], batch["pixel_mask"],
+                      attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
+                      eos_token_ids=stops, pad_token_id=tok.pad_id, temperature=temperature,
+                      top_p=top_p, generator=generator, on_token=on_token,
+                      image_feature_order=batch["image_feature_order"])
+    results = []
     for row in new_BN.tolist():
-        if tok.im_end_id in row:
-            row = row[:row.index(tok.im_end_id)]
-        answers.append(tok.decode(row, skip_special_tokens=True))
-    return answers
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        ids = row if end is None else row[:end]
+        results.append(Generated(tok.decode(ids, skip_special_tokens=True), ids, end is not None))
+    return results
+
+
+def generate_answers(model: torch.nn.Module, processor: Processor, inputs: list[dict[str, Any]],
+                     max_new_tokens: int) -> list[str]:
+    """Greedy answers (text) for prepared ``prompt_inputs``, in input order."""
+    return [g.text for g in generate_batch(model, processor, inputs, max_new_tokens)]
 
 
 def answer_batch(model: torch.nn.Module, processor: Processor, samples: list[Sample],
@@ -195,6 +265,104 @@ def answer_batch(model: torch.nn.Module, processor: Processor, samples: list[Sam
                             max_new_tokens)
 
 
+# ---------------------------------------------------------------------------------------------
+# Multiple choice
+# ---------------------------------------------------------------------------------------------
+
+
+def check_options(options: Any, answer: str) -> tuple[list[str], int]:
+    """(the options, the index of the reference answer among them); ``DataError`` kind
+    ``bad_options`` unless ``options`` is a list of >= 2 distinct non-empty strings holding the
+    answer (compared after ``normalize``)."""
+    if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
+        raise DataError(f"'options' must be a list of two or more strings, got {options!r}", "bad_options")
+    keys = [normalize(o) for o in options]
+    if not all(keys):
+        raise DataError(f"'options' holds an empty option: {options!r}", "bad_options")
+    if len(set(keys)) < len(keys):
+        raise DataError(f"'options' holds the same option twice (after normalising case, spaces and "
+                        f"a final full stop): {options!r}", "bad_options")
+    if normalize(answer) not in keys:
+        raise DataError(f"the reference answer {answer!r} is not one of the options {options!r}",
+                        "bad_options")
+    return options, keys.index(normalize(answer))
+
+
+def option_token_ids(processor: Processor, option: str) -> list[int]:
+    """The tokens of ``option`` + ``<|im_end|>`` as they follow the ``<|im_start|>assistant\\n``
+    header in a tokenized conversation."""
+    tok = processor.tokenizer
+    special = tok.find_special_token(option)
+    if special is not None:
+        raise DataError(f"option {option!r} contains the special token {special} as text",
+                        "special_token_in_text")
+    header = f"{IM_START}assistant\n"
+    header_ids = tok.encode(header)
+    ids = tok.encode(header + option + IM_END)
+    if ids[:len(header_ids)] != header_ids or len(ids) == len(header_ids) or ids[-1] != tok.im_end_id:
+        raise DataError(f"option {option!r} does not tokenize on its own after the assistant header "
+                        "(its first characters merge with the header's line break)", "tokenizer_mismatch")
+    return ids[len(header_ids):]
+
+
+@torch.no_grad()
+def score_options(model: torch.nn.Module, processor: Processor, inputs: list[dict[str, Any]],
+                  options: list[list[str]]) -> list[list[float]]:
+    """Summed log-probability of each option of each prompt as its assistant answer (see the module
+    docstring): one prefill over the prompts, one forward over all their options."""
+    from aria.model.decoder import KVCache
+
+    tok = processor.tokenizer
+    batch = batch_model_inputs(model, processor, inputs)
+    device = batch["input_ids"].device
+    option_ids = [[option_token_ids(processor, o) for o in opts] for opts in options]
+    rows = [(b, ids) for b, per_prompt in enumerate(option_ids) for ids in per_prompt]
+    B, T = batch["input_ids"].shape
+    R, O = len(rows), max(len(ids) for _, ids in rows)
+
+    # Prefill: positions count real tokens only, padding is segment 0 (as in ``generate``).
+    segments_BT = batch["attention_mask"]
+    positions_BT = (segments_BT.cumsum(dim=1) - 1).clamp(min=0)
+    cache = KVCache(model.cfg.text, B, T + O, next(model.parameters()).dtype, device)
+    out = model(batch["input_ids"], batch["pixel_values"], batch["pixel_mask"], position_ids=positions_BT,
+                segment_ids=segments_BT, cache=cache, logits_to_keep=1,
+                image_feature_order=batch["image_feature_order"])
+    first_logp_BV = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+    # One cache row per option, copied from its prompt's row.
+    src_R = torch.tensor([b for b, _ in rows], device=device)
+    option_cache = copy.copy(cache)
+    option_cache.k, option_cache.v = cache.k[:, src_R], cache.v[:, src_R]
+    option_cache.segments_BS = cache.segments_BS[src_R]
+    ids_RO = torch.full((R, O), tok.pad_id, dtype=torch.long)
+    segments_RO = torch.zeros((R, O), dtype=torch.long)
+    for r, (_, ids) in enumerate(rows):
+        ids_RO[r, :len(ids)] = torch.tensor(ids)
+        segments_RO[r, :len(ids)] = 1
+    ids_RO, segments_RO = ids_RO.to(device), segments_RO.to(device)
+    positions_RO = segments_BT.sum(dim=1)[src_R, None] + torch.arange(O, device=device)
+    logits_ROV = model(ids_RO, position_ids=positions_RO, segment_ids=segments_RO,
+                       cache=option_cache).logits
+
+    # log p(token j) comes from the prefill's last logits for j = 0, else from option position j-1.
+    logp_RO = torch.empty((R, O), device=device)
+    logp_RO[:, 0] = first_logp_BV[src_R].gather(1, ids_RO[:, :1]).squeeze(1)
+    if O > 1:
+        logp_RO[:, 1:] = torch.log_softmax(logits_ROV[:, :-1].float(), dim=-1).gather(
+            2, ids_RO[:, 1:, None]).squeeze(2)
+    scores_R = (logp_RO * segments_RO).sum(dim=1).tolist()
+    result, r = [], 0
+    for per_prompt in option_ids:
+        result.append(scores_R[r: r + len(per_prompt)])
+        r += len(per_prompt)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation loop
+# ---------------------------------------------------------------------------------------------
+
+
 @dataclass
 class _Pending:
     where: str
@@ -202,17 +370,23 @@ class _Pending:
     qtype: str | None
     answer: str
     inputs: dict[str, Any]
+    options: list[str] | None = None
+    answer_index: int | None = None
 
 
-def exact_match(model: torch.nn.Module, processor: Processor, dataset: str | Path, split: str = "test",
-                max_new_tokens: int = 16, batch_size: int = 8, limit: int | None = None,
-                strict: bool = False, device: torch.device | str | None = None) -> EvalResult:
-    """Exact-match accuracy of greedy answers on ``dataset`` (a ``.jsonl`` file, a directory holding
-    ``{split}.jsonl``, or webdataset shards), read once in order.
+def evaluate(model: torch.nn.Module, processor: Processor, dataset: str | Path, metric: str = "exact",
+             split: str = "test", max_new_tokens: int = 16, batch_size: int = 8,
+             limit: int | None = None, strict: bool = False, device: torch.device | str | None = None,
+             allow_outside_media: bool = False) -> EvalResult:
+    """Accuracy of ``model`` on ``dataset`` (a ``.jsonl`` file, a directory holding
+    ``{split}.jsonl``, or webdataset shards), read once in order, by ``metric`` 'exact' (greedy
+    answers, ``max_new_tokens`` at most) or 'choice' (the record's ``options`` by likelihood).
 
     ``limit`` caps the number of scored samples (skipped records do not count); ``strict`` raises
     the first bad record instead of skipping it; ``device`` moves the model there first.
     """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 0:
@@ -224,11 +398,20 @@ def exact_match(model: torch.nn.Module, processor: Processor, dataset: str | Pat
     pending: list[_Pending] = []
 
     def flush() -> None:
-        predictions = generate_answers(model, processor, [p.inputs for p in pending], max_new_tokens)
-        for p, prediction in zip(pending, predictions):
-            result.samples.append(SampleResult(
-                p.where, p.id, p.qtype, prompt_text(processor, p.inputs["input_ids"]), prediction,
-                p.answer, normalize(prediction) == normalize(p.answer)))
+        inputs = [p.inputs for p in pending]
+        if metric == "exact":
+            predictions = generate_answers(model, processor, inputs, max_new_tokens)
+            for p, prediction in zip(pending, predictions):
+                result.samples.append(SampleResult(
+                    p.where, p.id, p.qtype, prompt_text(processor, p.inputs["input_ids"]), prediction,
+                    p.answer, normalize(prediction) == normalize(p.answer)))
+        else:
+            all_scores = score_options(model, processor, inputs, [p.options for p in pending])
+            for p, scores in zip(pending, all_scores):
+                best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # first of equals
+                result.samples.append(SampleResult(
+                    p.where, p.id, p.qtype, prompt_text(processor, p.inputs["input_ids"]),
+                    p.options[best], p.answer, best == p.answer_index, p.options, scores))
         pending.clear()
         log.info("evaluated %d samples: accuracy %.4f", len(result.samples), result.accuracy)
 
@@ -236,7 +419,7 @@ def exact_match(model: torch.nn.Module, processor: Processor, dataset: str | Pat
     model.eval()
     try:
         with torch.no_grad():
-            for raw in open_source(dataset, split).iterate_once():
+            for raw in open_source(dataset, split, allow_outside_media).iterate_once():
                 if limit is not None and len(result.samples) + len(pending) >= limit:
                     break
                 loaded = policy.attempt(read_record, raw)  # parsing; bad records skipped
@@ -244,12 +427,18 @@ def exact_match(model: torch.nn.Module, processor: Processor, dataset: str | Pat
                     continue
                 try:
                     prompt, answer = split_prompt(loaded.sample)
-                    inputs = prompt_inputs(processor, prompt)
+                    item = _Pending(raw.where, _optional_str(raw.record.get("id")),
+                                    _optional_str(raw.record.get("qtype", raw.record.get("category"))),
+                                    answer, {})
+                    if metric == "choice":
+                        item.options, item.answer_index = check_options(raw.record.get("options"), answer)
+                        for option in item.options:
+                            option_token_ids(processor, option)  # refuse it now, not mid-batch
+                    item.inputs = prompt_inputs(processor, prompt)
                 except DataError as err:
                     policy.handle(err.at(raw.where))
                     continue
-                pending.append(_Pending(raw.where, _optional_str(raw.record.get("id")),
-                                        _optional_str(raw.record.get("qtype")), answer, inputs))
+                pending.append(item)
                 if len(pending) == batch_size:
                     flush()
             if pending:
@@ -260,60 +449,153 @@ def exact_match(model: torch.nn.Module, processor: Processor, dataset: str | Pat
     return result
 
 
+def exact_match(model: torch.nn.Module, processor: Processor, dataset: str | Path, split: str = "test",
+                max_new_tokens: int = 16, batch_size: int = 8, limit: int | None = None,
+                strict: bool = False, device: torch.device | str | None = None) -> EvalResult:
+    """``evaluate`` with the exact-match metric."""
+    return evaluate(model, processor, dataset, "exact", split, max_new_tokens, batch_size, limit,
+                    strict, device)
+
+
+def multiple_choice(model: torch.nn.Module, processor: Processor, dataset: str | Path,
+                    split: str = "test", batch_size: int = 8, limit: int | None = None,
+                    strict: bool = False, device: torch.device | str | None = None) -> EvalResult:
+    """``evaluate`` with the multiple-choice metric (records need ``options``)."""
+    return evaluate(model, processor, dataset, "choice", split, batch_size=batch_size, limit=limit,
+                    strict=strict, device=device)
+
+
 def _optional_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Our model from a model / checkpoint / run directory, or from a Hugging Face directory."""
-    from aria.convert.checkpoint import load_hf_dir, load_model_dir
+# ---------------------------------------------------------------------------------------------
+# Loading a model, its tokenizer and processor
+# ---------------------------------------------------------------------------------------------
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / "model_config.json").is_file()
+
+
+def resolve_model(path: str | Path) -> tuple[bool, Path]:
+    """(is a Hugging Face directory, the directory holding the weights) for MODEL, or
+    ``FileNotFoundError`` saying what MODEL should have been."""
     from aria.train.checkpoint import resolve_model_dir
 
     path = Path(path)
-    if (path / "config.json").is_file() and not (path / "model_config.json").is_file():
-        return load_hf_dir(path, device=device)
-    return load_model_dir(resolve_model_dir(path), device=device)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    if is_hf_dir(path):
+        return True, path
+    try:
+        return False, resolve_model_dir(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; nor is it a Hugging Face directory (config.json)") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """python -m aria.evaluate MODEL DATA [--tokenizer DIR] [--image-size 490] ..."""
-    import argparse
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Our model from a model / checkpoint / run directory, or from a Hugging Face directory."""
+    from aria.convert.checkpoint import load_hf_dir, load_model_dir
+
+    hf, directory = resolve_model(path)
+    if hf:
+        return load_hf_dir(directory, device=device, dtype=dtype)
+    return load_model_dir(directory, device=device, dtype=dtype)
+
+
+def run_config_file(path: str | Path) -> Path | None:
+    """The ``config.yaml`` of the run that MODEL (a run, checkpoint or model directory) comes from."""
+    path = Path(path)
+    if (path / "config.yaml").is_file():  # a run or a checkpoint directory
+        return path / "config.yaml"
+    if (path / "model_config.json").is_file() and (path.parent / "config.yaml").is_file():
+        return path.parent / "config.yaml"  # the model directory of a checkpoint
+    return None
+
+
+def run_data_config(path: str | Path):
+    """The ``DataConfig`` of the run MODEL comes from, or None (a Hugging Face or bare model dir)."""
+    config = run_config_file(path)
+    if config is None:
+        return None
+    from aria.train.compose import load_resolved
+
+    try:
+        return load_resolved(config).data
+    except Exception as err:  # YAML syntax, unknown keys, bad values: all the file's fault
+        raise ValueError(f"{config} is not a readable run config: {err}") from None
+
+
+def find_tokenizer(model_path: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """The tokenizer to use for MODEL: ``tokenizer`` if given, else the run config's
+    ``data.tokenizer``, else MODEL itself (or its resolved model directory) if it holds one."""
+    resolve_model(model_path)  # MODEL itself is the first thing to be wrong about
+    if tokenizer is not None:
+        return Path(tokenizer)
+    data = run_data_config(model_path)
+    if data is not None and data.tokenizer:
+        found = Path(data.tokenizer)
+        if not found.exists():
+            raise FileNotFoundError(f"{run_config_file(model_path)} names data.tokenizer={found}, which "
+                                    "does not exist; pass --tokenizer DIR")
+        return found
+    for candidate in dict.fromkeys([Path(model_path), resolve_model(model_path)[1]]):
+        if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer.model").is_file():
+            return candidate
+    raise FileNotFoundError(f"no tokenizer for {model_path}: it holds no tokenizer.json or "
+                            "tokenizer.model and no run config.yaml names data.tokenizer; pass "
+                            "--tokenizer DIR")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_inference(model_path: str | Path, tokenizer: str | Path | None = None,
+                   image_size: int | None = None, num_frames: int | None = None,
+                   device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """(model in eval mode, processor) for MODEL, as the module docstring says. ``dtype`` defaults
+    to bf16 on a GPU and fp32 on the CPU."""
+    from dataclasses import replace
 
     from aria.config import VideoConfig
+    from aria.convert.checkpoint import read_hf_config, read_model_config
     from aria.data.tokenizer import Tokenizer
 
-    parser = argparse.ArgumentParser(prog="python -m aria.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="run, checkpoint or model directory, or a Hugging Face directory")
-    parser.add_argument("data", help="JSONL dataset (file, or directory with {split}.jsonl) or shards")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer directory (default: the run's data.tokenizer, or MODEL itself)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--image-size", type=int, default=980, choices=(490, 980))
-    parser.add_argument("--video-frames", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--out", default=None, help="write per-sample results (JSONL) here")
-    args = parser.parse_args(argv)
-    tokenizer = args.tokenizer
-    if tokenizer is None:
-        run_config = Path(args.model) / "config.yaml"
-        if run_config.is_file():
-            from aria.train.compose import load_resolved
+    device = torch.device(device or default_device())
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # Every cheap check (configs, tokenizer, media settings) before the weights are read.
+    hf, directory = resolve_model(model_path)
+    model_cfg = read_hf_config(directory) if hf else read_model_config(directory)
+    tok_path = find_tokenizer(model_path, tokenizer)
+    data = run_data_config(model_path)
+    video = data.video if data is not None else VideoConfig()
+    if num_frames is not None:
+        video = replace(video, num_frames=num_frames, fps=None)
+    settings = dict(video=video)
+    if data is not None:  # a run: the settings it trained with
+        settings.update(image_size=data.image_size, min_image_size=data.min_image_size,
+                        split_image=data.split_image)
+    else:  # an HF / model directory: its processor files, else transformers' default of 980 px
+        from aria.convert.hf_processor import image_settings_from_files
 
-            tokenizer = load_resolved(run_config).data.tokenizer
-        else:
-            tokenizer = args.model
-    model = load_model(args.model)
-    processor = Processor.for_model(Tokenizer.load(tokenizer), model.cfg, image_size=args.image_size,
-                                    video=VideoConfig(num_frames=args.video_frames))
-    result = exact_match(model, processor, args.data, args.split, args.max_new_tokens, args.batch_size,
-                         args.limit)
-    print(result.table())
-    if args.out:
-        result.write_jsonl(args.out)
-    return 0
+        found = image_settings_from_files(directory)
+        settings["image_size"] = 980
+        if found is not None:
+            settings.update(image_size=found.image_size, min_image_size=found.min_image_size,
+                            split_image=found.split_image)
+    if image_size is not None:
+        settings["image_size"] = image_size
+    processor = Processor.for_model(Tokenizer.load(tok_path), model_cfg, **settings)
+    model = load_model(model_path, device=device, dtype=dtype).eval()
+    return model, processor
 
 
 if __name__ == "__main__":
+    from aria.cli.eval import main
+
     raise SystemExit(main())

@@ -1,11 +1,14 @@
-"""Shared test helpers: tiny configs, HF twins of our models, and a 2-process gloo harness."""
+"""Shared test helpers: tiny configs, HF twins of our models, a small shapes world with its
+tokenizer, HF exports with a tokenizer, and a 2-process gloo harness."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -53,6 +56,32 @@ def hf_twin(model, directory: str | None = None, attn_implementation: str = "eag
         write_hf_dir(model.state_dict().items(), model.cfg, out)
         hf = AriaForConditionalGeneration.from_pretrained(out, attn_implementation=attn_implementation)
     return hf.eval()
+
+
+def shapes_world(root: Path, vocab_size: int = 600, **sizes) -> tuple[Path, Path]:
+    """(dataset dir, tokenizer dir): a small synthetic shapes dataset (images, videos,
+    chat_{train,test}.jsonl) in root/data and a tokenizer trained on its text in root/tokenizer."""
+    from data_tools.make_shapes import make_shapes
+    from data_tools.train_tokenizer import train
+
+    data = Path(root) / "data"
+    sizes = {"train_images": 8, "test_images": 4, "train_videos": 2, "test_videos": 2, **sizes}
+    make_shapes(data, seed=0, wds=False, workers=1, **sizes)
+    tok_dir = train([str(data / "text_train.jsonl"), str(data / "chat_train.jsonl")],
+                    Path(root) / "tokenizer", vocab_size=vocab_size)
+    return data, tok_dir
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja")
+
+
+def export_hf_with_tokenizer(model, tokenizer_dir: Path, out: Path) -> Path:
+    """An HF directory of ``model`` with the tokenizer files copied in (what a released model has)."""
+    write_hf_dir(model.state_dict().items(), model.cfg, out)
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copy(Path(tokenizer_dir) / name, Path(out) / name)
+    return Path(out)
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""Console scripts are installed; the ones whose features come later say so and exit non-zero."""
+"""Console scripts are installed, answer --help and report bad input in one line (no traceback)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,28 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=120)
 
 
-def test_aria_generate_says_it_is_pending():
-    done = run("aria-generate")
-    assert done.returncode == 2
-    assert "not implemented yet" in done.stderr
+def test_aria_generate_help_and_errors(tmp_path):
+    done = run("aria-generate", "--help")
+    assert done.returncode == 0
+    for flag in ("--image", "--video", "--num-frames", "--greedy", "--temperature", "--top-p", "--seed",
+                 "--batch", "--out", "--tokenizer", "--image-size", "--system", "--max-new-tokens"):
+        assert flag in done.stdout
+    done = run("aria-generate", str(tmp_path), "--prompt", "hi")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"aria-generate: error: {tmp_path} is not a model directory")
+    assert done.stderr.endswith("nor is it a Hugging Face directory (config.json)\n")
+    assert done.stderr.count("\n") == 1
+    done = run("aria-generate", str(tmp_path), "--greedy", "--temperature", "0.5", "--prompt", "hi")
+    assert done.returncode == 2 and "not allowed with argument" in done.stderr
+
+
+def test_aria_eval_help_and_errors(tmp_path):
+    done = run("aria-eval", "--help")
+    assert done.returncode == 0
+    assert "--metric" in done.stdout and "choice" in done.stdout and "--limit" in done.stdout
+    done = run("aria-eval", str(tmp_path / "absent"), str(tmp_path / "data.jsonl"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr == f"aria-eval: error: JSONL dataset file not found: {tmp_path / 'data.jsonl'}\n"
 
 
 def test_aria_train_help_and_config_errors():

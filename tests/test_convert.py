@@ -120,7 +120,7 @@ def test_ours_to_hf_to_ours_is_bit_exact(tmp_path, shard):
     model = build_model(CFG)
     perturb(model)
     save_model_dir(model.state_dict(), CFG, tmp_path / "ours")
-    assert convert_main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf"),
+    assert convert_main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf"), "--weights-only",
                          "--max-shard-size", shard]) == 0
     assert convert_main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back"),
                          "--max-shard-size", shard]) == 0
@@ -223,7 +223,7 @@ def test_console_script_runs(tmp_path):
     model = build_model(CFG)
     save_model_dir(model.state_dict(), CFG, tmp_path / "ours")
     exe = Path(sys.executable).parent / "aria-convert"
-    done = subprocess.run([str(exe), "to-hf", str(tmp_path / "ours"), str(tmp_path / "hf")],
+    done = subprocess.run([str(exe), "to-hf", str(tmp_path / "ours"), str(tmp_path / "hf"), "--weights-only"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "hf" / "config.json").is_file()
@@ -255,3 +255,54 @@ def test_original_custom_code_config_is_read():
     cfg = from_hf_config(hf)
     assert cfg.moe.intermediate_size == CFG.moe.intermediate_size
     assert cfg.text.rope_theta == CFG.text.rope_theta
+
+
+def test_transform_step_runs_between_reading_and_writing_and_is_checked(tmp_path):
+    """``convert(transform=...)`` maps the (our name, tensor) stream, e.g. to merge adapters; what it
+    yields is checked like any source, and a failure leaves no weights behind."""
+    from transformers import AriaForConditionalGeneration
+
+    torch.manual_seed(2)
+    model = build_model(CFG)
+    save_model_dir(model.state_dict(), CFG, tmp_path / "ours")
+
+    def negate_routers(tensors):
+        for key, tensor in tensors:
+            yield key, -tensor if key.endswith("moe.router.weight") else tensor
+
+    convert(tmp_path / "ours", tmp_path / "hf", "to-hf", transform=negate_routers, log=lambda _: None)
+    hf = AriaForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    router = hf.model.language_model.layers[1].mlp.router.weight
+    assert torch.equal(router, -model.decoder.layers[1].moe.router.weight)
+
+    def adds_a_tensor(tensors):
+        yield from tensors
+        yield "decoder.layers.0.moe.adapter.weight", torch.zeros(2)
+
+    def drops_a_tensor(tensors):
+        return ((k, t) for k, t in tensors if k != "decoder.norm.weight")
+
+    for transform, message in ((adds_a_tensor, r"after adds_a_tensor: tensor 'decoder\.layers\.0\.moe\.adapter"
+                                                r"\.weight' is not a parameter"),
+                               (drops_a_tensor, r"missing 1 tensor\(s\): \['decoder\.norm\.weight'\]")):
+        out = tmp_path / transform.__name__
+        with pytest.raises(ValueError, match=message):
+            convert(tmp_path / "ours", out, "to-hf", transform=transform, max_shard_bytes=20_000,
+                    log=lambda _: None)
+        assert not out.exists() or not list(out.iterdir())  # temporary shards removed, nothing else written
+
+
+def test_cli_errors_name_the_file(tmp_path, capsys):
+    save_model_dir(build_model(CFG).state_dict(), CFG, tmp_path / "ours", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "ours" / INDEX).read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / "ours" / shard).unlink()
+    assert convert_main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf"), "--weights-only"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'ours' / INDEX} lists shard(s) missing" in err and shard in err
+    assert convert_main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf"), "--max-shard-size", "lots"]) == 1
+    assert "size 'lots' is not understood" in capsys.readouterr().err
+    (tmp_path / "ours" / "model_config.json").write_text("{not json")
+    assert convert_main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf"), "--weights-only"]) == 1
+    assert "model_config.json is not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

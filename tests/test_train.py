@@ -224,6 +224,8 @@ RECIPE_FACTS = {  # recipe: (stage name, vision trains, seq_len, RoPE base set b
     "finetune": ("finetune", False, 2048, None),
     "finetune_video": ("finetune", False, 4096, None),
     "finetune_long_context": ("finetune", False, 65536, None),
+    "finetune_lora": ("finetune", False, 2048, None),
+    "quickstart": ("full", True, 1024, None),
 }
 
 

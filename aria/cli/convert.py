@@ -1,11 +1,30 @@
-"""aria-convert: our model directories <-> Hugging Face Aria directories.
+"""aria-convert: training runs and our model directories <-> Hugging Face Aria directories.
 
-    aria-convert from-hf HF_DIR OUT_DIR [--dtype bf16|fp32] [--max-shard-size 5GB]
-    aria-convert to-hf MODEL_DIR OUT_DIR [--dtype bf16|fp32] [--max-shard-size 5GB]
+    aria-convert to-hf SOURCE OUT_DIR [--tokenizer DIR] [--weights-only] [--merge-lora]
+                       [--dtype bf16|fp32|fp16] [--max-shard-size 5GB]
+    aria-convert from-hf HF_DIR OUT_DIR [--dtype bf16|fp32|fp16] [--max-shard-size 5GB]
 
-``to-hf`` writes weights + config.json + generation_config.json, loadable with
-``AriaForConditionalGeneration.from_pretrained(OUT_DIR)``; ``from-hf`` accepts every HF key layout
-and the original rhymes-ai checkpoint names.
+``to-hf``: SOURCE is a run directory (its latest checkpoint), a checkpoint directory
+(``RUN/checkpoints/step_N``) or a model directory; expert-parallel checkpoints are consolidated on
+the fly. OUT_DIR gets everything ``AriaForConditionalGeneration.from_pretrained(OUT_DIR)`` and
+``AutoProcessor.from_pretrained(OUT_DIR)`` read, with no ``trust_remote_code``: safetensors (sharded
+with ``model.safetensors.index.json`` above ``--max-shard-size``), ``config.json``,
+``generation_config.json`` (stops at ``<|im_end|>`` too), the tokenizer files, ``processor_config.json``
++ ``preprocessor_config.json`` (crop size, minimum side and splitting as the run trained) and
+``chat_template.jinja``. The tokenizer is ``--tokenizer``, else the run's ``data.tokenizer``, else the
+one beside the weights; without one it stops and says so (``--weights-only`` skips tokenizer and
+processor files). A LoRA run's checkpoint needs ``--merge-lora``: its adapters are merged into the
+exported weights (a LoRA source without the flag is refused, never exported as its frozen base).
+
+``from-hf``: HF_DIR in any of the four key layouts transformers reads or the original rhymes-ai
+custom-code layout. OUT_DIR is our model directory (``model_config.json`` + safetensors) plus the
+HF tokenizer and processor files, ready for ``init.from_checkpoint=OUT_DIR data.tokenizer=OUT_DIR``.
+
+Every key and shape is checked before anything is written; errors (not a checkpoint, a raw
+DeepSpeed directory without ``model/``, a shard or expert file missing, files of two EP layouts, a
+tokenizer without Aria's special tokens, ...) name the file and what is missing, and exit with
+status 1. Tensors stream one at a time and are written shard by shard, so memory stays at one
+output shard whatever the model size.
 """
 
 from __future__ import annotations
@@ -19,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="direction", required=True)
     for name, src_help in (("from-hf", "Hugging Face Aria directory (config.json + safetensors)"),
-                           ("to-hf", "our model directory (model_config.json + safetensors)")):
+                           ("to-hf", "run directory, checkpoint directory (step_N) or model directory "
+                                     "(model_config.json + safetensors)")):
         p = sub.add_parser(name, help=f"convert a {src_help}")
         p.add_argument("source", help=src_help)
         p.add_argument("output", help="directory to write (created if missing)")
@@ -27,17 +47,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cast floating tensors (default: keep the source dtype)")
         p.add_argument("--max-shard-size", default="5GB",
                        help="largest safetensors shard, e.g. 5GB or 500MB (default 5GB)")
+        if name == "to-hf":
+            p.add_argument("--tokenizer", default=None,
+                           help="tokenizer directory (default: the run's data.tokenizer, else the "
+                                "tokenizer files beside the weights)")
+            p.add_argument("--weights-only", action="store_true",
+                           help="write weights, config.json and generation_config.json only")
+            p.add_argument("--merge-lora", action="store_true",
+                           help="merge a LoRA run's adapters (model/adapters.safetensors) into the "
+                                "exported weights")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from aria.convert.checkpoint import DTYPES, convert, parse_size
+    from aria.convert.checkpoint import DTYPES, parse_size
+    from aria.convert.export import from_hf, to_hf
 
     try:
-        convert(args.source, args.output, args.direction,
-                dtype=DTYPES[args.dtype] if args.dtype else None,
-                max_shard_bytes=parse_size(args.max_shard_size))
+        options = dict(dtype=DTYPES[args.dtype] if args.dtype else None,
+                       max_shard_bytes=parse_size(args.max_shard_size))
+        if args.direction == "to-hf":
+            to_hf(args.source, args.output, tokenizer=args.tokenizer, weights_only=args.weights_only,
+                  merge_lora=args.merge_lora, **options)
+        else:
+            from_hf(args.source, args.output, **options)
     except (ValueError, FileNotFoundError) as err:
         print(f"aria-convert: error: {err}", file=sys.stderr)
         return 1

@@ -11,16 +11,27 @@ A training checkpoint made with expert parallelism (P ranks of experts) keeps ev
 in its own file: the files above hold the non-expert tensors, ``experts-ep{r:03d}-of-{P:03d}.safetensors``
 hold rank r's slice (E / P experts) of every expert tensor, and ``layout.json`` says
 ``{"ep_size": P}``. Readers consolidate them (``iter_tensors``), so conversion and loading see one
-ordinary model whatever the layout.
+ordinary model whatever the layout. (ZeRO partitions never reach this format: training gathers
+them when it saves ``model/``.)
 
 A Hugging Face directory has ``config.json`` + ``generation_config.json`` and the same safetensors
-layout with HF names (what ``save_pretrained`` writes).
+layout with HF names (what ``save_pretrained`` writes). This module converts weights and configs;
+``aria.convert.export`` adds run-directory resolution, the tokenizer and the processor files.
 
 Design decisions:
 - Conversion streams: tensors are read one at a time (``safe_open``) and written shard by shard, so
-  converting the 25.3B model never holds more than one shard in memory.
+  converting the 25.3B model holds at most one output shard plus the tensor being read (for an
+  expert tensor of an EP checkpoint: its P slices and their concatenation) in memory, never a
+  second copy of the model.
 - Shards are first written under temporary names and renamed once their count is known; the index
-  is written last, so a directory with an index is complete.
+  is written last, so a directory with an index is complete. A failure while writing (a bad key
+  found mid-stream) deletes the temporary shards and leaves the output as it was.
+- ``convert`` takes an optional ``transform`` over the (our name, tensor) stream, applied between
+  reading and writing (e.g. merging adapters into the weights). Its output is checked key by key
+  and shape by shape against the model config as it streams; without a transform the safetensors
+  headers are also checked before any data is read.
+- An expert-parallel layout is checked as a whole before it is read: ``layout.json`` present and
+  readable, every rank's file there, no files of another EP size left beside them.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -91,17 +102,45 @@ def weight_files(directory: Path) -> dict[str, list[str]]:
     raise FileNotFoundError(f"{directory} holds no weights: expected {SINGLE} or {INDEX}")
 
 
+EXPERT_FILE = re.compile(r"^experts-ep(\d+)-of-(\d+)\.safetensors$")
+
+
 def expert_parallel_size(directory: Path) -> int:
+    """P of an expert-parallel directory (``layout.json``), 1 without one."""
     path = Path(directory) / LAYOUT
-    return int(json.loads(path.read_text())["ep_size"]) if path.is_file() else 1
+    if not path.is_file():
+        return 1
+    try:
+        size = json.loads(path.read_text())["ep_size"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not an expert-parallel layout (expected {{\"ep_size\": P}}): "
+                         f"{err}") from None
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"{path}: ep_size must be a positive integer, got {size!r}")
+    return size
 
 
 def expert_file(directory: Path, rank: int, ep_size: int) -> Path:
     return Path(directory) / f"experts-ep{rank:03d}-of-{ep_size:03d}.safetensors"
 
 
-def _expert_files(directory: Path) -> list[Path]:
+def expert_files(directory: Path) -> list[Path]:
+    """The expert slice files of ``directory`` in rank order ([] when its experts are in the
+    ordinary weight files), after checking that they form exactly one complete layout."""
+    directory = Path(directory)
+    found = {f.name: int(m.group(2)) for f in directory.glob("experts-ep*-of-*.safetensors")
+             if (m := EXPERT_FILE.match(f.name))}
+    if found and not (directory / LAYOUT).is_file():
+        raise ValueError(f"{directory} holds expert-parallel files {sorted(found)} but no {LAYOUT} "
+                         "saying their ep_size")
     P = expert_parallel_size(directory)
+    stray = sorted(name for name, size in found.items() if size != P)
+    if stray:
+        raise ValueError(f"{directory} mixes expert-parallel layouts: {LAYOUT} says ep_size={P}, but "
+                         f"{stray} belong to ep_size {sorted({found[n] for n in stray})}. A checkpoint "
+                         "holds one layout; remove the files left by the other one")
+    if P == 1:
+        return []
     files = [expert_file(directory, r, P) for r in range(P)]
     absent = [f.name for f in files if not f.is_file()]
     if absent:
@@ -115,25 +154,33 @@ def iter_tensors(directory: Path, shapes_only: bool = False) -> Iterator[tuple[s
     an expert-parallel checkpoint concatenated into whole tensors. ``shapes_only``: (key, shape)
     from the safetensors headers, reading no data."""
     directory = Path(directory)
+    files = expert_files(directory)  # the layout is checked before any tensor is yielded
+    seen = set()
     for name, keys in weight_files(directory).items():
         with safe_open(directory / name, framework="pt") as f:
             present = set(f.keys())
             for key in keys:
                 if key not in present:
                     raise ValueError(f"{directory / INDEX} maps '{key}' to {name}, which lacks it")
+                seen.add(key)
                 yield key, tuple(f.get_slice(key).get_shape()) if shapes_only else f.get_tensor(key)
-    if expert_parallel_size(directory) == 1:
+    if not files:
         return
-    files = _expert_files(directory)
     handles = [safe_open(f, framework="pt") for f in files]
     keys = list(handles[0].keys())
     for f, h in zip(files, handles):
         if set(h.keys()) != set(keys):
             raise ValueError(f"{f} holds different expert tensors than {files[0].name}")
     for key in keys:
+        if key in seen:
+            raise ValueError(f"'{key}' is in both {files[0].name} and the ordinary weight files of "
+                             f"{directory}")
+        shapes = [tuple(h.get_slice(key).get_shape()) for h in handles]
+        if len(set(shapes)) != 1:
+            raise ValueError(f"{directory}: the expert slices of '{key}' differ in shape across ranks: "
+                             f"{dict(zip((f.name for f in files), shapes))}")
         if shapes_only:
-            first = tuple(handles[0].get_slice(key).get_shape())
-            yield key, (first[0] * len(handles), *first[1:])
+            yield key, (shapes[0][0] * len(handles), *shapes[0][1:])
         else:
             yield key, torch.cat([h.get_tensor(key) for h in handles])
 
@@ -202,9 +249,15 @@ def _cast(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None
 def read_model_config(directory: Path) -> ModelConfig:
     path = Path(directory) / MODEL_CONFIG
     if not path.is_file():
+        hint = ("it has config.json: a Hugging Face directory, which aria-convert from-hf imports"
+                if (Path(directory) / "config.json").is_file() else
+                "an HF directory has config.json; use aria-convert from-hf")
         raise FileNotFoundError(f"{directory} is not an Aria model directory: {MODEL_CONFIG} is "
-                                "missing (an HF directory has config.json; use aria-convert from-hf)")
-    return ModelConfig.from_dict(json.loads(path.read_text()))
+                                f"missing ({hint})")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
 
 
 def save_model_dir(state: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
@@ -220,12 +273,18 @@ def save_model_dir(state: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Te
 
 def load_model_dir(directory: Path, device: torch.device | str = "cpu",
                    dtype: torch.dtype | None = None):
-    """Builds the model of ``directory`` and loads its weights, checking every key and shape."""
+    """Builds the model of ``directory`` and loads its weights, checking every key and shape. LoRA
+    adapters saved beside the weights (a LoRA run's checkpoint) are merged in: this is the model
+    the run trained."""
     from aria.model import build_model
+    from aria.model.lora import ADAPTERS_FILE, merge_transform
 
     cfg = read_model_config(directory)
     model = build_model(cfg, device="meta")
-    load_state(model, iter_tensors(directory), f"weights in {directory}", device, dtype)
+    tensors = iter_tensors(directory)
+    if (Path(directory) / ADAPTERS_FILE).is_file():
+        tensors = merge_transform(directory)(tensors)
+    load_state(model, tensors, f"weights in {directory}", device, dtype)
     return model
 
 
@@ -265,9 +324,15 @@ def check_state(shapes: dict[str, tuple], expected: dict[str, torch.Tensor], sou
 def read_hf_config(directory: Path) -> ModelConfig:
     path = Path(directory) / "config.json"
     if not path.is_file():
+        hint = (f" (it has {MODEL_CONFIG}: one of our model directories, which aria-convert to-hf "
+                "exports)" if (Path(directory) / MODEL_CONFIG).is_file() else "")
         raise FileNotFoundError(f"{directory} is not a Hugging Face model directory: config.json "
-                                "is missing")
-    return from_hf_config(json.loads(path.read_text()), source=str(path))
+                                f"is missing{hint}")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    return from_hf_config(hf, source=str(path))
 
 
 def rename_hf(items: Iterable[tuple[str, object]], source: str) -> Iterator[tuple[str, object]]:
@@ -323,8 +388,10 @@ def load_hf_dir(directory: Path, device: torch.device | str = "cpu", dtype: torc
 
 
 def write_hf_dir(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, directory: Path,
-                 dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Writes weights (our names, streamed) + config.json + generation_config.json."""
+                 dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 stop_token_ids: Sequence[int] = ()) -> None:
+    """Writes weights (our names, streamed) + config.json + generation_config.json
+    (``stop_token_ids``: more ids that end generation besides the config's end of text)."""
     directory = Path(directory)
     seen: set[torch.dtype] = set()
 
@@ -338,15 +405,23 @@ def write_hf_dir(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, 
     dtype_name = str(max(seen, key=lambda d: torch.finfo(d).bits) if seen else torch.float32)
     (directory / "config.json").write_text(
         json.dumps(to_hf_config(cfg, dtype_name.removeprefix("torch.")), indent=2) + "\n")
-    (directory / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+    (directory / "generation_config.json").write_text(
+        json.dumps(generation_config(cfg, stop_token_ids), indent=2) + "\n")
+
+
+Transform = Callable[[Iterator[tuple[str, torch.Tensor]]], Iterable[tuple[str, torch.Tensor]]]
 
 
 def convert(source: Path, target: Path, direction: str, dtype: torch.dtype | None = None,
             max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-            log: Callable[[str], None] = print) -> None:
-    """``direction`` 'to-hf' (our model dir -> HF dir) or 'from-hf' (HF dir -> our model dir).
+            log: Callable[[str], None] = print, transform: Transform | None = None,
+            stop_token_ids: Sequence[int] = ()) -> None:
+    """Weights and config: ``direction`` 'to-hf' (our model dir -> HF dir) or 'from-hf' (HF dir ->
+    our model dir). ``transform`` maps the stream of (our name, tensor) between reading and
+    writing; ``stop_token_ids`` go into an HF generation_config.json.
 
-    Every key and shape is checked against the config before anything is written.
+    Every key and shape is checked against the config: from the safetensors headers before anything
+    is read (without a transform), and on the stream that is written.
     """
     from aria.model import build_model
 
@@ -355,27 +430,52 @@ def convert(source: Path, target: Path, direction: str, dtype: torch.dtype | Non
         raise ValueError(f"source and output are the same directory: {source}")
     if direction == "from-hf":
         cfg = read_hf_config(source)
-        renamed = lambda: rename_hf(iter_tensors(source), f"Hugging Face weights in {source}")  # noqa: E731
+        origin = f"Hugging Face weights in {source}"
+        stream = lambda: rename_hf(iter_tensors(source), origin)  # noqa: E731
     elif direction == "to-hf":
         cfg = read_model_config(source)
-        renamed = lambda: iter_tensors(source)  # noqa: E731
+        origin = f"weights in {source}"
+        stream = lambda: iter_tensors(source)  # noqa: E731
     else:
         raise ValueError(f"unknown direction {direction!r}")
 
-    # Check names and shapes against the config first (shapes from safetensors headers only).
     expected = build_model(cfg, device="meta").state_dict()
-    shapes = dict(_headers(source, direction))
-    check_state(shapes, expected, f"weights in {source}", cfg.text.tie_word_embeddings)
-
-    if direction == "to-hf":
-        for key in shapes:  # e.g. a router balancing bias: refuse before writing anything
-            if not (key == "lm_head.weight" and cfg.text.tie_word_embeddings):
-                keymap.ours_to_hf(key)
+    tied = cfg.text.tie_word_embeddings
+    if transform is None:  # names and shapes from the safetensors headers, before reading data
+        shapes = dict(_headers(source, direction))
+        check_state(shapes, expected, origin, tied)
+        if direction == "to-hf":
+            for key in shapes:  # e.g. a router balancing bias: refuse before writing anything
+                if not (key == "lm_head.weight" and tied):
+                    keymap.ours_to_hf(key)
+    tensors = stream() if transform is None else transform(stream())
+    if transform is not None:
+        origin = f"{origin} after {getattr(transform, '__name__', 'the transform')}"
+    seen: set[str] = set()
+    checked = _checked(tensors, expected, origin, tied, seen)
     if direction == "from-hf":
-        save_model_dir(renamed(), cfg, target, max_shard_bytes, dtype)
+        save_model_dir(checked, cfg, target, max_shard_bytes, dtype)
     else:
-        write_hf_dir(renamed(), cfg, target, dtype, max_shard_bytes)
-    log(f"wrote {target} ({len(shapes)} tensors, {cfg.name} config)")
+        write_hf_dir(checked, cfg, target, dtype, max_shard_bytes, stop_token_ids)
+    log(f"wrote {target} ({len(seen)} tensors, {cfg.name} config)")
+
+
+def _checked(tensors: Iterable[tuple[str, torch.Tensor]], expected: dict[str, torch.Tensor], source: str,
+             tied_lm_head: bool, seen: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Passes the stream through, recording its keys in ``seen``; raises (inside the writer, which
+    then discards its temporary shards) at the first unexpected key or wrong shape, and at the end
+    if a key never came."""
+    for key, tensor in tensors:
+        if key not in expected:
+            raise ValueError(f"{source}: tensor '{key}' is not a parameter of the model config")
+        if key in seen:
+            raise ValueError(f"{source}: tensor '{key}' appears twice")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{source}: tensor '{key}' has shape {tuple(tensor.shape)} but the model "
+                             f"config expects {tuple(expected[key].shape)}")
+        seen.add(key)
+        yield key, tensor
+    keymap.check_keys(seen, expected, source, tied_lm_head)
 
 
 def _headers(directory: Path, direction: str) -> Iterator[tuple[str, tuple[int, ...]]]:

@@ -9,11 +9,13 @@ Mapping notes:
 - RoPE: written as ``rope_parameters``; the legacy ``rope_theta`` key is read too.
 - Training-only options (router loss coefficients, balancing) are not part of the HF format; they
   take our defaults on import.
+- ``generation_config.json`` ends generation at the end-of-text id and, when the export knows the
+  tokenizer, at ``<|im_end|>`` too (the end of an assistant turn, where our evaluation stops).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from aria.config import ModelConfig, MoEConfig, ProjectorConfig, TextConfig, VisionConfig
 
@@ -70,8 +72,11 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     }
 
 
-def generation_config(cfg: ModelConfig) -> dict[str, Any]:
-    return {"bos_token_id": cfg.text.bos_token_id, "eos_token_id": cfg.text.eos_token_id,
+def generation_config(cfg: ModelConfig, stop_token_ids: Sequence[int] = ()) -> dict[str, Any]:
+    """``generation_config.json``; ``stop_token_ids`` (e.g. ``<|im_end|>``, which ends an assistant
+    turn) join the end-of-text id in ``eos_token_id``."""
+    eos = [cfg.text.eos_token_id, *(i for i in stop_token_ids if i != cfg.text.eos_token_id)]
+    return {"bos_token_id": cfg.text.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": cfg.text.pad_token_id}
 
 

@@ -90,9 +90,10 @@ class Aria(nn.Module):
         return [layer.moe for layer in self.decoder.layers]
 
     def init_weights(self) -> None:
-        """From-scratch init (normal(0, initializer_range); norms to one; pad embedding row zero)."""
+        """From-scratch init: normal(0, initializer_range), norms to one, pad embedding row zero; the
+        vision encoder uses SigLIP's fan-in scaled init (see ``aria.model.vision``)."""
         std = self.cfg.text.initializer_range
-        self.vision.init_weights(std)
+        self.vision.init_weights()
         self.projector.init_weights(std)
         self.decoder.init_weights()
         if not self.cfg.text.tie_word_embeddings:

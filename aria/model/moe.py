@@ -1,7 +1,7 @@
 """Fine-grained MoE MLP: router -> dispatch -> grouped expert GEMMs -> combine, plus shared experts.
 
 Letters: T tokens, K experts per token (top-k), A = T*K assignments, E experts, D model width,
-I expert width.
+I expert width, R LoRA rank.
 
 Design decisions:
 - Router math is fp32. Experts are chosen by top-k on the raw logits (plus the optional
@@ -21,6 +21,11 @@ Design decisions:
   the data-parallel group before the Switch loss, whose probability term stays local.
 - Auxiliary-loss-free balancing keeps a per-expert bias used for selection only; the trainer sums
   ``tokens_per_expert`` over the step and calls ``update_expert_bias`` before the optimizer step.
+- LoRA on the routed experts (``aria.model.lora``) is per expert: A (E, in, R) and B (E, R, out)
+  beside each stacked weight, run by two more grouped GEMMs over the same offsets (so an expert's
+  adapter sees exactly that expert's rows), in the grouped path and in the loop reference alike.
+  Every parameter of ``Experts`` has the expert as its first dimension, so expert parallelism
+  shards and tags adapters exactly like the weights.
 - Expert parallelism (``shard_experts``): each rank of an EP group of size P holds E / P experts.
   Between ``permute`` and the expert GEMMs the expert-sorted rows travel to their expert's rank by
   one all-to-all, are regrouped by local expert, computed, and travel back by the inverse
@@ -93,17 +98,44 @@ def _swiglu(h_A2I: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+class ExpertAdapters(NamedTuple):
+    """Per-expert LoRA of the stacked weights: w_fc + scale * a_fc @ b_fc, expert by expert."""
+
+    a_fc1_EDR: torch.Tensor
+    b_fc1_ER2I: torch.Tensor
+    a_fc2_EIR: torch.Tensor
+    b_fc2_ERD: torch.Tensor
+    scale: float
+    dropout: float
+    """Dropout probability on the adapters' input (0 outside training)."""
+
+
 def experts_grouped(x_AD: torch.Tensor, w_fc1_ED2I: torch.Tensor, w_fc2_EID: torch.Tensor,
-                    counts_E: torch.Tensor) -> torch.Tensor:
-    """All experts in two grouped GEMMs over the expert-sorted rows (experts may get zero rows).
+                    counts_E: torch.Tensor, adapters: ExpertAdapters | None = None) -> torch.Tensor:
+    """All experts in two grouped GEMMs over the expert-sorted rows (experts may get zero rows);
+    with ``adapters`` each GEMM gains its expert's low-rank term (two more grouped GEMMs).
 
     CUDA's grouped GEMM takes bf16 only; other dtypes on GPU (fp32 debugging runs) use the loop.
     """
     if x_AD.is_cuda and x_AD.dtype != torch.bfloat16:
-        return experts_loop(x_AD, w_fc1_ED2I, w_fc2_EID, counts_E)
+        return experts_loop(x_AD, w_fc1_ED2I, w_fc2_EID, counts_E, adapters)
     offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
     h_A2I = F.grouped_mm(x_AD, w_fc1_ED2I, offs=offsets_E)
-    return F.grouped_mm(_swiglu(h_A2I), w_fc2_EID, offs=offsets_E)
+    if adapters is not None:
+        h_A2I = h_A2I + _grouped_low_rank(x_AD, adapters.a_fc1_EDR, adapters.b_fc1_ER2I, adapters,
+                                          offsets_E)
+    g_AI = _swiglu(h_A2I)
+    y_AD = F.grouped_mm(g_AI, w_fc2_EID, offs=offsets_E)
+    if adapters is not None:
+        y_AD = y_AD + _grouped_low_rank(g_AI, adapters.a_fc2_EIR, adapters.b_fc2_ERD, adapters, offsets_E)
+    return y_AD
+
+
+def _grouped_low_rank(x_AN: torch.Tensor, a_ENR: torch.Tensor, b_ERM: torch.Tensor,
+                      adapters: ExpertAdapters, offsets_E: torch.Tensor) -> torch.Tensor:
+    """scale * (dropout(x) @ A_e) @ B_e over the rows of each expert e."""
+    low_AR = F.grouped_mm(F.dropout(x_AN, adapters.dropout), a_ENR, offs=offsets_E)
+    return adapters.scale * F.grouped_mm(low_AR, b_ERM, offs=offsets_E)
 
 
 def regroup_order(recv_counts_PE: torch.Tensor, total: int) -> torch.Tensor:
@@ -120,12 +152,21 @@ def regroup_order(recv_counts_PE: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def experts_loop(x_AD: torch.Tensor, w_fc1_ED2I: torch.Tensor, w_fc2_EID: torch.Tensor,
-                 counts_E: torch.Tensor) -> torch.Tensor:
+                 counts_E: torch.Tensor, adapters: ExpertAdapters | None = None) -> torch.Tensor:
     """Reference: one matmul pair per expert over its slice of the sorted rows (host sync)."""
     outputs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         x_nD = x_AD[start: start + n]
-        outputs.append(_swiglu(x_nD @ w_fc1_ED2I[e]) @ w_fc2_EID[e])
+        h_n2I = x_nD @ w_fc1_ED2I[e]
+        if adapters is not None:
+            h_n2I = h_n2I + adapters.scale * ((F.dropout(x_nD, adapters.dropout) @ adapters.a_fc1_EDR[e])
+                                              @ adapters.b_fc1_ER2I[e])
+        g_nI = _swiglu(h_n2I)
+        y_nD = g_nI @ w_fc2_EID[e]
+        if adapters is not None:
+            y_nD = y_nD + adapters.scale * ((F.dropout(g_nI, adapters.dropout) @ adapters.a_fc2_EIR[e])
+                                            @ adapters.b_fc2_ERD[e])
+        outputs.append(y_nD)
         start += n
     return torch.cat(outputs)
 
@@ -192,7 +233,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Stacked routed experts: w_fc1 (E, D, 2I) = [gate | up], w_fc2 (E, I, D), stored (in, out)."""
+    """Stacked routed experts: w_fc1 (E, D, 2I) = [gate | up], w_fc2 (E, I, D), stored (in, out);
+    optionally per-expert LoRA adapters lora_fc{1,2}_{A,B} (``add_adapters``)."""
 
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
         super().__init__()
@@ -201,11 +243,30 @@ class Experts(nn.Module):
         self.ep_group: dist.ProcessGroup | None = None
         self.ep_group_name: str | None = None
         self.ep_size, self.ep_rank = 1, 0
+        self.lora_scale: float | None = None  # set by add_adapters
+        self.lora_dropout = 0.0
+
+    def add_adapters(self, rank: int, scale: float, dropout: float) -> None:
+        """Per-expert low-rank adapters A (E, in, rank), B (E, rank, out) for w_fc1 and w_fc2, on
+        the weights' device and dtype, uninitialised (``aria.model.lora.init_adapters``)."""
+        for name in ("fc1", "fc2"):
+            w_ENM = getattr(self, f"w_{name}")
+            E, N, M = w_ENM.shape
+            like = dict(device=w_ENM.device, dtype=w_ENM.dtype)
+            self.register_parameter(f"lora_{name}_A", nn.Parameter(torch.empty(E, N, rank, **like)))
+            self.register_parameter(f"lora_{name}_B", nn.Parameter(torch.empty(E, rank, M, **like)))
+        self.lora_scale, self.lora_dropout = scale, dropout
+
+    def adapters(self) -> ExpertAdapters | None:
+        if self.lora_scale is None:
+            return None
+        return ExpertAdapters(self.lora_fc1_A, self.lora_fc1_B, self.lora_fc2_A, self.lora_fc2_B,
+                              self.lora_scale, self.lora_dropout if self.training else 0.0)
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Rows sorted by (global) expert in, expert outputs in the same order out."""
         if self.ep_size == 1:
-            return experts_grouped(x_AD, self.w_fc1, self.w_fc2, counts_E)
+            return experts_grouped(x_AD, self.w_fc1, self.w_fc2, counts_E, self.adapters())
         return self._forward_parallel(x_AD, counts_E)
 
     def _forward_parallel(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -219,7 +280,8 @@ class Experts(nn.Module):
         x_recv = all_to_all_autograd(x_AD.new_empty(sum(recv), x_AD.shape[1]), x_AD.contiguous(),
                                      recv, send, group=self.ep_group)
         order = regroup_order(recv_counts_PE, sum(recv))
-        y_local = experts_grouped(x_recv[order], self.w_fc1, self.w_fc2, recv_counts_PE.sum(0))
+        y_local = experts_grouped(x_recv[order], self.w_fc1, self.w_fc2, recv_counts_PE.sum(0),
+                                  self.adapters())
         y_recv = y_local.new_empty(y_local.shape).index_copy_(0, order, y_local)
         return all_to_all_autograd(y_recv.new_empty(sum(send), y_recv.shape[1]), y_recv, send, recv,
                                    group=self.ep_group)
@@ -301,7 +363,8 @@ class MoE(nn.Module):
 
 @torch.no_grad()
 def shard_experts(moe_layers: list[MoE], group: dist.ProcessGroup, group_name: str) -> None:
-    """Keep only this rank's E / P experts of every layer (expert parallelism over ``group``).
+    """Keep only this rank's E / P experts of every layer (expert parallelism over ``group``): the
+    slice of every expert parameter (weights and LoRA adapters alike).
 
     The expert parameters are tagged the way DeepSpeed expects of MoE parameters (``allreduce=False``
     and the expert-parallel group's name), so their gradients are reduced over the expert-data
@@ -313,8 +376,7 @@ def shard_experts(moe_layers: list[MoE], group: dist.ProcessGroup, group_name: s
         if E % P:
             raise ValueError(f"model.moe.num_experts={E} is not divisible by parallel.ep_size={P}")
         experts, local = layer.experts, E // P
-        for name in ("w_fc1", "w_fc2"):
-            full = getattr(experts, name)
+        for name, full in list(experts.named_parameters(recurse=False)):
             setattr(experts, name, nn.Parameter(full.detach()[rank * local:(rank + 1) * local].clone(),
                                                 requires_grad=full.requires_grad))
         experts.ep_group, experts.ep_group_name, experts.ep_size, experts.ep_rank = group, group_name, P, rank
@@ -327,7 +389,7 @@ def tag_expert_parameters(moe_layers: list[MoE]) -> None:
     for layer in moe_layers:
         experts = layer.experts
         if experts.ep_size > 1:
-            for p in (experts.w_fc1, experts.w_fc2):
+            for p in experts.parameters():  # the weights and their LoRA adapters
                 p.allreduce, p.group_name = False, experts.ep_group_name
 
 

@@ -9,6 +9,10 @@ Design decisions:
   (image_size / P)^2 table, so 490 px and 980 px crops (and any aspect ratio) share one table.
   The arithmetic (``i * (1 / h)``, then bucketize) is the reference's, so bucket edges agree bit for
   bit.
+- Random initialisation follows SigLIP (fan-in scaled: LeCun-normal patch embedding, position
+  table at std 1/sqrt(width), Xavier linears), not the language model's single std: with a large
+  patch (e.g. the tiny config's 70 px, fan-in 14,700) one global std makes the patch projection
+  ~100x the position embedding, and the encoder can no longer tell where anything is.
 - The features handed to the projector are the hidden state after ``feature_layer`` layers. There
   is no post-LayerNorm: Aria never used one (the HF checkpoint carries a dead one, which the
   converter writes as zeros).
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aria.config import VisionConfig
-from aria.model.layers import ACT_FNS, init_linears_and_norms, key_padding_mask
+from aria.model.layers import ACT_FNS, key_padding_mask
 
 
 def patch_mask_from_pixels(pixel_mask_NHW: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -133,8 +137,16 @@ class VisionEncoder(nn.Module):
                 x_NGD = layer(x_NGD, mask)
         return x_NGD, valid_NG
 
-    def init_weights(self, std: float) -> None:
-        init_linears_and_norms(self, std)
-        nn.init.normal_(self.patch_embed.weight, std=std)
+    def init_weights(self) -> None:
+        """SigLIP's initialisation, scaled by fan-in rather than one global std (see module doc)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        fan_in = self.cfg.num_channels * self.cfg.patch_size ** 2
+        nn.init.normal_(self.patch_embed.weight, std=fan_in ** -0.5)
         nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.pos_embed.weight, std=std)
+        nn.init.normal_(self.pos_embed.weight, std=self.cfg.hidden_size ** -0.5)

@@ -8,8 +8,9 @@ Layout of a run directory::
       step_00000100/
         deepspeed/state/...          DeepSpeed engine: ZeRO optimizer partitions, LR scheduler, module
         model/                       our weights (model_config.json + safetensors; expert-parallel
-                                     runs add layout.json and one experts file per EP rank), the
-                                     directory conversion and the next stage read
+                                     runs add layout.json and one experts file per EP rank; LoRA
+                                     runs add adapters.safetensors + lora.json), the directory
+                                     conversion and the next stage read
         trainer_rank00000.pt ...     per rank: step, tokens seen, data-loader position, RNG states
         config.yaml                  the resolved config at that step
       latest                         the name of the newest complete checkpoint
@@ -22,6 +23,11 @@ Design decisions:
   slices only when experts are sharded, and our directory is what every other tool reads. On resume
   DeepSpeed restores optimizer, scheduler and module; an expert-parallel run then reloads its own
   expert slices from ours.
+- LoRA adapters are saved apart from the base weights, which keep their ordinary layout: every
+  rank walks the same gathered tensors (ZeRO-3 gathers are collective), expert adapters are
+  all-gathered over the expert-parallel group into all E experts, and rank 0 writes one
+  ``adapters.safetensors``. A model directory with adapters stands for base + adapters: a run that
+  trains the same adapters loads them, a run without LoRA starts from the merged weights.
 - Resume is exact: the loader position, step, token count and every RNG (python, numpy, torch,
   CUDA) come back per rank; the world size and EP layout must match the saved ones.
 """
@@ -39,9 +45,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from aria.config import ModelConfig
+from aria.config import LoRAConfig, ModelConfig
 from aria.convert.checkpoint import (EXPERT_PARAM, LAYOUT, MODEL_CONFIG, expert_file, iter_tensors,
                                      read_hf_config, read_model_config, rename_hf, write_sharded)
+from aria.model.lora import (ADAPTERS_FILE, EXPERT_ADAPTER_KEY, LORA_JSON, is_adapter, load_adapters,
+                             lora_json, merge_lora, read_adapters)
 from aria.parallel.dist import DistInfo, barrier
 
 CHECKPOINTS, LATEST = "checkpoints", "latest"
@@ -95,13 +103,30 @@ def _gathered(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor.detach().cpu()
 
 
+def _split_adapters(tensors: Iterator[tuple[str, torch.Tensor]], adapters: dict,
+                    experts) -> Iterator[tuple[str, torch.Tensor]]:
+    """Passes base tensors on and collects adapters into ``adapters`` (expert adapters gathered
+    into all experts over the expert-parallel group: every rank of it must walk the stream)."""
+    for key, tensor in tensors:
+        if not is_adapter(key):
+            yield key, tensor
+        elif experts.ep_size > 1 and EXPERT_ADAPTER_KEY.search(key):
+            device = next(experts.parameters()).device  # NCCL gathers device tensors
+            parts = [torch.empty_like(tensor, device=device) for _ in range(experts.ep_size)]
+            torch.distributed.all_gather(parts, tensor.to(device).contiguous(), group=experts.ep_group)
+            adapters[key] = torch.cat(parts).cpu()
+        else:
+            adapters[key] = tensor
+
+
 def save_weights(model: torch.nn.Module, cfg: ModelConfig, directory: Path, info: DistInfo) -> None:
-    """Our model directory from a (possibly expert-parallel) training model."""
+    """Our model directory from a (possibly expert-parallel, possibly LoRA) training model."""
     experts = model.moe_layers[0].experts
     P = experts.ep_size
     directory.mkdir(parents=True, exist_ok=True)
+    adapters: dict[str, torch.Tensor] = {}
     if P == 1:
-        tensors = _gathered(model)
+        tensors = _split_adapters(_gathered(model), adapters, experts)
         if info.is_main:
             write_sharded(tensors, directory)
         else:
@@ -113,7 +138,7 @@ def save_weights(model: torch.nn.Module, cfg: ModelConfig, directory: Path, info
         name = experts.ep_group_name
         expert_writer = groups._get_expert_data_parallel_rank(name) == 0
         local, shared = {}, []
-        for key, tensor in _gathered(model):
+        for key, tensor in _split_adapters(_gathered(model), adapters, experts):
             (local.__setitem__(key, tensor) if EXPERT_PARAM.search(key) else shared.append((key, tensor)))
         if info.is_main:
             write_sharded(iter(shared), directory)
@@ -121,18 +146,38 @@ def save_weights(model: torch.nn.Module, cfg: ModelConfig, directory: Path, info
         if expert_writer:
             save_file({k: v.contiguous() for k, v in local.items()},
                       expert_file(directory, experts.ep_rank, P), metadata={"format": "pt"})
+    lora = getattr(model, "lora_config", None)
+    if info.is_main and lora is not None:
+        if not adapters or any(t.numel() == 0 for t in adapters.values()):
+            raise RuntimeError(f"LoRA is enabled but the adapters gathered for {directory} are empty")
+        save_file({k: v.contiguous() for k, v in adapters.items()}, directory / ADAPTERS_FILE,
+                  metadata={"format": "pt"})
+        (directory / LORA_JSON).write_text(lora_json(lora))
     if info.is_main:
         (directory / MODEL_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, source: Path, hf: bool = False) -> None:
+def load_weights(model: torch.nn.Module, source: Path, hf: bool = False) -> bool:
     """Copy weights from our model directory (any EP layout) or an HF directory into ``model``,
-    taking this rank's slice of every expert tensor when experts are sharded."""
-    params = model.state_dict(keep_vars=True)
+    taking this rank's slice of every expert tensor when experts are sharded.
+
+    A directory with LoRA adapters: when ``model`` has the same adapters (rank, alpha, targets)
+    they are loaded too; a model without adapters gets the base weights merged with them; other
+    adapter settings are refused. Returns whether adapters were loaded.
+    """
+    params = {k: v for k, v in model.state_dict(keep_vars=True).items() if not is_adapter(k)}
     tensors = iter_tensors(source)
     if hf:
         tensors = rename_hf(tensors, f"Hugging Face weights in {source}")
+    saved = None if hf else read_adapters(source)
+    lora = getattr(model, "lora_config", None)
+    train_adapters = lora is not None
+    if saved is not None:
+        if train_adapters:
+            _check_same_adapters(saved[1], lora, source)
+        else:
+            tensors = merge_lora(tensors, *saved)
     seen = set()
     experts = model.moe_layers[0].experts
     P, r = experts.ep_size, experts.ep_rank
@@ -153,6 +198,21 @@ def load_weights(model: torch.nn.Module, source: Path, hf: bool = False) -> None
     missing = sorted(set(params) - seen)
     if missing:
         raise ValueError(f"{source} lacks {len(missing)} tensor(s) the model needs: {missing[:20]}")
+    if saved is not None and train_adapters:
+        load_adapters(model, saved[0], str(source / ADAPTERS_FILE))
+        return True
+    return False
+
+
+def _check_same_adapters(saved: LoRAConfig, lora: LoRAConfig, source: Path) -> None:
+    for name in ("rank", "alpha", "targets"):
+        ours, theirs = getattr(lora, name), getattr(saved, name)
+        same = sorted(ours) == sorted(theirs) if name == "targets" else ours == theirs
+        if not same:
+            raise ValueError(f"config field 'lora.{name}' = {ours!r} differs from the adapters in "
+                             f"{source} ({LORA_JSON}: {name} = {theirs!r}). Use the same lora.rank, "
+                             f"lora.alpha and lora.targets to keep training those adapters, or "
+                             f"lora.enabled=false to train the weights with the adapters merged in")
 
 
 def source_model_config(path: str | Path, hf: bool) -> ModelConfig:

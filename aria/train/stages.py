@@ -8,6 +8,10 @@ Design decisions:
 - A stage sets ``requires_grad`` per group; frozen parameters never reach the optimizer. The RoPE
   base is part of the model config, so a stage that changes it changes the config the model is
   built from (``stage_model_config``), and checkpoints record the new value.
+- LoRA composes with the stage instead of replacing it: adapters belong to the group of the module
+  they adapt, every base weight is frozen, and the adapters of the groups the stage trains train.
+  The config refuses a LoRA target in a group the stage freezes (it would never train): the stage
+  says what may change, LoRA says how.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import dataclasses
 
 from torch import nn
 
-from aria.config import MODULE_GROUPS, ModelConfig, StageConfig
+from aria.config import MODULE_GROUPS, LoRAConfig, ModelConfig, StageConfig
 
 
 def module_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -41,14 +45,21 @@ def module_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
-def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, int]:
-    """Freeze / unfreeze the groups; returns the trainable parameter count per group."""
+def apply_stage(model: nn.Module, stage: StageConfig, lora: LoRAConfig | None = None) -> dict[str, int]:
+    """Freeze / unfreeze the groups; returns the trainable parameter count per group. With LoRA
+    enabled the base weights of every group are frozen and a group the stage trains trains its
+    adapters only."""
+    adapters = None
+    if lora is not None and lora.enabled:
+        from aria.model.lora import adapter_parameters
+
+        adapters = {id(p) for p in adapter_parameters(model).values()}
     counts = {}
     for name, params in module_groups(model).items():
         train = stage.trainable[name]
         for p in params:
-            p.requires_grad_(train)
-        counts[name] = sum(p.numel() for p in params) if train else 0
+            p.requires_grad_(train and (adapters is None or id(p) in adapters))
+        counts[name] = sum(p.numel() for p in params if p.requires_grad)
     return counts
 
 

@@ -7,7 +7,9 @@ Design decisions:
 - Build: the model is constructed on the meta device, its experts sharded for expert parallelism,
   then materialised on the device in the training dtype, so no rank ever holds more than its share.
   Weights come from an HF directory, a previous run / checkpoint, or a seeded random init (expert
-  slices seeded per EP rank, so experts differ).
+  slices seeded per EP rank, so experts differ). With ``lora.enabled`` the adapters are added
+  before the experts are sharded (expert adapters shard with their experts), then loaded from a
+  LoRA checkpoint the run starts from or initialised (B = 0: the run starts at its base model).
 - Loss: each micro-batch contributes ``W * CE_sum / N`` with N the supervised tokens of the whole
   step on all ranks (one all-reduce per step, before any backward), so DeepSpeed's average over
   ranks yields exactly the token-mean of the global batch, however tokens fall across ranks and
@@ -33,6 +35,7 @@ import torch.distributed as dist
 
 from aria.config import RunConfig, parse_mixture
 from aria.model.aria import Aria
+from aria.model.lora import EXPERT_ADAPTER_KEY, add_adapters, init_adapters, is_adapter
 from aria.model.moe import shard_experts, tag_expert_parameters, update_expert_bias
 from aria.parallel.dist import DistInfo, barrier, expert_parallel_groups, init_distributed
 from aria.parallel.engine import build_engine, precision
@@ -67,15 +70,24 @@ def to_device(inputs: dict, device: torch.device) -> dict:
     return {k: move(v) for k, v in inputs.items()}
 
 
+def is_expert_tensor(name: str) -> bool:
+    """An expert weight or expert adapter: sharded over the expert-parallel group."""
+    from aria.convert.checkpoint import EXPERT_PARAM
+
+    return bool(EXPERT_PARAM.search(name) or EXPERT_ADAPTER_KEY.search(name))
+
+
 @torch.no_grad()
 def weights_fingerprint(model) -> float:
-    """Sum of |w| over every weight of the model (expert shards summed over their EP group): what
-    a run started from, comparable with the same sum over a saved model directory."""
+    """Sum of |w| over every base weight of the model (expert shards summed over their EP group):
+    what a run started from, comparable with the same sum over a saved model directory's weights."""
     from aria.convert.checkpoint import EXPERT_PARAM
 
     shared = torch.zeros((), dtype=torch.float64)
     experts = torch.zeros((), dtype=torch.float64)
     for name, tensor in model.state_dict().items():
+        if is_adapter(name):
+            continue
         total = tensor.detach().double().abs().sum().cpu()
         if EXPERT_PARAM.search(name):
             experts += total
@@ -90,15 +102,13 @@ def weights_fingerprint(model) -> float:
 @torch.no_grad()
 def gradient_norm(model) -> float:
     """Global L2 norm of the (already all-reduced) gradients; expert shards summed over EP ranks."""
-    from aria.convert.checkpoint import EXPERT_PARAM
-
     device = next(model.parameters()).device
     shared = torch.zeros((), dtype=torch.float64, device=device)
     experts = torch.zeros((), dtype=torch.float64, device=device)
     for name, p in model.named_parameters():
         if p.grad is not None:
             squares = p.grad.detach().double().square().sum()
-            if EXPERT_PARAM.search(name):
+            if is_expert_tensor(name):
                 experts += squares
             else:
                 shared += squares
@@ -137,6 +147,8 @@ class Trainer:
                 model = Aria(self.model_cfg)
         finally:
             torch.set_default_dtype(torch.float32)
+        if cfg.lora.enabled:
+            add_adapters(model, cfg.lora)
         self.ep_group_name = None
         if cfg.parallel.ep_size > 1:
             group, self.ep_group_name = expert_parallel_groups(cfg.parallel.ep_size)
@@ -144,10 +156,11 @@ class Trainer:
         model = model.to_empty(device=info.device)
         tag_expert_parameters(model.moe_layers)
         with torch.no_grad():
+            adapters_loaded = False
             if cfg.init.from_hf:
                 ckpt.load_weights(model, Path(cfg.init.from_hf), hf=True)
             elif cfg.init.from_checkpoint:
-                ckpt.load_weights(model, ckpt.resolve_model_dir(cfg.init.from_checkpoint))
+                adapters_loaded = ckpt.load_weights(model, ckpt.resolve_model_dir(cfg.init.from_checkpoint))
             else:
                 torch.manual_seed(cfg.train.seed)
                 model.init_weights()
@@ -156,7 +169,9 @@ class Trainer:
                 for layer in model.moe_layers:
                     torch.nn.init.normal_(layer.experts.w_fc1, std=std)
                     torch.nn.init.normal_(layer.experts.w_fc2, std=std)
-        self.trainable = apply_stage(model, cfg.stage)
+            if cfg.lora.enabled and not adapters_loaded:
+                init_adapters(model, cfg.train.seed)
+        self.trainable = apply_stage(model, cfg.stage, cfg.lora)
         model.set_gradient_checkpointing(vision=cfg.parallel.checkpoint_vision,
                                          decoder=cfg.parallel.checkpoint_decoder)
         return model.train()
@@ -203,6 +218,11 @@ class Trainer:
                                 info.is_main, info.world_size)
         if self.resume_from is not None:
             metrics.message(f"resumed from {self.resume_from} at step {step}")
+        if cfg.lora.enabled:
+            total = sum(p.numel() for p in model.parameters())
+            metrics.message(f"LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: "
+                            f"{sum(self.trainable.values()):,} of the {total:,} parameters on rank 0 "
+                            "train (the adapters)")
         throughput = Throughput(peak_flops(info.device))
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         G, W = cfg.train.grad_accum, info.world_size

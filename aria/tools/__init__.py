@@ -1,0 +1,1 @@
+"""Analysis tools for trained models (``python -m aria.tools.<tool>``)."""
