@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aria.config import ModelConfig, VideoConfig
-from aria.data.processor import CHAT_TEMPLATE, Processor
+from aria.data.processor import CHAT_TEMPLATE, Processor, tokenizer_mismatch
 from aria.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -68,12 +68,9 @@ def load_tokenizer(directory: Path, origin: str) -> Tokenizer:
 
 def check_tokenizer(tok: Tokenizer, cfg: ModelConfig, origin: str) -> None:
     """The tokenizer fits the model: same ``<|img|>`` id, no id beyond the embedding table."""
-    if tok.image_id != cfg.image_token_id:
-        raise ValueError(f"tokenizer {tok.source} ({origin}) has <|img|> = id {tok.image_id}, but the "
-                         f"model's image_token_id is {cfg.image_token_id}")
-    if tok.vocab_size > cfg.text.vocab_size:
-        raise ValueError(f"tokenizer {tok.source} ({origin}) has {tok.vocab_size} tokens, more than the "
-                         f"model's vocabulary of {cfg.text.vocab_size}")
+    problem = tokenizer_mismatch(tok, cfg)
+    if problem is not None:
+        raise ValueError(f"tokenizer {tok.source} ({origin}) {problem}")
 
 
 @dataclass

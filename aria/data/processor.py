@@ -126,6 +126,18 @@ class _Planned:
     """The blocks' crops, one ``ProcessedImage`` per block."""
 
 
+def tokenizer_mismatch(tokenizer: Tokenizer, model_cfg) -> str | None:
+    """Why ``tokenizer`` cannot feed the model of ``model_cfg`` (a phrase after "the tokenizer ..."),
+    or None when it fits: the same ``<|img|>`` id, and no id beyond the embedding table."""
+    if tokenizer.image_id != model_cfg.image_token_id:
+        return (f"has <|img|> = id {tokenizer.image_id}, but the model's image_token_id is "
+                f"{model_cfg.image_token_id}")
+    if tokenizer.vocab_size > model_cfg.text.vocab_size:
+        return (f"has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
+                f"(text.vocab_size) of {model_cfg.text.vocab_size}")
+    return None
+
+
 class Processor:
     """Tokenizer + image processor + video sampling: ``encode(sample)`` for training,
     ``__call__(messages, images, videos)`` for inference."""
@@ -163,12 +175,9 @@ class Processor:
         """Crop table from the model config: crop side = sqrt(patches) * patch_size."""
         P = model_cfg.vision.patch_size
         table = {round(patches ** 0.5) * P: q for patches, q in model_cfg.projector.patch_to_query.items()}
-        if tokenizer.image_id != model_cfg.image_token_id:
-            raise ValueError(f"the tokenizer's <|img|> id is {tokenizer.image_id} but "
-                             f"model.image_token_id is {model_cfg.image_token_id}")
-        if tokenizer.vocab_size > model_cfg.text.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                             f"vocabulary (model.text.vocab_size) only {model_cfg.text.vocab_size}")
+        problem = tokenizer_mismatch(tokenizer, model_cfg)
+        if problem is not None:
+            raise ValueError(f"the tokenizer {problem}")
         return cls(tokenizer, table, **kwargs)
 
     # -- media: plan (sizes from headers), then decode ----------------------------------------

@@ -77,45 +77,39 @@ def is_expert_tensor(name: str) -> bool:
     return bool(EXPERT_PARAM.search(name) or EXPERT_ADAPTER_KEY.search(name))
 
 
+def summed_over_experts(model, values) -> torch.Tensor:
+    """Sum of per-tensor float64 scalars ``(name, value)``, on the model's device, with the values of
+    expert shards summed over their expert-parallel group (the other tensors are replicated). No
+    host sync: one all-reduce at the end."""
+    device = next(model.parameters()).device
+    shared = torch.zeros((), dtype=torch.float64, device=device)
+    experts = torch.zeros((), dtype=torch.float64, device=device)
+    for name, value in values:
+        if is_expert_tensor(name):
+            experts += value
+        else:
+            shared += value
+    layer = model.moe_layers[0].experts
+    if layer.ep_size > 1:
+        dist.all_reduce(experts, group=layer.ep_group)
+    return shared + experts
+
+
 @torch.no_grad()
 def weights_fingerprint(model) -> float:
     """Sum of |w| over every base weight of the model (expert shards summed over their EP group):
     what a run started from, comparable with the same sum over a saved model directory's weights."""
-    from aria.convert.checkpoint import EXPERT_PARAM
-
-    shared = torch.zeros((), dtype=torch.float64)
-    experts = torch.zeros((), dtype=torch.float64)
-    for name, tensor in model.state_dict().items():
-        if is_adapter(name):
-            continue
-        total = tensor.detach().double().abs().sum().cpu()
-        if EXPERT_PARAM.search(name):
-            experts += total
-        else:
-            shared += total
-    layer = model.moe_layers[0].experts
-    if layer.ep_size > 1:
-        dist.all_reduce(experts, group=layer.ep_group)
-    return float(shared + experts)
+    return float(summed_over_experts(model, ((name, t.detach().double().abs().sum())
+                                             for name, t in model.state_dict().items()
+                                             if not is_adapter(name))))
 
 
 @torch.no_grad()
 def gradient_norm(model) -> float:
     """Global L2 norm of the (already all-reduced) gradients; expert shards summed over EP ranks."""
-    device = next(model.parameters()).device
-    shared = torch.zeros((), dtype=torch.float64, device=device)
-    experts = torch.zeros((), dtype=torch.float64, device=device)
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            squares = p.grad.detach().double().square().sum()
-            if is_expert_tensor(name):
-                experts += squares
-            else:
-                shared += squares
-    layer = model.moe_layers[0].experts
-    if layer.ep_size > 1:
-        dist.all_reduce(experts, group=layer.ep_group)
-    return float((shared + experts).sqrt())
+    return float(summed_over_experts(model, ((name, p.grad.detach().double().square().sum())
+                                             for name, p in model.named_parameters()
+                                             if p.grad is not None)).sqrt())
 
 
 def attention_pairs(segment_ids_BT: torch.Tensor) -> int:
