@@ -192,6 +192,9 @@ class VisionConfig:
     """MLP activation."""
     feature_layer: int = -1
     """Which hidden state feeds the projector: 0 = embeddings, -1 = last layer (no post-norm)."""
+    position_init_std: float | None = None
+    """From-scratch init of the position table; null = SigLIP's 1/sqrt(hidden_size). Not part of the
+    HF config (weights carry it)."""
     _path: str = field(default="model.vision", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -211,6 +214,8 @@ class VisionConfig:
                and -(self.num_layers + 1) <= self.feature_layer <= self.num_layers,
                f"{p}.feature_layer", self.feature_layer,
                f"an index into the {self.num_layers + 1} hidden states (embeddings + layers)")
+        if self.position_init_std is not None:
+            _non_negative_float(f"{p}.position_init_std", self.position_init_std)
 
     @property
     def num_positions(self) -> int:
@@ -437,6 +442,12 @@ class OptimConfig:
     warmup_ratio: float = 0.0
     decay_ratio: float = 0.2
     """Fraction of the steps the 'anneal' schedule spends decaying."""
+    lr_scale: dict = field(default_factory=dict)
+    """Module group (vision / projector / language_model / experts / router) -> multiplier of
+    ``lr`` for its parameters; groups not named keep ``lr``. ``patch_embed`` names the vision
+    encoder's patch projection alone (default: the vision scale): Adam moves each of its weights
+    by about lr per step, so its output moves by up to lr x fan-in (3 x patch^2), which at a large
+    patch outgrows the position embedding within a few hundred steps."""
     _path: str = field(default="optim", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -449,6 +460,12 @@ class OptimConfig:
         _check(self.schedule in SCHEDULES, f"{p}.schedule", self.schedule, f"one of {SCHEDULES}")
         _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, f"{p}.warmup_steps",
                self.warmup_steps, "an integer >= 0")
+        keys = MODULE_GROUPS + ("patch_embed",)
+        _check(isinstance(self.lr_scale, Mapping) and set(self.lr_scale) <= set(keys),
+               f"{p}.lr_scale", self.lr_scale, f"a mapping with keys among {keys}")
+        for group, scale in self.lr_scale.items():
+            _non_negative_float(f"{p}.lr_scale.{group}", scale)
+        self.lr_scale = {g: float(v) for g, v in self.lr_scale.items()}
 
 
 @dataclass

@@ -5,10 +5,11 @@ Run ``python -m data_tools.make_shapes --out DIR --seed S`` (see ``--help``). It
     images/{split}_{i:06d}.png      RGB scenes of 1-3 shapes on a 3x3 grid
     videos/{split}_{i:06d}.mp4      one shape moving left/right/up/down (mpeg4, yuv420p)
     chat_{split}.jsonl              single-turn questions with a one-word/phrase answer
+    dialog_{split}.jsonl            the same questions, one multi-turn conversation per image or video
     caption_{split}.jsonl           {"kind": "caption"} / {"kind": "video"} documents
     text_{split}.jsonl              {"kind": "text"} scene descriptions in words only
     meta.json                       seed, sizes, counts, answer vocabularies, question templates
-    wds/{kind}_{split}-{n:06d}.tar  the same three datasets as webdataset shards (media inside)
+    wds/{kind}_{split}-{n:06d}.tar  the same four datasets as webdataset shards (media inside)
 
 Design decisions:
 
@@ -26,6 +27,9 @@ Design decisions:
 - **Only unique answers.** Colours within a scene are distinct and there is one shape per grid cell,
   so "the <colour> <shape>" and "at the <place>" always name one object; a colour question names a
   shape that occurs once in the scene.
+- **Dialogs for training.** ``dialog_{split}.jsonl`` asks an image's four questions in one
+  conversation (in a random order): the same answers to learn as ``chat``, for a quarter of the
+  image encodings. Evaluation stays single-turn (``chat_test.jsonl``).
 - **Visible at low resolution.** At 490 px a grid cell is ~163 px and shapes span 68-90% of it,
   i.e. about 2x2 of the model's 70 px patches; the palette is spread in hue and far from the light
   backgrounds.
@@ -84,7 +88,7 @@ CELL_MARGIN = 0.04  # keeps shapes in neighbouring cells apart
 VIDEO_RADIUS_RANGE = (0.10, 0.14)
 VIDEO_TRAVEL_RANGE = (0.40, 0.55)  # distance moved from the first frame to the last
 BACKGROUND_RANGE = (232, 255)  # each channel of the light background
-_STREAMS = ("image_scene", "video_scene") + tuple(f"{q}_answers" for q in TEMPLATES)  # one seed stream each
+_STREAMS = ("image_scene", "video_scene") + tuple(f"{q}_answers" for q in TEMPLATES) + ("dialog_order",)
 
 
 @dataclass(frozen=True)
@@ -369,9 +373,14 @@ def _write_video_file(job: tuple[VideoScene, int, int, str]) -> None:
 # Records and the whole dataset
 
 
-def _turns(media: str, question: Question) -> list[dict]:
-    return [{"role": "user", "content": [{"type": media}, {"type": "text", "text": question.text}]},
-            {"role": "assistant", "content": [{"type": "text", "text": question.answer}]}]
+def _turns(media: str, *questions: Question) -> list[dict]:
+    """User/assistant turns asking ``questions`` in order; the media item opens the first question."""
+    turns = []
+    for k, q in enumerate(questions):
+        media_item = [{"type": media}] if k == 0 else []
+        turns += [{"role": "user", "content": media_item + [{"type": "text", "text": q.text}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": q.answer}]}]
+    return turns
 
 
 def _dump(records: list[dict], path: Path) -> None:
@@ -420,13 +429,16 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
     image_jobs, video_jobs = [], []
     meta_counts = {}
     for split in SPLITS:
-        chat, captions, texts, asked = [], [], [], Counter()
+        chat, dialogs, captions, texts, asked = [], [], [], [], Counter()
         for i, (scene, questions) in enumerate(image_plans[split]):
             name = f"{split}_{i:06d}"
             rel = f"images/{name}.png"
             image_jobs.append((scene, image_size, str(out / rel)))
             chat += [{"id": f"{name}_{q.qtype}", "qtype": q.qtype, "messages": _turns("image", q), "images": [rel]}
                      for q in questions]
+            order = _rng(seed, split, "dialog_order", i).permutation(len(questions))
+            dialogs.append({"id": f"{name}_dialog", "messages": _turns("image", *(questions[j] for j in order)),
+                            "images": [rel]})
             asked.update((q.qtype, q.answer) for q in questions)
             captions.append({"id": name, "kind": "caption", "images": [rel], "text": caption(scene)})
             texts.append({"id": name, "kind": "text", "text": describe(scene, image_size)})
@@ -437,14 +449,16 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
             asked[q.qtype, q.answer] += 1
             chat.append({"id": f"video_{name}_{q.qtype}", "qtype": q.qtype, "messages": _turns("video", q),
                          "video": video})
+            dialogs.append({"id": f"video_{name}_dialog", "messages": _turns("video", q), "video": video})
             captions.append({"id": f"video_{name}", "kind": "video", "video": video, "text": caption(scene)})
             texts.append({"id": f"video_{name}", "kind": "text", "text": describe(scene, video_size)})
         _dump(chat, out / f"chat_{split}.jsonl")
+        _dump(dialogs, out / f"dialog_{split}.jsonl")
         _dump(captions, out / f"caption_{split}.jsonl")
         _dump(texts, out / f"text_{split}.jsonl")
         answers = {q: {a: asked[q, a] for a in vocab} for q, vocab in ANSWERS.items()}
         meta_counts[split] = {"images": len(image_plans[split]), "videos": len(video_plans[split]),
-                              "chat": len(chat), "caption": len(captions), "text": len(texts),
+                              "chat": len(chat), "dialog": len(dialogs), "caption": len(captions), "text": len(texts),
                               "qtype": {q: sum(per.values()) for q, per in answers.items()}, "answers": answers}
 
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
@@ -474,7 +488,7 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
     if wds:
         from data_tools.jsonl_to_wds import convert
 
-        for kind in ("chat", "caption", "text"):
+        for kind in ("chat", "dialog", "caption", "text"):
             for split in SPLITS:
                 for old in (out / "wds").glob(f"{kind}_{split}-*.tar"):
                     old.unlink()

@@ -30,7 +30,7 @@ fi
 
 echo "== 4/6 training model=tiny (recipe=quickstart) -> $OUT/run"
 python -m aria.train recipe=quickstart run_dir="$OUT/run" \
-  "data.train=[{path:'$DATA/chat_train.jsonl',weight:1},{path:'$DATA/caption_train.jsonl',weight:1}]" \
+  "data.train=[{path:'$DATA/dialog_train.jsonl',weight:1},{path:'$DATA/caption_train.jsonl',weight:1}]" \
   data.tokenizer="$DATA/tokenizer" logging.wandb=disabled "$@"
 
 echo "== 5/6 answer accuracy on the test split"

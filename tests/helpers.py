@@ -107,8 +107,9 @@ def _worker(rank: int, world: int, port: int, fn, args, errors) -> None:
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world: int = 2, args: tuple = ()) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` forked gloo processes; re-raise any failure."""
+def run_distributed(fn, world: int = 2, args: tuple = (), timeout: float = 120) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` forked gloo processes; re-raise any failure
+    (a process still running after ``timeout`` seconds is one)."""
     ctx = mp.get_context("fork")
     errors = ctx.SimpleQueue()
     port = free_port()
@@ -116,7 +117,7 @@ def run_distributed(fn, world: int = 2, args: tuple = ()) -> None:
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=120)
+        p.join(timeout=timeout)
     failures = []
     while not errors.empty():
         failures.append(errors.get())

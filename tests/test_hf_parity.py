@@ -115,8 +115,10 @@ def test_greedy_generation_matches_transformers(pair):
     input_ids, _, pixels, mask = make_batch(cfg, crop_side(cfg, 0), seed=3)
     row = input_ids[2:3, : int((input_ids[2] != cfg.text.pad_token_id).sum())]  # one image
     ours = generate(model, row, pixels[2:3], mask[2:3], max_new_tokens=12, eos_token_ids=[])
+    # eos_token_id=None: transformers neither stops at the end-of-text token nor (as min_new_tokens
+    # would) masks it out of the argmax, so both sides take the same plain greedy argmax
     ref = hf.generate(input_ids=row, pixel_values=pixels[2:3], pixel_mask=mask[2:3],
-                      max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                      max_new_tokens=12, eos_token_id=None, do_sample=False,
                       pad_token_id=cfg.text.pad_token_id)
     assert ours[0].tolist() == ref[0, row.shape[1]:].tolist()
 
@@ -135,7 +137,7 @@ def test_left_padded_batch_generation_matches_transformers_and_single_rows(pair)
         left_mask[i, T - n:] = 1
     ours = generate(model, left_ids, pixels, mask, attention_mask=left_mask, max_new_tokens=8)
     ref = hf.generate(input_ids=left_ids, pixel_values=pixels, pixel_mask=mask,
-                      attention_mask=left_mask, max_new_tokens=8, min_new_tokens=8,
+                      attention_mask=left_mask, max_new_tokens=8, eos_token_id=None,
                       do_sample=False, pad_token_id=cfg.text.pad_token_id)
     assert ours.tolist() == ref[:, T:].tolist()
     crops_of_row = [(0, 2), (2, 2), (2, 3)]  # rows hold 2, 0 and 1 images

@@ -88,6 +88,30 @@ def test_records_follow_the_schema(runs):
         assert len({r["id"] for r in chat}) == len(chat)
 
 
+def test_dialogs_ask_each_media_items_questions_once(runs):
+    root = runs["a"]
+    for split in ("train", "test"):
+        chat, dialogs = _lines(root / f"chat_{split}.jsonl"), _lines(root / f"dialog_{split}.jsonl")
+        media = lambda r: tuple(r["images"]) if "images" in r else (r["video"]["path"],)  # noqa: E731
+        expected = {}
+        for r in chat:
+            user, assistant = r["messages"]
+            expected.setdefault(media(r), []).append((user["content"][-1]["text"], assistant["content"][0]["text"]))
+        assert len(dialogs) == len(expected) == SMALL[f"{split}_images"] + SMALL[f"{split}_videos"]
+        orders = set()
+        for d in dialogs:
+            users, assistants = d["messages"][0::2], d["messages"][1::2]
+            assert [m["role"] for m in users] == ["user"] * len(users) == ["user"] * len(assistants)
+            assert [m["role"] for m in assistants] == ["assistant"] * len(assistants)
+            kind = "image" if "images" in d else "video"
+            assert [i["type"] for i in users[0]["content"]] == [kind, "text"]
+            assert all([i["type"] for i in u["content"]] == ["text"] for u in users[1:])
+            asked = [(u["content"][-1]["text"], a["content"][0]["text"]) for u, a in zip(users, assistants)]
+            assert sorted(asked) == sorted(expected[media(d)])
+            orders.add(tuple(q.split()[0] + q.split()[1] for q, _ in asked))
+        assert len(orders) > 2  # the question order varies between dialogs
+
+
 def test_meta_counts_match_files(runs):
     meta = json.loads((runs["a"] / "meta.json").read_text())
     assert meta["answers"] == {q: list(v) for q, v in ANSWERS.items()}

@@ -254,3 +254,19 @@ def test_uint8_pixels_are_normalised_like_the_processor(model):
     normalised = (raw.float() / 255.0 - 0.5) / 0.5  # the HF processor's rescale + normalise
     with torch.no_grad():
         torch.testing.assert_close(model.image_features(raw), model.image_features(normalised))
+
+
+def test_position_table_init_follows_siglip_unless_set():
+    from dataclasses import replace
+
+    from aria.model.vision import VisionEncoder
+
+    cfg = load_model_config("tiny").vision  # 196 x 64 positions
+    torch.manual_seed(0)
+    default, raised = VisionEncoder(cfg), VisionEncoder(replace(cfg, position_init_std=1.0))
+    default.init_weights()
+    raised.init_weights()
+    assert default.pos_embed.weight.std().item() == pytest.approx(cfg.hidden_size ** -0.5, rel=0.05)
+    assert raised.pos_embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(ValueError, match="model.vision.position_init_std"):
+        replace(cfg, position_init_std=-1.0)

@@ -340,3 +340,30 @@ def test_stage_freezes_exactly_its_groups():
     assert counts["router"] == sum(p.numel() for p in groups["router"]) > 0
     assert not model.decoder.layers[0].moe.experts.w_fc1.requires_grad
     assert model.decoder.layers[0].attn.q_proj.weight.requires_grad
+
+
+def test_lr_scale_gives_module_groups_their_own_learning_rate():
+    from aria.config import OptimConfig
+    from aria.parallel.engine import param_groups
+    from aria.train.stages import module_groups
+
+    model = build_model(load_model_config("tiny"), device="meta")
+    model.projector.query.requires_grad_(False)
+    groups = param_groups(model, 2e-3, 0.1, {"vision": 0.1, "router": 3.0, "patch_embed": 0.5})
+    assert groups[0]["lr"] == 2e-3  # the base LR comes first: it is the one logged
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    expected = {"vision": 2e-4, "router": 6e-3, "projector": 2e-3, "language_model": 2e-3, "experts": 2e-3}
+    for group, params in module_groups(model).items():
+        for p in params:
+            if p is model.projector.query:
+                assert id(p) not in lr_of  # frozen parameters never reach the optimizer
+                continue
+            if any(p is q for q in model.vision.patch_embed.parameters()):
+                assert lr_of[id(p)][0] == pytest.approx(1e-3)  # its own scale, not the vision group's
+                continue
+            assert lr_of[id(p)] == (pytest.approx(expected[group]), 0.1 if p.ndim >= 2 else 0.0), group
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())) - 1
+    with pytest.raises(ValueError, match="optim.lr_scale"):
+        OptimConfig(lr_scale={"vit": 0.1})
+    with pytest.raises(ValueError, match="optim.lr_scale.vision"):
+        OptimConfig(lr_scale={"vision": -1})

@@ -10,7 +10,8 @@ Design decisions:
   A count mismatch raises with both counts (one host sync per forward, never per layer).
 - Pixels may arrive normalised (float, as the HF processor makes them) or as raw uint8 (what the
   data loader ships: 4x less memory to move between processes and to the device); uint8 is
-  normalised here with Aria's mean = std = 0.5, i.e. x * 2/255 - 1, on the device.
+  normalised on the device with Aria's mean = std = 0.5, i.e. x * 2/255 - 1, folded into the
+  vision encoder's patch projection.
 - ``segment_ids`` (B, T) replaces an attention mask: 0 = padding, 1, 2, ... = documents packed into
   the row. An HF-style 0/1 ``attention_mask`` is a valid ``segment_ids``.
 - With ``targets`` the forward returns the *summed* chunked cross-entropy and the number of
@@ -106,10 +107,7 @@ class Aria(nn.Module):
     def image_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
                        ) -> torch.Tensor:
         """(N, C, H, W) crops [+ (N, H, W) pixel mask] -> (N, Q, D) image-token embeddings."""
-        dtype = self.projector.query.dtype
-        if pixel_values.dtype == torch.uint8:
-            pixel_values = pixel_values.to(dtype) * (2.0 / 255.0) - 1.0
-        patches_NGD, valid_NG = self.vision(pixel_values.to(dtype), pixel_mask)
+        patches_NGD, valid_NG = self.vision(pixel_values, pixel_mask)
         return self.projector(patches_NGD, valid_NG)
 
     def embed(self, input_ids_BT: torch.Tensor, pixel_values=None, pixel_mask=None,

@@ -12,7 +12,13 @@ Design decisions:
 - Random initialisation follows SigLIP (fan-in scaled: LeCun-normal patch embedding, position
   table at std 1/sqrt(width), Xavier linears), not the language model's single std: with a large
   patch (e.g. the tiny config's 70 px, fan-in 14,700) one global std makes the patch projection
-  ~100x the position embedding, and the encoder can no longer tell where anything is.
+  ~100x the position embedding, and the encoder can no longer tell where anything is. Even
+  SigLIP's table is ~1/sqrt(width) of the content per channel (the LeCun patch projection puts
+  out about the pixels' RMS, ~1); ``position_init_std`` raises it for small models trained briefly
+  from scratch, whose table barely moves from its initial values (the quickstart's).
+- Raw uint8 pixels (what the data loader ships) are normalised inside the patch projection: Aria's
+  x * 2/255 - 1 is folded into its weights and bias, so the pixels are read once (the float cast)
+  instead of three times; padding (a zero pixel) becomes -1, as in the reference processor.
 - The features handed to the projector are the hidden state after ``feature_layer`` layers. There
   is no post-LayerNorm: Aria never used one (the HF checkpoint carries a dead one, which the
   converter writes as zeros).
@@ -48,6 +54,24 @@ def bucketed_position_ids(patch_mask_Nhw: torch.Tensor, grid: int) -> torch.Tens
     bucket_w = torch.bucketize(frac_w_Nw.clamp(max=1.0 - 1e-6), boundaries, right=True)
     pos_Nhw = bucket_h[:, :, None] * grid + bucket_w[:, None, :]
     return torch.where(patch_mask_Nhw, pos_Nhw, 0).reshape(N, h * w)
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) crops, normalised floats or raw uint8 -> (N, G, Dv) patch embeddings."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        P = cfg.patch_size
+        self.patch_size = P
+        self.weight = nn.Parameter(torch.empty(cfg.hidden_size, cfg.num_channels, P, P))  # Conv2d layout
+        self.bias = nn.Parameter(torch.empty(cfg.hidden_size))
+
+    def forward(self, pixels_NCHW: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if pixels_NCHW.dtype == torch.uint8:  # conv(x * 2/255 - 1) = conv'(x) with these weights
+            weight, bias = weight * (2.0 / 255.0), bias - weight.sum(dim=(1, 2, 3))
+        out = F.conv2d(pixels_NCHW.to(weight.dtype), weight, bias, stride=self.patch_size)
+        return out.flatten(2).transpose(1, 2)
 
 
 class VisionAttention(nn.Module):
@@ -99,15 +123,15 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.grid = cfg.image_size // cfg.patch_size
-        self.patch_embed = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size,
-                                     stride=cfg.patch_size)
+        self.patch_embed = PatchEmbed(cfg)
         self.pos_embed = nn.Embedding(cfg.num_positions, cfg.hidden_size)
         self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))
         self.gradient_checkpointing = False
 
     def forward(self, pixels_NCHW: torch.Tensor, pixel_mask_NHW: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns features (N, G, Dv) and the patch validity (N, G), or None when all are valid."""
+        """Crops as normalised floats or raw uint8 (normalised here). Returns features (N, G, Dv) and
+        the patch validity (N, G), or None when all are valid."""
         P = self.cfg.patch_size
         N, C, H, W = pixels_NCHW.shape
         if C != self.cfg.num_channels or H % P or W % P:
@@ -118,7 +142,7 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"pixel_values of {H}x{W} px exceed the position table "
                              f"({self.grid}x{self.grid} patches of {P} px = vision.image_size "
                              f"{self.cfg.image_size})")
-        x_NGD = self.patch_embed(pixels_NCHW).flatten(2).transpose(1, 2)
+        x_NGD = self.patch_embed(pixels_NCHW)
         if pixel_mask_NHW is None:
             patch_mask_Nhw = torch.ones(N, H // P, W // P, dtype=torch.bool, device=x_NGD.device)
         else:
@@ -149,4 +173,5 @@ class VisionEncoder(nn.Module):
         fan_in = self.cfg.num_channels * self.cfg.patch_size ** 2
         nn.init.normal_(self.patch_embed.weight, std=fan_in ** -0.5)
         nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.pos_embed.weight, std=self.cfg.hidden_size ** -0.5)
+        std = self.cfg.position_init_std
+        nn.init.normal_(self.pos_embed.weight, std=self.cfg.hidden_size ** -0.5 if std is None else std)

@@ -3,7 +3,8 @@ client ``torch.optim.AdamW`` and our LR schedule, with expert parallelism wired 
 
 Design decisions:
 - The optimizer is a client ``torch.optim.AdamW`` (DeepSpeed's own would JIT-compile FusedAdam on
-  CPU). Weight decay skips 1-D parameters (norms, biases).
+  CPU). Weight decay skips 1-D parameters (norms, biases). ``optim.lr_scale`` gives module groups
+  (e.g. the vision encoder) their own peak LR; the schedule multiplies every group's alike.
 - Expert parameters of an expert-parallel model go to DeepSpeed's MoE parameter groups
   (``split_params_into_different_moe_groups_for_optimizer``), so ZeRO reduces their gradients over
   the expert-data-parallel group. DeepSpeed only turns its MoE handling on when the model contains
@@ -26,14 +27,29 @@ from aria.config import RunConfig
 from aria.train.schedule import lr_multiplier
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_scale: dict[str, float]) -> list[dict]:
+    """Optimizer groups: decayed (>= 2-D) and not decayed parameters, split further by the module
+    groups (and the patch projection) whose learning rate ``optim.lr_scale`` changes."""
+    from aria.train.stages import module_groups
+
+    scale_of = {}
+    for group, params in module_groups(model).items():
+        for p in params:
+            scale_of[id(p)] = lr_scale.get(group, 1.0)
+    if "patch_embed" in lr_scale:
+        for p in model.vision.patch_embed.parameters():
+            scale_of[id(p)] = lr_scale["patch_embed"]
+    buckets: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            buckets.setdefault((p.ndim >= 2, scale_of[id(p)]), []).append(p)
+    groups = []
+    # groups at the base LR first: the logged LR is the first group's
+    for (decayed, scale), params in sorted(buckets.items(), key=lambda kv: (kv[0][1] != 1.0, not kv[0][0], kv[0][1])):
+        name = ("decay" if decayed else "no_decay") + ("" if scale == 1.0 else f"_lr_x{scale:g}")
+        groups.append({"name": name, "params": params, "lr": lr * scale,
+                       "weight_decay": weight_decay if decayed else 0.0})
+    return groups
 
 
 def add_expert_parallel_marker(model: nn.Module, num_experts: int, ep_size: int, group_name: str) -> None:
@@ -88,7 +104,7 @@ def build_engine(model: nn.Module, cfg: RunConfig, ep_group_name: str | None = N
         from aria.model.moe import MoE
 
         set_z3_leaf_modules(model, [MoE])
-    groups = param_groups(model, cfg.optim.weight_decay)
+    groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.lr_scale)
     if ep_group_name is not None:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
