@@ -29,7 +29,7 @@ from helpers import run_distributed, shapes_world
 STEPS = 400
 
 
-def _train(rank: int, world: int, args: list[str], result: dict | None = None) -> None:
+def _train(rank: int, world: int, args: list[str]) -> None:
     assert train(compose_run("quickstart", args)) == 0
 
 
