@@ -364,6 +364,12 @@ class DataConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     num_workers: int = 2
     """Loader worker processes per rank (0 = in the training process)."""
+    streams: int | None = None
+    """Independent data streams (each mixes, reads and packs its own rows) that the global batch
+    is drawn from in a fixed order; null = processes x max(1, num_workers) when the run starts. A
+    resumed run keeps the value it started with, so the rows of every step, hence the losses, do
+    not depend on the number of processes: a run can resume on any number of processes that
+    divides it."""
     strict: bool = False
     """Raise on the first bad sample instead of skipping and counting it."""
     allow_outside_media: bool = False
@@ -385,6 +391,8 @@ class DataConfig:
         _check(isinstance(self.num_workers, int) and self.num_workers >= 0, f"{p}.num_workers",
                self.num_workers, "an integer >= 0")
         _positive_int(f"{p}.prefetch_factor", self.prefetch_factor)
+        if self.streams is not None:
+            _positive_int(f"{p}.streams", self.streams)
         _check(isinstance(self.loader_timeout, (int, float)) and self.loader_timeout > 0,
                f"{p}.loader_timeout", self.loader_timeout, "a positive number of seconds")
         for name in ("train", "eval"):
@@ -482,12 +490,33 @@ class ParallelConfig:
     """Activation checkpointing of every decoder layer."""
     checkpoint_vision: bool = False
     """Activation checkpointing of every ViT layer."""
+    fp32_grad_accum: bool = True
+    """With bf16 weights: accumulate gradients over micro-batches and reduce them across ranks in
+    fp32 (DeepSpeed's data_types.grad_accum_dtype and communication_data_type); bf16 sums lose the
+    low bits of small gradients. No effect in fp32."""
+    overlap_comm: bool = True
+    """Overlap ZeRO's gradient reduction (and ZeRO-3's parameter gathering) with backward/forward
+    compute (DeepSpeed's overlap_comm; costs a second bucket buffer)."""
+    bucket_size: int = 100_000_000
+    """Elements per gradient-reduction bucket and per parameter all-gather bucket (DeepSpeed's
+    reduce_bucket_size / allgather_bucket_size, ZeRO-3's prefetch bucket): larger buckets send fewer,
+    bigger messages and hold more memory (bucket_size x 4 bytes per fp32 buffer)."""
+    gpu_memory_gb: float | None = None
+    """Memory of one GPU the run must fit in, for the memory plan training checks before it loads a
+    weight (null = the device's own; the check runs on GPUs only unless this is set)."""
     _path: str = field(default="parallel", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         p = self._path
         _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", self.zero_stage, "0, 1, 2 or 3")
         _positive_int(f"{p}.ep_size", self.ep_size)
+        _positive_int(f"{p}.bucket_size", self.bucket_size)
+        for name in ("checkpoint_decoder", "checkpoint_vision", "fp32_grad_accum", "overlap_comm"):
+            _check(isinstance(getattr(self, name), bool), f"{p}.{name}", getattr(self, name), "true or false")
+        _check(self.gpu_memory_gb is None or (isinstance(self.gpu_memory_gb, (int, float))
+                                              and not isinstance(self.gpu_memory_gb, bool)
+                                              and self.gpu_memory_gb > 0),
+               f"{p}.gpu_memory_gb", self.gpu_memory_gb, "null or a positive number of GB")
         _check(not (self.ep_size > 1 and self.zero_stage == 3), f"{p}.zero_stage", self.zero_stage,
                "0, 1 or 2 with expert parallelism (parallel.ep_size > 1)")
         _check(self.precision in PRECISIONS, f"{p}.precision", self.precision, f"one of {PRECISIONS}")

@@ -414,7 +414,7 @@ def test_images_and_video_frames_of_two_sizes_share_a_batch(tok, shapes):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources: splitting across ranks and workers, resume, mixing
+# Sources: splitting into streams, resume, mixing
 # ---------------------------------------------------------------------------------------------
 
 
@@ -435,9 +435,9 @@ def text_shards(text_jsonl, tmp_path_factory) -> Path:
     return out
 
 
-def one_epoch(source, slot: int, slots: int, seed: int = 3) -> list[str]:
+def one_epoch(source, stream: int, streams: int, seed: int = 3) -> list[str]:
     seen = []
-    for raw, position in source.iterate(slot, slots, seed=seed):
+    for raw, position in source.iterate(stream, streams, seed=seed):
         if position["epoch"] > 0:
             break
         seen.append(raw.where)
@@ -445,31 +445,31 @@ def one_epoch(source, slot: int, slots: int, seed: int = 3) -> list[str]:
 
 
 def dataset_path(kind: str, text_jsonl: Path, text_shards: Path) -> str:
-    return {"jsonl": str(text_jsonl), "shards": str(text_shards),  # 9 shards for 4 slots: whole shards
-            "few_shards": str(text_shards / "docs-00000[0-2].tar")}[kind]  # 3 shards of 7 < 4 slots
+    return {"jsonl": str(text_jsonl), "shards": str(text_shards),  # 9 shards for 4 streams: whole shards
+            "few_shards": str(text_shards / "docs-00000[0-2].tar")}[kind]  # 3 shards of 7 < 4 streams
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "shards", "few_shards"])
-def test_slots_see_disjoint_samples_covering_the_epoch(text_jsonl, text_shards, kind):
+def test_streams_see_disjoint_samples_covering_the_epoch(text_jsonl, text_shards, kind):
     source = open_source(dataset_path(kind, text_jsonl, text_shards))
-    per_slot = [one_epoch(source, slot, 4) for slot in range(4)]  # 2 ranks x 2 workers
-    everything = [t for slot in per_slot for t in slot]
+    per_stream = [one_epoch(source, stream, 4) for stream in range(4)]
+    everything = [t for stream in per_stream for t in stream]
     expected = 60 if kind != "few_shards" else 21
     assert len(everything) == len(set(everything)) == expected
-    assert all(per_slot)
+    assert all(per_stream)
     if kind != "shards":  # a running index over the epoch: shares differ by at most one
-        assert max(map(len, per_slot)) - min(map(len, per_slot)) <= 1
+        assert max(map(len, per_stream)) - min(map(len, per_stream)) <= 1
 
 
-def test_few_shard_mode_parses_only_the_slots_own_samples(text_shards, monkeypatch):
+def test_few_shard_mode_parses_only_the_streams_own_samples(text_shards, monkeypatch):
     calls = []
     real = sources_module.parse_json_line
     monkeypatch.setattr(sources_module, "parse_json_line",
                         lambda line, where: (calls.append(where), real(line, where))[1])
     source = ShardSource(str(text_shards / "docs-00000[0-2].tar"))
-    for slot in range(4):
+    for stream in range(4):
         calls.clear()
-        mine = one_epoch(source, slot, 4)
+        mine = one_epoch(source, stream, 4)
         assert len(calls) == len(mine) + 1  # its own samples, and the first of the next epoch
 
 
@@ -487,30 +487,32 @@ def take(it, n: int) -> list:
 
 @pytest.mark.parametrize("kind", ["jsonl", "shards", "few_shards"])
 def test_ranks_and_workers_through_the_loader_are_disjoint_and_cover_the_epoch(text_jsonl, text_shards, tok, kind):
-    """2 ranks x 2 workers through TrainLoader, each rank stopped after 3 batches and resumed (so its
-    workers' turns are rotated): every slot's epoch share is its own, and together they cover it."""
+    """2 ranks x 2 workers (4 streams) through TrainLoader, each rank stopped after 3 batches and
+    resumed (so its workers' turns are rotated): every stream's epoch share is its own, rank r reads
+    streams r and r + 2 only, and together they cover the epoch."""
     path = dataset_path(kind, text_jsonl, text_shards)
-    shares = [len(one_epoch(open_source(path), slot, 4)) for slot in range(4)]
-    seen: dict[int, list[str]] = {slot: [] for slot in range(4)}
+    shares = [len(one_epoch(open_source(path), stream, 4)) for stream in range(4)]
+    seen: dict[int, list[str]] = {stream: [] for stream in range(4)}
 
-    def record(batches):
+    def record(batches, rank):
         for batch in batches:
-            seen[batch.state["slot"]].extend(batch.where)
+            assert batch.state["stream"] % 2 == rank
+            seen[batch.state["stream"]].extend(batch.where)
 
     for rank in (0, 1):
         first = loader(path, rank, 2, 2, tok)
         it = iter(first)
-        record(take(it, 3))
+        record(take(it, 3), rank)
         it.close()
         resumed = loader(path, rank, 2, 2, tok)
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
-        assert resumed.next_worker == 1
+        assert resumed.streams_in_turn() == [rank + 2, rank]  # global index 6 + rank is next
         it = iter(resumed)
-        while any(len(seen[s]) < shares[s] for s in (2 * rank, 2 * rank + 1)):
-            record(take(it, 1))
+        while any(len(seen[s]) < shares[s] for s in (rank, rank + 2)):
+            record(take(it, 1), rank)
         it.close()
     assert not any("[tokens" in w for ws in seen.values() for w in ws)  # no document was split
-    epoch = [w for slot in range(4) for w in seen[slot][: shares[slot]]]
+    epoch = [w for stream in range(4) for w in seen[stream][: shares[stream]]]
     assert len(epoch) == len(set(epoch)) == (21 if kind == "few_shards" else 60)
 
 
@@ -600,7 +602,7 @@ def test_mixing_draws_by_weight_and_is_seeded_and_resumable(text_jsonl, tmp_path
     sources = [JsonlSource(text_jsonl), JsonlSource(other)]
 
     def draws(seed, n=400, state=None):
-        mix = Mixture(sources, [3.0, 1.0], slot=0, num_slots=1, seed=seed, state=state)
+        mix = Mixture(sources, [3.0, 1.0], stream=0, num_streams=1, seed=seed, state=state)
         out = [mix.next()[0].record["text"] for _ in range(n)]
         return out, mix.state()
 
@@ -701,7 +703,7 @@ def test_every_bad_record_is_skipped_and_counted_with_its_line(tok, bad_dataset)
 def test_every_bad_record_is_counted_by_the_loader(tok, bad_dataset, workers):
     d, expected = bad_dataset
     it = iter(got := loader(d / "train.jsonl", 0, 1, workers, tok, seq_len=BAD_SEQ_LEN, batch_size=1))
-    for _ in range(200):  # until every slot's resume point (a row's first sample) is in its second epoch
+    for _ in range(200):  # until every stream's resume point (a row's first sample) is in its second epoch
         next(it)
         starts = [p["mixture"]["positions"][0] for p in got.positions.values()]
         if len(starts) == max(1, workers) and all(s and s["epoch"] >= 1 for s in starts):

@@ -24,7 +24,8 @@ from aria.convert.checkpoint import iter_tensors, load_model_dir
 from aria.convert.hf_config import to_hf_config
 from aria.data.processor import CHAT_TEMPLATE, Processor
 from aria.data.tokenizer import Tokenizer
-from aria.train.checkpoint import load_weights, resolve_model_dir, source_model_config
+from aria.train.checkpoint import resolve_model_dir, source_model_config
+from aria.train.weights import load_weights
 from helpers import perturb
 from test_train import overrides, run, setup  # noqa: F401  (``setup``: the module-scoped tokenizer/data/init fixture)
 
@@ -281,15 +282,17 @@ def copy_model_dir(ep_run: Path, to: Path) -> Path:
     return to
 
 
-def test_deepspeed_checkpoint_without_model_dir_is_explained(ep_run, tmp_path, capsys):
+def test_optimizer_state_or_deepspeed_checkpoint_without_model_dir_is_explained(ep_run, tmp_path, capsys):
     ckpt = resolve_model_dir(ep_run).parent
-    err = convert_error(capsys, "to-hf", str(ckpt / "deepspeed"), str(tmp_path / "out"))
-    assert "DeepSpeed checkpoint" in err and "mp_rank_00_model_states.pt" in err
-    assert f"its checkpoint directory {ckpt} has model/" in err
-    bare = tmp_path / "bare"  # a checkpoint whose model/ is gone
-    shutil.copytree(ckpt, bare, ignore=shutil.ignore_patterns("model"))
-    err = convert_error(capsys, "to-hf", str(bare), str(tmp_path / "out"))
-    assert f"{bare} is a DeepSpeed checkpoint" in err and "without our model/ directory" in err
+    err = convert_error(capsys, "to-hf", str(ckpt / "optimizer"), str(tmp_path / "out"))
+    assert "optimizer state of a checkpoint" in err and f"give its checkpoint directory {ckpt}" in err
+    raw = tmp_path / "raw" / "global_step4"  # what DeepSpeed's own save_checkpoint writes
+    raw.mkdir(parents=True)
+    (raw / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (raw / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    err = convert_error(capsys, "to-hf", str(raw.parent), str(tmp_path / "out"))
+    assert f"{raw.parent} is a DeepSpeed checkpoint" in err and "mp_rank_00_model_states.pt" in err
+    assert "without our model/ directory" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -364,7 +367,7 @@ def test_tokenizer_problems_are_named(setup, ep_run, tmp_path, capsys):  # noqa:
     assert "no tokenizer for" in err and "--tokenizer DIR" in err and "--weights-only" in err
 
     ckpt = tmp_path / "ckpt"  # a checkpoint whose run config names a tokenizer that is gone
-    shutil.copytree(resolve_model_dir(ep_run).parent, ckpt, ignore=shutil.ignore_patterns("deepspeed"))
+    shutil.copytree(resolve_model_dir(ep_run).parent, ckpt, ignore=shutil.ignore_patterns("optimizer"))
     config = (ckpt / "config.yaml").read_text().replace(str(setup / "tok"), str(tmp_path / "gone"))
     (ckpt / "config.yaml").write_text(config)
     err = convert_error(capsys, "to-hf", str(ckpt), out)

@@ -271,14 +271,14 @@ def test_expert_parallel_adapters_consolidate_and_resume(setup, lora_one, tmp_pa
 
 def test_a_lora_checkpoint_merges_into_the_model_it_trained(lora_one, tmp_path):
     from aria.convert.checkpoint import read_model_config
-    from aria.train.checkpoint import load_weights
+    from aria.train.weights import load_weights
 
     directory = model_dir(lora_one)
     cfg = read_model_config(directory)
     adapted = build_model(cfg, device="meta")
     add_adapters(adapted, read_adapters(directory)[1])
     adapted = adapted.to_empty(device="cpu").eval()
-    assert load_weights(adapted, directory)  # base weights + adapters
+    assert load_weights(adapted, directory).adapters  # base weights + adapters
     merged = build_model(cfg).eval()
     merged.load_state_dict(dict(merge_transform(directory)(iter_tensors(directory))))
     inputs = image_inputs(cfg)

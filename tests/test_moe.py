@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 
 from aria.config import MoEConfig
-from aria.model.moe import (MoE, experts_grouped, experts_loop, load_balancing_loss, permute, route,
-                            router_z_loss, unpermute, update_expert_bias)
+from aria.model.moe import (MoE, experts_grouped, experts_loop, load_balancing_loss, padded_groups,
+                            permute, route, router_z_loss, unpermute, update_expert_bias)
+from aria.parallel.expert import regroup_order, simulate_expert_parallel
 from helpers import run_distributed
 
 
@@ -71,6 +72,67 @@ def test_grouped_gemm_equals_per_expert_loop_including_empty_experts(dtype):
     for a, b in zip(grads_fast, grads_slow):
         torch.testing.assert_close(a, b, **tol)
     assert grads_fast[1][1].abs().sum() == 0 and grads_fast[1][3].abs().sum() == 0
+
+
+def test_padded_groups_on_hand_derived_counts():
+    # 4 experts with 3, 0, 9, 1 rows (A = 13); align 4: groups of 4, 4 (empty: still 4), 12, 4
+    counts = torch.tensor([3, 0, 9, 1])
+    pos, offsets, M = padded_groups(counts, 13, align=4)
+    assert M == 4 * (4 + 4)  # A rounded up to 16, plus 4 rows per expert
+    # group starts 0, 4, 8, 20; the last group takes the slack up to M = 32
+    assert offsets.tolist() == [4, 8, 20, 32] and offsets.dtype == torch.int32
+    assert pos.tolist() == [0, 1, 2, 8, 9, 10, 11, 12, 13, 14, 15, 16, 20]
+    # every group is non-empty and aligned: no K = 0 GEMM, whatever the routing
+    sizes = torch.diff(offsets, prepend=torch.zeros(1, dtype=torch.int32))
+    assert (sizes > 0).all() and (sizes % 4 == 0).all()
+
+
+def test_moe_layer_with_experts_that_get_no_token_equals_the_loop_reference():
+    """Forward and every gradient through the padded grouped path, with a router that sends every
+    token to experts 0 and 5 only (the other six get nothing)."""
+    layer = moe_layer().train()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0], layer.router.weight[5, 1] = 5.0, 5.0
+    x = torch.randn(3, 4, 32)
+    x[..., :2] = x[..., :2].abs() + 1.0  # positive features 0 and 1: experts 0 and 5 win
+    reference = moe_layer().train()
+    reference.load_state_dict(layer.state_dict())
+    reference.experts.run_local = lambda rows, src, counts: (
+        experts_loop(rows[src], reference.experts.w_fc1, reference.experts.w_fc2, counts), None)
+    out, stats = layer(x)
+    assert stats.tokens_per_expert.tolist() == [12, 0, 0, 0, 0, 12, 0, 0]
+    expected, _ = reference(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    (expected * grad_out).sum().backward()
+    for (name, a), (_, b) in zip(layer.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert layer.experts.w_fc1.grad[1:5].abs().sum() == 0  # experts without tokens get no gradient
+
+
+def test_regroup_order_on_hand_derived_counts():
+    # 2 source ranks, 2 local experts; received source-major:
+    # rank 0 sent e0: 2 rows, e1: 1 row -> rows 0 1 | 2; rank 1 sent e0: 0, e1: 3 -> rows 3 4 5
+    recv = torch.tensor([[2, 1], [0, 3]])
+    # expert-major, sources in rank order: e0 <- rows 0, 1; e1 <- row 2 (rank 0), rows 3, 4, 5
+    assert regroup_order(recv, 6).tolist() == [0, 1, 2, 3, 4, 5]
+    recv = torch.tensor([[1, 2], [3, 1]])  # rank 0: e0 row 0, e1 rows 1 2; rank 1: e0 rows 3 4 5, e1 row 6
+    assert regroup_order(recv, 7).tolist() == [0, 3, 4, 5, 1, 2, 6]
+
+
+def test_simulated_expert_parallelism_keeps_the_local_experts_and_real_shapes():
+    """The planning stand-in for an EP group: experts sliced like a real rank 0, the exchange
+    shape-true, and the layer still runs forward and backward."""
+    layer = moe_layer().train()
+    full = layer.experts.w_fc1.detach().clone()
+    simulate_expert_parallel([layer], 4)
+    assert torch.equal(layer.experts.w_fc1, full[:2]) and layer.experts.ep_size == 4
+    out, _ = layer(torch.randn(2, 5, 32))
+    assert out.shape == (2, 5, 32)
+    out.sum().backward()
+    assert layer.experts.w_fc1.grad.shape == (2, 32, 32)
 
 
 def moe_layer(**overrides) -> MoE:

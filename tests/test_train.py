@@ -13,6 +13,7 @@ between a one-process and a two-process reduction can flip their sign.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -119,9 +120,165 @@ def test_expert_parallel_two_processes_equal_one(setup, one_process, tmp_path, z
     run(2, overrides(setup, run_dir, "train.micro_batch_size=1", "parallel.ep_size=2",
                      f"parallel.zero_stage={zero}"))
     assert_same_training(one_process, run_dir)
-    model_dir = run_dir / "checkpoints" / "step_00000004" / "model"
+    ckpt = run_dir / "checkpoints" / "step_00000004"
+    model_dir = ckpt / "model"
     assert json.loads((model_dir / "layout.json").read_text()) == {"ep_size": 2}
     assert len(list(model_dir.glob("experts-ep*.safetensors"))) == 2
+    # both ranks wrote: their expert slices, a share of the other tensors, their optimizer state
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index.values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    assert sorted(p.name for p in (ckpt / "optimizer").glob("rank*")) == ["rank00000.safetensors",
+                                                                        "rank00001.safetensors"]
+    # no pickles: the trainer state loads with weights_only, nothing else is a .pt file
+    assert sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*.pt")) == [
+        "trainer/rank00000.pt", "trainer/rank00001.pt"]
+    state = torch.load(ckpt / "trainer" / "rank00001.pt", weights_only=True)
+    assert state["step"] == 4 and set(state["data"]["positions"]) == {1}  # rank 1 reads stream 1
+
+
+def without_init(args: list[str]) -> list[str]:
+    return [a for a in args if not a.startswith("init.")]
+
+
+def test_from_scratch_initialisation_does_not_depend_on_the_layout(setup, tmp_path):
+    """Expert e of layer l starts as a function of (seed, l, e) only: EP=2, EP=1 and ZeRO-3 (built
+    partitioned) start from the same model as one process building it whole, and train alike."""
+    from aria.model.aria import Aria
+
+    runs = {}
+    for name, layout in {"ep2": ["parallel.ep_size=2", "parallel.zero_stage=2"],
+                         "ep1": ["parallel.ep_size=1", "parallel.zero_stage=1"],
+                         "zero3": ["parallel.zero_stage=3"]}.items():
+        runs[name] = tmp_path / name
+        run(2, without_init(overrides(setup, runs[name], "train.micro_batch_size=1", "train.seed=5",
+                                      *layout)))
+    whole = Aria(load_model_config("tiny"))
+    whole.init_weights(seed=5)
+    expected = float(sum(t.double().abs().sum() for t in whole.state_dict().values()))
+    for name, run_dir in runs.items():
+        started = json.loads((run_dir / "init.json").read_text())["fingerprint"]
+        assert started == pytest.approx(expected, rel=1e-12), name
+    l_ep2, l_ep1, l_z3 = (losses(runs[n]) for n in ("ep2", "ep1", "zero3"))
+    assert max(abs(a - b) for a, b in zip(l_ep2, l_ep1)) <= 1e-4, (l_ep2, l_ep1)
+    assert max(abs(a - b) for a, b in zip(l_z3, l_ep1)) <= 1e-4, (l_z3, l_ep1)
+
+
+def _build_job(rank: int, world: int, args: list[str], out: Path) -> None:
+    from aria.parallel.shards import local_parts
+    from aria.train.trainer import Trainer
+
+    trainer = Trainer(compose_run("config", args))
+    model = trainer.build_model()
+    parts = local_parts(model)
+    held = {name: part.end - part.start for name, part in parts.items()}
+    whole = {name: math.prod(part.shape) for name, part in parts.items()}
+    torch.save({"read": trainer.loaded.bytes_read, "stored": trainer.loaded.bytes_stored, "held": held,
+                "whole": whole, "kinds": {n: p.kind for n, p in parts.items()}}, out / f"rank{rank}.pt")
+
+
+def test_each_rank_reads_and_holds_only_its_part_of_the_weights(setup, tmp_path):
+    expert_bytes = sum(t.numel() * t.element_size() for k, t in iter_tensors(setup / "init")
+                       if ".moe.experts." in k)
+    total = sum(t.numel() * t.element_size() for _, t in iter_tensors(setup / "init"))
+    for layout in (["parallel.ep_size=2", "parallel.zero_stage=2"], ["parallel.zero_stage=3"]):
+        out = tmp_path / layout[-1].replace("=", "")
+        out.mkdir()
+        run_distributed(_build_job, 2, (overrides(setup, tmp_path / "unused", *layout), out))
+        ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+        assert all(r["stored"] == total for r in ranks)
+        if "parallel.ep_size=2" in layout:  # each rank reads half the experts and all the rest
+            assert all(r["read"] == total - expert_bytes // 2 for r in ranks), [r["read"] for r in ranks]
+            experts = [n for n, k in ranks[0]["kinds"].items() if k == "experts"]
+            assert experts and all(r["held"][n] * 2 == r["whole"][n] for r in ranks for n in experts)
+        else:  # ZeRO-3: no rank holds or reads any tensor whole (beyond the partition padding)
+            assert all(abs(r["read"] - total / 2) <= 4 * len(r["held"]) for r in ranks), [r["read"] for r in ranks]
+            assert all(r["held"][n] <= -(-r["whole"][n] // 2) for r in ranks for n in r["held"])
+            assert sum(ranks[0]["held"].values()) + sum(ranks[1]["held"].values()) == sum(ranks[0]["whole"].values())
+
+
+def rewind(run_dir: Path, to: Path, step: int = 2) -> Path:
+    """A copy of ``run_dir`` as if it had died after its step-``step`` checkpoint."""
+    shutil.copytree(run_dir, to)
+    for ckpt in (to / "checkpoints").glob("step_*"):
+        if int(ckpt.name.split("_")[1]) > step:
+            shutil.rmtree(ckpt)
+    (to / "checkpoints" / "latest").write_text(f"step_{step:08d}\n")
+    return to
+
+
+def test_resume_on_another_layout_continues_the_same_losses(setup, tmp_path):
+    """Two processes with EP=2 + ZeRO-2 stop at step 2; one process (EP=1, ZeRO-1, grad_accum 2)
+    continues; and a one-process run continues on two processes with ZeRO-3: each equals the run
+    that was never interrupted, data position, optimizer state and LR schedule included."""
+    ep2 = tmp_path / "ep2"
+    run(2, overrides(setup, ep2, "train.micro_batch_size=1", "parallel.ep_size=2", "parallel.zero_stage=2"))
+    one = rewind(ep2, tmp_path / "one")
+    run(1, overrides(setup, one, "train.micro_batch_size=1", "parallel.ep_size=1", "parallel.zero_stage=1"))
+    assert_same_training(ep2, one)
+    assert yaml_value(one / "checkpoints" / "step_00000004" / "config.yaml", "grad_accum") == 2
+
+    # the other way: one process (two streams, two micro-batches a step) -> two processes, ZeRO-3
+    single = tmp_path / "single"
+    run(1, overrides(setup, single, "train.micro_batch_size=1", "train.grad_accum=2", "data.streams=2"))
+    assert_same_training(ep2, single)  # one process with two streams = two processes
+    two = rewind(single, tmp_path / "two")
+    run(2, overrides(setup, two, "train.micro_batch_size=1", "train.grad_accum=2", "data.streams=2",
+                     "parallel.zero_stage=3"))
+    assert_same_training(single, two)
+    # a layout that cannot hold the saved steps' rows is refused, naming what to change
+    three = rewind(single, tmp_path / "three")
+    with pytest.raises(AssertionError, match="train.micro_batch_size=2 do not divide it"):
+        run(2, overrides(setup, three, "train.micro_batch_size=2"))
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_bf16_with_fp32_gradients_resumes_exactly_and_on_another_layout(setup, tmp_path, zero):
+    """What GPUs run: bf16 weights, gradients accumulated and reduced in fp32 (DeepSpeed's bf16
+    optimizer under ZeRO-1, fp32 gradient partitions under ZeRO-2/3). A rerun from the step-2
+    checkpoint repeats the run bit for bit; one process with ZeRO-2 continues it within bf16
+    rounding."""
+    run_dir = tmp_path / "bf16"
+    args = overrides(setup, run_dir, "train.micro_batch_size=1", "train.grad_accum=2", "data.streams=2",
+                     f"parallel.zero_stage={zero}", "parallel.precision=bf16")
+    run(2, args)
+    first = records(run_dir)
+    again = rewind(run_dir, tmp_path / "again")
+    run(2, [a.replace(str(run_dir), str(again)) for a in args])
+    assert records(again) == first
+    other = rewind(run_dir, tmp_path / "other")
+    run(1, overrides(setup, other, "train.micro_batch_size=1", "parallel.zero_stage=2",
+                     "parallel.precision=bf16"))
+    la, lb = losses(run_dir), losses(other)
+    assert la[:2] == lb[:2] and max(abs(a - b) for a, b in zip(la, lb)) <= 2e-3, (la, lb)
+    weights = final_weights(other)
+    assert weights["decoder.embed.weight"].dtype == torch.bfloat16
+
+
+def yaml_value(path: Path, key: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(path).train[key]
+
+
+def _workers_first_job(rank: int, world: int, args: list[str]) -> None:
+    import multiprocessing
+
+    import aria.train.trainer as trainer_module
+
+    real = trainer_module.init_distributed
+
+    def check_then_init():
+        assert multiprocessing.active_children(), "the loader workers must be forked before CUDA/NCCL"
+        return real()
+
+    trainer_module.init_distributed = check_then_init
+    assert train(compose_run("config", args)) == 0
+
+
+def test_loader_workers_start_before_the_process_group(setup, tmp_path):
+    args = overrides(setup, tmp_path / "run", "train.micro_batch_size=2", "data.num_workers=1",
+                     "train.max_steps=1")
+    run_distributed(_workers_first_job, 1, (args,))
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
@@ -165,23 +322,23 @@ def test_sigkill_then_rerun_writes_the_metrics_of_an_uninterrupted_run(setup, tm
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(setup, tmp_path, monkeypatch):
-    import aria.train.checkpoint as ckpt
+    import aria.train.weights as weights
 
     run_dir = tmp_path / "crash"
-    real = ckpt.save_weights
+    real = weights.save_weights
 
-    def dies_at_step_4(model, cfg, directory, info):
+    def dies_at_step_4(model, cfg, directory, rank, world):
         if "step_00000004" in str(directory):
             raise KeyboardInterrupt("killed while writing")
-        real(model, cfg, directory, info)
+        real(model, cfg, directory, rank, world)
 
-    monkeypatch.setattr(ckpt, "save_weights", dies_at_step_4)
+    monkeypatch.setattr(weights, "save_weights", dies_at_step_4)
     with pytest.raises(AssertionError, match="KeyboardInterrupt"):
         run(1, overrides(setup, run_dir, "train.micro_batch_size=2"))
     root = run_dir / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000002"
     assert (root / ".tmp-step_00000004").is_dir() and not (root / "step_00000004").exists()
-    monkeypatch.setattr(ckpt, "save_weights", real)
+    monkeypatch.setattr(weights, "save_weights", real)
     run(1, overrides(setup, run_dir, "train.micro_batch_size=2"))
     assert (root / "latest").read_text().strip() == "step_00000004"
     assert not (root / ".tmp-step_00000004").exists()
@@ -208,7 +365,7 @@ def test_non_finite_loss_stops_with_a_checkpoint(setup, tmp_path, capfd):
                                             "checkpoint.every_steps=100"),))
     assert "non-finite loss nan at step 3" in capfd.readouterr().out
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
-    state = torch.load(run_dir / "checkpoints" / "step_00000002" / "trainer_rank00000.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "step_00000002" / "trainer" / "rank00000.pt", weights_only=True)
     assert state["step"] == 2 and len(losses(run_dir)) == 2
 
 

@@ -41,7 +41,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from safetensors import safe_open
@@ -149,40 +149,149 @@ def expert_files(directory: Path) -> list[Path]:
     return files
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
+                      "F16": torch.float16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _Piece(NamedTuple):
+    """Rows [row0, row0 + shape[0]) of a tensor, stored as ``key`` in ``file`` with ``shape``."""
+
+    file: str
+    key: str
+    row0: int
+    shape: tuple[int, ...]
+
+
+class TensorStore:
+    """Random access to the tensors of a model directory: ours (any expert-parallel layout: a
+    tensor's experts may lie in P files) or, with ``hf=True``, a Hugging Face directory read under
+    our names. Shapes and dtypes come from the safetensors headers; ``read`` returns any flat range
+    of a whole tensor reading exactly its bytes (a rank loads only what it keeps), and
+    ``bytes_read`` counts them. The layout is checked when the store opens: an index naming absent
+    files or keys, expert files of mixed or incomplete layouts, a tensor stored twice."""
+
+    def __init__(self, directory: str | Path, hf: bool = False) -> None:
+        directory = self.directory = Path(directory)
+        self._handles: dict[str, object] = {}
+        self.pieces: dict[str, list[_Piece]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.bytes_read = 0
+        expert = expert_files(directory)  # the layout is checked before anything else is read
+        headers = []
+        for name, keys in weight_files(directory).items():
+            handle = self._handle(name)
+            present = set(handle.keys())
+            for key in keys:
+                if key not in present:
+                    raise ValueError(f"{directory / INDEX} maps '{key}' to {name}, which lacks it")
+                headers.append((key, (name, key)))
+        source = f"Hugging Face weights in {directory}" if hf else f"weights in {directory}"
+        named = rename_hf(headers, source, size=lambda entry: math.prod(self._header(*entry)[0])) if hf else headers
+        for ours, (name, key) in named:
+            if ours in self.pieces:
+                raise ValueError(f"{directory} holds '{ours}' twice")
+            shape, dtype = self._header(name, key)
+            self.pieces[ours], self.dtypes[ours] = [_Piece(name, key, 0, shape)], dtype
+        if expert:
+            self._add_expert_files(expert)
+
+    def _add_expert_files(self, files: list[Path]) -> None:
+        keys = list(self._handle(files[0].name).keys())
+        for f in files:
+            if set(self._handle(f.name).keys()) != set(keys):
+                raise ValueError(f"{f} holds different expert tensors than {files[0].name}")
+        for key in keys:
+            if key in self.pieces:
+                raise ValueError(f"'{key}' is in both {files[0].name} and the ordinary weight files of "
+                                 f"{self.directory}")
+            headers = [self._header(f.name, key) for f in files]
+            if len({shape for shape, _ in headers}) != 1:
+                raise ValueError(f"{self.directory}: the expert slices of '{key}' differ in shape across "
+                                 f"ranks: {dict(zip((f.name for f in files), (h[0] for h in headers)))}")
+            shape = headers[0][0]
+            self.pieces[key] = [_Piece(f.name, key, r * shape[0], shape) for r, f in enumerate(files)]
+            self.dtypes[key] = headers[0][1]
+
+    def _handle(self, name: str):
+        if name not in self._handles:
+            self._handles[name] = safe_open(self.directory / name, framework="pt")
+        return self._handles[name]
+
+    def _header(self, name: str, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        sl = self._handle(name).get_slice(key)
+        return tuple(sl.get_shape()), SAFETENSORS_DTYPES[sl.get_dtype()]
+
+    def keys(self) -> list[str]:
+        return list(self.pieces)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        pieces = self.pieces[key]
+        return (sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]) if pieces[0].shape else ()
+
+    def nbytes(self, key: str) -> int:
+        return math.prod(self.shape(key)) * self.dtypes[key].itemsize
+
+    def read(self, key: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Elements [start, end) of tensor ``key`` flattened in row-major order (1-D)."""
+        shape = self.shape(key)
+        numel = math.prod(shape)
+        end = numel if end is None else end
+        if not 0 <= start <= end <= numel:
+            raise ValueError(f"{self.directory}: range [{start}, {end}) is outside '{key}' ({numel} elements)")
+        row = math.prod(shape[1:])
+        parts = []
+        for piece in self.pieces[key]:
+            first = piece.row0 * row
+            a, b = max(start, first), min(end, first + math.prod(piece.shape))
+            if a < b:
+                sl = self._handle(piece.file).get_slice(piece.key)
+                parts.append(_read_flat(sl, piece.shape, a - first, b - first, ()))
+        if not parts:  # an empty range, or a zero-size tensor
+            out = torch.empty(0, dtype=self.dtypes[key])
+        else:
+            out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        self.bytes_read += out.numel() * out.element_size()
+        return out
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self.read(key).view(self.shape(key))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _read_flat(sl, shape: tuple[int, ...], a: int, b: int, prefix: tuple) -> torch.Tensor:
+    """Elements [a, b) of the row-major flattening of ``sl[prefix]`` (of ``shape``), read as at
+    most 2 * len(shape) + 1 blocks that are contiguous on disk."""
+    if not shape or (a == 0 and b == math.prod(shape)):
+        return sl[prefix + (slice(None),) * len(shape)].reshape(-1) if shape or prefix else sl[()].reshape(-1)
+    inner = math.prod(shape[1:])
+    parts = []
+    row = a // inner
+    if a % inner:  # a partial first row
+        stop = min(b, (row + 1) * inner)
+        parts.append(_read_flat(sl, shape[1:], a - row * inner, stop - row * inner, prefix + (slice(row, row + 1),)))
+        a, row = stop, row + 1
+    full = b // inner
+    if a < b and row < full:  # whole rows
+        parts.append(sl[prefix + (slice(row, full),)].reshape(-1))
+        a, row = full * inner, full
+    if a < b:  # a partial last row
+        parts.append(_read_flat(sl, shape[1:], 0, b - a, prefix + (slice(row, row + 1),)))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 def iter_tensors(directory: Path, shapes_only: bool = False) -> Iterator[tuple[str, torch.Tensor | tuple]]:
     """Yields (key, tensor) one at a time over every weight file of ``directory``, expert slices of
     an expert-parallel checkpoint concatenated into whole tensors. ``shapes_only``: (key, shape)
     from the safetensors headers, reading no data."""
-    directory = Path(directory)
-    files = expert_files(directory)  # the layout is checked before any tensor is yielded
-    seen = set()
-    for name, keys in weight_files(directory).items():
-        with safe_open(directory / name, framework="pt") as f:
-            present = set(f.keys())
-            for key in keys:
-                if key not in present:
-                    raise ValueError(f"{directory / INDEX} maps '{key}' to {name}, which lacks it")
-                seen.add(key)
-                yield key, tuple(f.get_slice(key).get_shape()) if shapes_only else f.get_tensor(key)
-    if not files:
-        return
-    handles = [safe_open(f, framework="pt") for f in files]
-    keys = list(handles[0].keys())
-    for f, h in zip(files, handles):
-        if set(h.keys()) != set(keys):
-            raise ValueError(f"{f} holds different expert tensors than {files[0].name}")
-    for key in keys:
-        if key in seen:
-            raise ValueError(f"'{key}' is in both {files[0].name} and the ordinary weight files of "
-                             f"{directory}")
-        shapes = [tuple(h.get_slice(key).get_shape()) for h in handles]
-        if len(set(shapes)) != 1:
-            raise ValueError(f"{directory}: the expert slices of '{key}' differ in shape across ranks: "
-                             f"{dict(zip((f.name for f in files), shapes))}")
-        if shapes_only:
-            yield key, (shapes[0][0] * len(handles), *shapes[0][1:])
-        else:
-            yield key, torch.cat([h.get_tensor(key) for h in handles])
+    store = TensorStore(directory)  # the layout is checked before any tensor is yielded
+    try:
+        for key in store.keys():
+            yield key, store.shape(key) if shapes_only else store.tensor(key)
+    finally:
+        store.close()
 
 
 def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], directory: Path,
@@ -335,9 +444,11 @@ def read_hf_config(directory: Path) -> ModelConfig:
     return from_hf_config(hf, source=str(path))
 
 
-def rename_hf(items: Iterable[tuple[str, object]], source: str) -> Iterator[tuple[str, object]]:
+def rename_hf(items: Iterable[tuple[str, object]], source: str,
+              size: Callable[[object], int] | None = None) -> Iterator[tuple[str, object]]:
     """(HF key, value) -> (our key, value), dropping dead tensors; every key that is not Aria's is
-    collected into one error raised at the end."""
+    collected into one error raised at the end. ``size`` gives a value's element count (default: a
+    tensor's, or the product of a shape)."""
     unexpected = []
     for key, value in items:
         try:
@@ -347,8 +458,8 @@ def rename_hf(items: Iterable[tuple[str, object]], source: str) -> Iterator[tupl
             continue
         if ours is None:
             continue
-        size = value.numel() if isinstance(value, torch.Tensor) else math.prod(value)
-        if size == 0 and ".moe.shared." in ours:  # HF keeps zero-size shared experts when S = 0
+        numel = size(value) if size else value.numel() if isinstance(value, torch.Tensor) else math.prod(value)
+        if numel == 0 and ".moe.shared." in ours:  # HF keeps zero-size shared experts when S = 0
             continue
         yield ours, value
     if unexpected:

@@ -20,9 +20,9 @@ Design decisions:
 - Everything that can be checked is checked before the first file is written: source layout, run
   config, tokenizer (special tokens, ``<|img|>`` id, vocabulary size), crop size against the
   projector table, every weight key and shape (from the safetensors headers).
-- A raw DeepSpeed checkpoint (ZeRO partitions without our ``model/``) is refused with an
-  explanation: the ZeRO state is an optimizer partition, and training writes the consolidated
-  weights into ``model/`` beside it, which is what conversion reads.
+- A checkpoint's ``optimizer/`` directory, or a raw DeepSpeed checkpoint (ZeRO partitions without
+  our ``model/``), is refused with an explanation: both hold optimizer partitions; training writes
+  the weights into ``model/``, which is what conversion reads.
 - Memory: see ``aria.convert.checkpoint`` (one output shard plus the tensor in flight).
 """
 
@@ -71,6 +71,10 @@ def locate_source(path: str | Path) -> Source:
     try:
         model_dir = resolve_model_dir(path)
     except FileNotFoundError:
+        if (path / "state.json").is_file() and any(path.glob("rank*.safetensors")):
+            raise ValueError(f"{path} is the optimizer state of a checkpoint (fp32 master weights and "
+                             f"Adam moments by rank), not a model: give its checkpoint directory "
+                             f"{path.parent} or the run directory") from None
         deepspeed = _deepspeed_files(path)
         if not deepspeed:
             raise

@@ -1,10 +1,22 @@
-"""The training data stream: mixed sources -> parsed records -> encoded samples -> packed batches,
-built in loader worker processes, with an exact, saveable position.
+"""The training data: mixed sources -> parsed records -> encoded samples -> packed micro-batches,
+built in loader worker processes, in one global order that does not depend on the number of
+processes, with an exact, saveable position.
 
 Design decisions:
-- Each worker of each rank is a *slot* with its own sources' positions and its own mixing RNG, so
-  workers never coordinate and slots never overlap (``sources.py``). The sources are opened (a
-  JSONL file indexed) once, in the training process; forked workers inherit them.
+- The data of a run is S independent *streams* (``data.streams``; by default processes x workers
+  when the run starts, then kept for its whole life). Stream s mixes its sources with its own RNG,
+  reads its own share of every source (``sources.py``) and packs its own rows, all keyed by s alone,
+  so its micro-batches depend on S, the seed and the data, never on who reads them. The sources are
+  opened (a JSONL file indexed) once, in the training process; forked workers inherit them.
+- One global sequence: global micro-batch j is the (j div S)-th micro-batch of stream j mod S. A step
+  of W processes x G micro-batches takes [j0, j0 + W*G): rank r's g-th is j0 + g*W + r. So rank r
+  reads j0 + r, j0 + r + W, ... whatever G, and, S being a multiple of W, only the S/W streams that
+  are congruent to j0 + r modulo W (streams r, r + W, ... in a fresh run). The rows of a step depend
+  on S alone: not on W, on how the global batch splits into G, nor on the loader workers.
+- A rank's streams are dealt round-robin, in the order the rank reads them, to its loader workers;
+  each worker interleaves its own streams in that order, and the DataLoader takes one batch from each
+  worker in turn, which restores the order. A worker count that does not divide the rank's stream
+  count is lowered to its largest divisor that does (and logged).
 - Mixing draws the next dataset at random by weight for every *sample* (a seeded numpy generator
   whose state is part of the position), not "the first N rows of each" as the official code did.
   Weights are per sample, not per token: a dataset of long samples gets more tokens than its weight.
@@ -12,11 +24,21 @@ Design decisions:
   training, evaluation, validation and ``jsonl_to_wds``. Every failure leaves it as a located
   ``DataError``; an exception nobody foresaw becomes one too (kind ``unexpected_error``, naming the
   exception type), so one strange record is skipped and counted instead of killing a worker.
-- A worker yields whole micro-batches, each carrying its slot's position *after* the rows it holds
-  (the start of the first row not yet emitted) and the skip counts up to that position. The
-  DataLoader hands batches over in worker order, so the main process records, per slot, the position
-  of the last batch it actually consumed; a restored loader resumes every slot from there and
-  produces exactly the batches that would have followed.
+- Position: each micro-batch carries its stream's position *after* it (the start of the first row
+  not yet emitted) and the stream's skip counts up to there. The DataLoader runs ahead, so the
+  training process records, per stream, the position of the last batch it actually consumed, and
+  the global index where the next step starts. A rank's state holds its own streams; ``merge_states``
+  joins the states of all ranks, from which any number of processes that divides S resumes: every
+  stream continues exactly where it stopped, and the global index says which rank reads it next.
+- Workers start before CUDA: ``TrainLoader.start()`` forks them (it creates the DataLoader iterator)
+  so that the trainer can call it before CUDA and NCCL are initialised (a process forked after them
+  inherits driver state and communicator threads it must never touch). The position must therefore
+  be loaded before ``start()``.
+- Pinned memory: with CUDA, batches reach the trainer in page-locked host memory, so that
+  ``.to(device, non_blocking=True)`` is asynchronous. A thread of ours pins them, up to
+  ``prefetch_factor`` batches ahead, from the first iteration on; not the DataLoader's
+  ``pin_memory``, whose thread binds to the CUDA device current when its iterator is created (before
+  the trainer chose its GPU when ``start()`` comes first) and would allocate on GPU 0 of every rank.
 - Bad samples go through ``BadInputPolicy``: skipped and counted by reason, or raised in strict
   mode. A strict-mode error in a worker travels to the training process as a value (the DataLoader
   would re-raise it by message only) and is raised there as the same ``DataError``, kind and
@@ -25,22 +47,28 @@ Design decisions:
 - Memory: a micro-batch of B rows holds its crops as float32, 3 x S x S x 4 bytes each (11.5 MB at
   980 px, 2.9 MB at 490 px). With W workers the DataLoader keeps up to W x ``prefetch_factor``
   batches in shared memory, e.g. 2 workers x prefetch 2 x 30 crops of 980 px = 1.4 GB per rank
-  (8 ranks a node: 11 GB of /dev/shm). Lower ``prefetch_factor`` (or rows per micro-batch) if
-  /dev/shm is small; the model consumes normalised float pixels, so they are shipped as such.
+  (8 ranks a node: 11 GB of /dev/shm), and with CUDA up to ``prefetch_factor`` more in pinned
+  memory. Lower ``prefetch_factor`` (or rows per micro-batch) if /dev/shm is small; the model
+  consumes normalised float pixels, so they are shipped as such. Each stream also holds its open
+  row's samples.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
+import queue
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from aria.config import DataConfig, parse_mixture
-from aria.data.errors import BadInputPolicy, DataError
+from aria.data.errors import BadInputPolicy, DataError, log
 from aria.data.packing import PackedBatch, Packer, Piece, RowBatcher, collate, padding_batch
 from aria.data.processor import EncodedSample, Processor
 from aria.data.records import Sample, parse_record
@@ -77,14 +105,14 @@ def read_record(raw: RawRecord, processor: Processor | None = None, packer: Pack
 
 
 class Mixture:
-    """Weighted random interleaving of sources for one slot (one draw per sample)."""
+    """Weighted random interleaving of sources for one stream (one draw per sample)."""
 
-    def __init__(self, sources: list, weights: list[float], slot: int, num_slots: int, seed: int,
+    def __init__(self, sources: list, weights: list[float], stream: int, num_streams: int, seed: int,
                  state: dict | None = None) -> None:
-        self.sources, self.slot, self.num_slots, self.seed = sources, slot, num_slots, seed
+        self.sources = sources
         total = float(sum(weights))
         self.probs = np.asarray(weights, dtype=np.float64) / total
-        self.rng = np.random.default_rng([seed, slot, 7])
+        self.rng = np.random.default_rng([seed, stream, 7])
         self.positions: list[dict | None] = [None] * len(sources)
         if state is not None:
             if len(state["positions"]) != len(sources):
@@ -92,7 +120,7 @@ class Mixture:
                                  f"config lists {len(sources)}")
             self.rng.bit_generator.state = state["rng"]
             self.positions = list(state["positions"])
-        self.iters = [s.iterate(slot, num_slots, seed, p, salt=k)
+        self.iters = [s.iterate(stream, num_streams, seed, p, salt=k)
                       for k, (s, p) in enumerate(zip(sources, self.positions))]
 
     def state(self) -> dict:
@@ -108,7 +136,7 @@ class Mixture:
 
 @dataclass
 class StreamSpec:
-    """Everything a worker needs to rebuild the stream."""
+    """What the streams are made of, and where this rank sits among the processes."""
 
     datasets: list[tuple[str, float]]
     processor: Processor
@@ -132,16 +160,58 @@ class WorkerFailure:
     error: DataError
 
 
-class PackedStream(IterableDataset):
-    """Endless packed micro-batches for one rank; one slot per loader worker."""
+def stream_batches(spec: StreamSpec, stream: int, num_streams: int, saved: dict | None
+                   ) -> Iterator[PackedBatch]:
+    """Endless micro-batches of stream ``stream`` of ``num_streams``, from ``saved`` (its position
+    after its last consumed batch; None = its start) on. Each carries, in ``state``, its stream and
+    the stream's position after it."""
+    sources = spec.sources or [open_source(p, "train", spec.allow_outside_media) for p, _ in spec.datasets]
+    mixture = Mixture(sources, [w for _, w in spec.datasets], stream, num_streams, spec.seed,
+                      saved["mixture"] if saved else None)
+    skip_chunks = saved["chunk"] if saved else 0
+    policy = BadInputPolicy(spec.strict)
+    if saved:
+        policy.counts.update(saved.get("skipped", {}))
+    batcher = RowBatcher(spec.seq_len, spec.batch_size, spec.split_long_text)
+    # usable samples per source in its current epoch: a whole epoch without one is an error
+    # (a resumed run only judges epochs it saw from their first sample)
+    epochs, usable, whole = [None] * len(sources), [0] * len(sources), [False] * len(sources)
+    while True:
+        raw, before, k = mixture.next()
+        position = mixture.positions[k]
+        if position["epoch"] != epochs[k]:
+            if whole[k] and usable[k] == 0:
+                raise RuntimeError(f"dataset {sources[k].name} gave data stream {stream} no usable "
+                                   f"sample in a whole epoch; skipped so far: {dict(policy.counts)}")
+            epochs[k], usable[k], whole[k] = position["epoch"], 0, position["taken"] == 1
+        # the resume point before this sample: where the mixture was and what had been skipped
+        start = {"mixture": before, "skipped": dict(policy.counts)}
+        loaded = policy.attempt(read_record, raw, spec.processor, batcher.packer, start)
+        if loaded is None:
+            continue
+        usable[k] += 1
+        pieces = loaded.pieces
+        if skip_chunks:  # resuming inside a split document: its first chunks were emitted
+            pieces, skip_chunks = pieces[skip_chunks:], 0
+        batcher.add(pieces)
+        for rows in batcher.full_batches():
+            batch = collate(rows, spec.seq_len, spec.processor.tokenizer.pad_id,
+                            spec.processor.tokens_per_crop)
+            start, chunk = batcher.next_start() or (
+                {"mixture": mixture.state(), "skipped": dict(policy.counts)}, 0)
+            batch.state = {"stream": stream, "position": {"mixture": start["mixture"], "chunk": chunk,
+                                                          "skipped": start["skipped"]}}
+            yield batch
 
-    def __init__(self, spec: StreamSpec, workers: int, state: dict | None = None,
-                 first_worker: int = 0) -> None:
+
+class PackedStream(IterableDataset):
+    """Endless micro-batches of several streams: loader worker w (or the training process, without
+    workers: w = 0) yields one batch of each stream of ``turns[w]`` in turn."""
+
+    def __init__(self, spec: StreamSpec, num_streams: int, turns: list[list[int]],
+                 positions: dict[int, dict]) -> None:
         super().__init__()
-        self.spec, self.workers, self.state = spec, max(1, workers), state or {}
-        # DataLoader worker w serves worker slot (w + first_worker) % workers, so that a resumed
-        # loader's first batch comes from the slot whose turn it was.
-        self.first_worker = first_worker
+        self.spec, self.num_streams, self.turns, self.positions = spec, num_streams, turns, positions
 
     def __iter__(self) -> Iterator[PackedBatch | WorkerFailure]:
         try:
@@ -151,100 +221,208 @@ class PackedStream(IterableDataset):
 
     def _batches(self) -> Iterator[PackedBatch]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        spec = self.spec
-        num_slots = spec.world_size * self.workers
-        slot = spec.rank * self.workers + (worker + self.first_worker) % self.workers
-        sources = spec.sources or [open_source(p, "train", spec.allow_outside_media) for p, _ in spec.datasets]
-        saved = self.state.get(str(slot)) or self.state.get(slot)
-        mixture = Mixture(sources, [w for _, w in spec.datasets], slot, num_slots, spec.seed,
-                          saved["mixture"] if saved else None)
-        skip_chunks = saved["chunk"] if saved else 0
-        policy = BadInputPolicy(spec.strict)
-        if saved:
-            policy.counts.update(saved.get("skipped", {}))
-        batcher = RowBatcher(spec.seq_len, spec.batch_size, spec.split_long_text)
-        # usable samples per source in its current epoch: a whole epoch without one is an error
-        # (a resumed run only judges epochs it saw from their first sample)
-        epochs, usable, whole = [None] * len(sources), [0] * len(sources), [False] * len(sources)
-        while True:
-            raw, before, k = mixture.next()
-            position = mixture.positions[k]
-            if position["epoch"] != epochs[k]:
-                if whole[k] and usable[k] == 0:
-                    raise RuntimeError(f"dataset {sources[k].name} gave loader slot {slot} no usable "
-                                       f"sample in a whole epoch; skipped so far: {dict(policy.counts)}")
-                epochs[k], usable[k], whole[k] = position["epoch"], 0, position["taken"] == 1
-            # the resume point before this sample: where the mixture was and what had been skipped
-            start = {"mixture": before, "skipped": dict(policy.counts)}
-            loaded = policy.attempt(read_record, raw, spec.processor, batcher.packer, start)
-            if loaded is None:
+        mine = self.turns[info.id if info is not None else 0]
+        streams = [stream_batches(self.spec, s, self.num_streams, self.positions.get(s)) for s in mine]
+        for batches in itertools.cycle(streams):
+            yield next(batches)
+
+
+def pinned(items: Iterator, depth: int) -> Iterator:
+    """``items``, with each ``PackedBatch`` copied into pinned host memory by a background thread
+    that runs up to ``depth`` items ahead, so that pinning overlaps training. The thread works on
+    the CUDA device that is current here (CUDA's current device is per thread)."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def hand_over(kind: str, item: Any) -> bool:
+        while not stop.is_set():  # never blocked for good: the consumer may have gone
+            try:
+                ready.put((kind, item), timeout=0.1)
+                return True
+            except queue.Full:
                 continue
-            usable[k] += 1
-            pieces = loaded.pieces
-            if skip_chunks:  # resuming inside a split document: its first chunks were emitted
-                pieces, skip_chunks = pieces[skip_chunks:], 0
-            batcher.add(pieces)
-            for rows in batcher.full_batches():
-                batch = collate(rows, spec.seq_len, spec.processor.tokenizer.pad_id,
-                                spec.processor.tokens_per_crop)
-                start, chunk = batcher.next_start() or (
-                    {"mixture": mixture.state(), "skipped": dict(policy.counts)}, 0)
-                batch.state = {"slot": slot, "position": {"mixture": start["mixture"], "chunk": chunk,
-                                                          "skipped": start["skipped"]}}
-                yield batch
+        return False
+
+    def work() -> None:
+        if device is not None:
+            torch.cuda.set_device(device)
+        try:
+            for item in items:
+                if not hand_over("item", item.pin_memory() if isinstance(item, PackedBatch) else item):
+                    return
+            hand_over("end", None)
+        except BaseException as exc:  # raised again in the consuming thread
+            hand_over("error", exc)
+
+    thread = threading.Thread(target=work, name="aria-pin-memory", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = ready.get()
+            if kind == "error":
+                raise item
+            if kind == "end":
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+        del items  # the workers end now, even while a traceback holds these frames
+
+
+def check_streams(num_streams: int, world_size: int, saved: bool) -> None:
+    """Every rank reads its own streams only: their number must be a multiple of the processes'."""
+    if num_streams % world_size:
+        where = ("the checkpoint's data position has" if saved else "the config gives")
+        raise ValueError(f"config field 'data.streams': {where} {num_streams} data streams, which "
+                         f"{world_size} processes cannot share evenly; run on a number of processes "
+                         f"that divides {num_streams}" + ("" if saved else f" or set data.streams to a "
+                                                           f"multiple of {world_size}"))
+
+
+def saved_streams(state: dict) -> int:
+    """The number of streams of a saved data position; a clear error for one saved before streams."""
+    if "streams" not in state:
+        raise ValueError(f"the saved data position (keys {sorted(state)}) was written by the loader "
+                         "before data streams existed; resume it with the version that wrote it, or "
+                         "start a new run from its weights (init.from_checkpoint)")
+    return state["streams"]
+
+
+def merge_states(states: list[dict]) -> dict:
+    """One data position from the ``TrainLoader.state_dict()`` of every rank of a run, saved at the
+    same step: what ``load_state_dict`` takes on any number of processes that divides its streams."""
+    if not states:
+        raise ValueError("no data positions to merge")
+    for key, values in (("streams", {saved_streams(s) for s in states}), ("next", {s["next"] for s in states})):
+        if len(values) > 1:
+            raise ValueError(f"the ranks' data positions disagree on '{key}' ({sorted(values)}): "
+                             "they were not saved at the same step of one run")
+    positions: dict[int, dict] = {}
+    for state in states:
+        for stream, position in state["positions"].items():
+            if int(stream) in positions:
+                raise ValueError(f"data stream {stream} is in two ranks' data positions: they were not "
+                                 "saved by the ranks of one run")
+            positions[int(stream)] = position
+    return {"streams": states[0]["streams"], "next": states[0]["next"], "positions": positions}
 
 
 class TrainLoader:
-    """Iterates packed batches for this rank and tracks the resume position of every slot.
+    """This rank's micro-batches of the run's global sequence, and the position of its streams.
 
-    ``prefetch_factor``: batches each worker prepares ahead (see the module docstring for the
-    shared-memory arithmetic). ``timeout``: seconds to wait for a worker's next batch before
-    failing (a decoder hang must not hang training); ignored without workers.
+    ``streams``: S (None = ``world_size`` x max(1, ``num_workers``)). ``prefetch_factor``: batches
+    each worker prepares ahead (see the module docstring for the shared-memory arithmetic), and
+    batches pinned ahead. ``timeout``: seconds to wait for a worker's next batch before failing (a
+    decoder hang must not hang training); ignored without workers. ``pin_memory``: hand batches
+    over in pinned host memory (None = when CUDA is available).
     """
 
     def __init__(self, spec: StreamSpec, num_workers: int, prefetch_factor: int = 2,
-                 timeout: float = 600.0) -> None:
+                 timeout: float = 600.0, streams: int | None = None, pin_memory: bool | None = None) -> None:
         if spec.sources is None:
             spec.sources = [open_source(p, "train", spec.allow_outside_media) for p, _ in spec.datasets]
         self.spec, self.num_workers = spec, num_workers
         self.prefetch_factor, self.timeout = prefetch_factor, timeout
-        self.positions: dict[int, dict] = {}
-        self.next_worker = 0  # the worker slot whose batch comes next (they take turns)
+        self.configured_streams = streams
+        self.num_streams = streams if streams is not None else spec.world_size * max(1, num_workers)
+        check_streams(self.num_streams, spec.world_size, saved=False)
+        self.pin_memory = pin_memory
+        self.first = 0  # global index where this loader started (0, or the resumed position's)
+        self.consumed = 0  # micro-batches this rank consumed since
+        self.positions: dict[int, dict] = {}  # this rank's streams: position after the last consumed batch
+        self.started: Iterator | None = None  # the DataLoader iterator forked by start()
+
+    @property
+    def next_index(self) -> int:
+        """Global index of the next step's first micro-batch (the trainer takes the same number of
+        micro-batches on every rank)."""
+        return self.first + self.consumed * self.spec.world_size
+
+    def streams_in_turn(self) -> list[int]:
+        """This rank's streams, in the order it reads them from its next micro-batch on."""
+        W, S = self.spec.world_size, self.num_streams
+        j = self.next_index + self.spec.rank
+        return [(j + k * W) % S for k in range(S // W)]
 
     def state_dict(self) -> dict:
-        return {"num_slots": self.spec.world_size * max(1, self.num_workers),
-                "next_worker": self.next_worker, "positions": copy.deepcopy(self.positions)}
+        """{"streams": S, "next": ``next_index``, "positions": {stream: position after its last
+        consumed batch}} for this rank's streams. The same layout resumes from it; another one from
+        ``merge_states`` of every rank's."""
+        return {"streams": self.num_streams, "next": self.next_index,
+                "positions": copy.deepcopy(self.positions)}
 
     def load_state_dict(self, state: dict) -> None:
-        slots = self.spec.world_size * max(1, self.num_workers)
-        if state["num_slots"] != slots:
-            raise ValueError(f"the saved data position was made with {state['num_slots']} loader "
-                             f"slots (ranks x workers) but this run has {slots}; resume with the same "
-                             "world size and data.num_workers")
-        self.positions = {int(k): v for k, v in state["positions"].items()}
-        self.next_worker = state["next_worker"]
+        """Continue from ``state`` (before ``start()``): the saved number of streams replaces the
+        default one."""
+        if self.started is not None:
+            raise RuntimeError("TrainLoader.load_state_dict() after start(): the workers were forked "
+                               "with the old position")
+        num_streams = saved_streams(state)
+        if self.configured_streams not in (None, num_streams):
+            raise ValueError(f"config field 'data.streams' is {self.configured_streams} but the "
+                             f"checkpoint's data position has {num_streams} streams: a run keeps its "
+                             f"streams (set data.streams={num_streams} or null)")
+        check_streams(num_streams, self.spec.world_size, saved=True)
+        self.num_streams, self.first, self.consumed = num_streams, state["next"], 0
+        positions = {int(s): p for s, p in state["positions"].items()}
+        mine = self.streams_in_turn()
+        missing = sorted(s for s in mine if s < self.first and s not in positions)
+        if missing:
+            raise ValueError(f"the data position has no entry for data stream(s) {missing}, which this "
+                             f"rank (rank {self.spec.rank} of {self.spec.world_size}) reads next: with "
+                             "another number of processes, load merge_states() of every old rank's "
+                             "position")
+        self.positions = {s: positions[s] for s in mine if s in positions}
 
     def skipped(self) -> Counter:
         """Bad samples skipped before the current position, by reason, summed over this rank's
-        workers."""
+        streams."""
         total: Counter = Counter()
         for position in self.positions.values():
             total.update(position.get("skipped", {}))
         return total
 
-    def __iter__(self) -> Iterator[PackedBatch]:
-        stream = PackedStream(self.spec, self.num_workers, dict(self.positions), self.next_worker)
-        kwargs = {}
+    def start(self) -> None:
+        """Start the loader workers now (the first iteration does it otherwise): call it before
+        CUDA and NCCL are initialised, after ``load_state_dict``. Iterating uses them."""
+        if self.started is None:
+            self.started = iter(self._data_loader())
+
+    def _data_loader(self) -> DataLoader:
+        turns = self.streams_in_turn()
+        workers = 0
         if self.num_workers > 0:
-            kwargs = dict(num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
-                          persistent_workers=False, multiprocessing_context="fork",
-                          timeout=self.timeout)
-        for batch in DataLoader(stream, batch_size=None, **kwargs):
+            workers = max(d for d in range(1, min(self.num_workers, len(turns)) + 1) if len(turns) % d == 0)
+            if workers < self.num_workers:
+                log.warning("data.num_workers=%d: this rank reads %d data streams (data.streams=%d over "
+                            "%d processes), which that many workers cannot share evenly; using %d",
+                            self.num_workers, len(turns), self.num_streams, self.spec.world_size, workers)
+        dealt = [turns[w::max(1, workers)] for w in range(max(1, workers))]
+        dataset = PackedStream(self.spec, self.num_streams, dealt, copy.deepcopy(self.positions))
+        kwargs = {}
+        if workers > 0:
+            kwargs = dict(num_workers=workers, prefetch_factor=self.prefetch_factor,
+                          persistent_workers=False, multiprocessing_context="fork", timeout=self.timeout)
+        return DataLoader(dataset, batch_size=None, **kwargs)
+
+    def _take_started(self) -> Iterator:
+        """The started batches (a later iteration starts again from the position then), pinned if asked."""
+        self.start()
+        batches, self.started = self.started, None
+        # asked only now, after the fork: torch.cuda.is_available() already initialises the driver
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        return pinned(batches, self.prefetch_factor) if pin else batches
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        # no local name for the DataLoader iterator: a traceback that holds this frame must not keep
+        # its workers alive
+        for batch in self._take_started():
             if isinstance(batch, WorkerFailure):
                 raise batch.error
-            self.positions[batch.state["slot"]] = batch.state["position"]
-            self.next_worker = (self.next_worker + 1) % max(1, self.num_workers)
+            self.positions[batch.state["stream"]] = batch.state["position"]
+            self.consumed += 1
             yield batch
 
 
@@ -258,7 +436,7 @@ def build_train_loader(data: DataConfig, processor: Processor, seq_len: int, bat
     sources = [open_source(path, "train", data.allow_outside_media) for path, _ in datasets]
     spec = StreamSpec(datasets, processor, seq_len, batch_size, rank, world_size, seed, data.strict,
                       data.allow_outside_media, data.split_long_text, sources)
-    return TrainLoader(spec, data.num_workers, prefetch_factor, timeout)
+    return TrainLoader(spec, data.num_workers, prefetch_factor, timeout, data.streams)
 
 
 def iterate_samples(path: str, processor: Processor, split: str = "test", strict: bool = False,

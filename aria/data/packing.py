@@ -20,7 +20,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -74,6 +74,17 @@ class PackedBatch:
         return {"input_ids": self.input_ids, "targets": self.targets, "position_ids": self.position_ids,
                 "segment_ids": self.segment_ids, "pixel_values": self.pixel_values,
                 "pixel_mask": self.pixel_mask, "image_feature_order": self.image_feature_order}
+
+    def pin_memory(self) -> "PackedBatch":
+        """A copy whose model inputs live in pinned (page-locked) host memory, so that copying them to
+        a GPU with ``non_blocking=True`` is asynchronous (needs CUDA). The DataLoader's pinning calls
+        this too."""
+        def pin(x):
+            if isinstance(x, list):  # pixels of several crop sizes
+                return [pin(v) for v in x]
+            return x.pin_memory() if isinstance(x, torch.Tensor) else x
+
+        return replace(self, **{name: pin(value) for name, value in self.model_inputs().items()})
 
 
 def split_document(sample: EncodedSample, seq_len: int) -> list[EncodedSample]:

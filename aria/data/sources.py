@@ -1,22 +1,22 @@
 """Where records come from: JSONL files (random access) and webdataset tar shards (streamed), read
-by one *slot* (a rank's loader worker) with a position that can be saved and restored exactly.
+by one *stream* (``loader.py``) with a position that can be saved and restored exactly.
 
 Design decisions:
-- A slot is ``rank * num_workers + worker`` out of ``world * num_workers``. Slots see disjoint
-  samples that together cover each epoch.
+- Stream s of S sees its own share of every source, by its index alone: streams see disjoint samples
+  that together cover each epoch, whichever process or loader worker reads them.
 - Sources are opened once, in the training process; loader workers are forked and inherit them.
   A JSONL file is indexed once (byte offsets, numpy int64: 8 bytes a record; line numbers only when
   blank lines make them differ from record numbers).
-- JSONL: epoch e visits a seeded permutation, slot s takes every S-th entry. Position = (epoch,
+- JSONL: epoch e visits a seeded permutation, stream s takes every S-th entry. Position = (epoch,
   entries taken). Each source of a mixture has its own salt (its index in the mixture), so two
   datasets of the same length are not visited in the same order.
-- Shards: epoch e visits the shards in a seeded order; with at least S shards slot s reads every S-th
-  shard, otherwise every slot reads every shard and keeps the samples whose running index in the
-  epoch is s modulo S (a running index, not one per shard: with per-shard indices short shards
-  would favour the first slots). A sample that is not the slot's is skipped before its member bytes
-  are read or its JSON parsed. Samples inside a shard keep their order (there is no in-shard
+- Shards: epoch e visits the shards in a seeded order; with at least S shards stream s reads every
+  S-th shard, otherwise every stream reads every shard and keeps the samples whose running index in
+  the epoch is s modulo S (a running index, not one per shard: with per-shard indices short shards
+  would favour the first streams). A sample that is not the stream's is skipped before its member
+  bytes are read or its JSON parsed. Samples inside a shard keep their order (there is no in-shard
   shuffle: shuffle when writing shards; the shard order and the mixture are random). Position =
-  (epoch, shard number in the slot's list, samples passed in it, running index, samples taken).
+  (epoch, shard number in the stream's list, samples passed in it, running index, samples taken).
 - A source yields raw records plus a ``MediaResolver``; parsing and decoding happen downstream, so
   a bad record costs only its own line.
 """
@@ -89,17 +89,17 @@ class JsonlSource:
         except DataError as err:
             return RawRecord(None, None, where, err)
 
-    def iterate(self, slot: int, num_slots: int, seed: int, position: dict | None = None,
+    def iterate(self, stream: int, num_streams: int, seed: int, position: dict | None = None,
                 salt: int = 0) -> Iterator[tuple[RawRecord, dict]]:
         """Endless: yields (record, position after it) over epochs."""
         epoch = position["epoch"] if position else 0
         taken = position["taken"] if position else 0
-        if len(self) < num_slots:
-            raise ValueError(f"dataset {self.path} has {len(self)} records, fewer than the {num_slots} "
-                             "loader slots (ranks x data.num_workers) that share it")
+        if len(self) < num_streams:
+            raise ValueError(f"dataset {self.path} has {len(self)} records, fewer than the {num_streams} "
+                             "data streams (data.streams) that share it")
         with open(self.path, "rb") as handle:
             while True:
-                order = _epoch_rng(seed, epoch, _JSONL_SALT, salt).permutation(len(self))[slot::num_slots]
+                order = _epoch_rng(seed, epoch, _JSONL_SALT, salt).permutation(len(self))[stream::num_streams]
                 for i in range(taken, len(order)):
                     yield self.read(int(order[i]), handle), {"epoch": epoch, "taken": i + 1}
                 epoch, taken = epoch + 1, 0
@@ -169,22 +169,22 @@ class ShardSource:
             return RawRecord(None, None, where, err)
         return RawRecord(record, MediaResolver(members=members), where)
 
-    def iterate(self, slot: int, num_slots: int, seed: int, position: dict | None = None,
+    def iterate(self, stream: int, num_streams: int, seed: int, position: dict | None = None,
                 salt: int = 0) -> Iterator[tuple[RawRecord, dict]]:
         """Endless: yields (record, position after it) over epochs."""
         position = position or {}
         epoch = position.get("epoch", 0)
         shard_pos, offset = position.get("shard", 0), position.get("offset", 0)
         index, taken = position.get("index", 0), position.get("taken", 0)
-        by_shard = len(self.shards) >= num_slots
+        by_shard = len(self.shards) >= num_streams
         while True:
             order = _epoch_rng(seed, epoch, _SHARD_SALT, salt).permutation(len(self.shards))
-            mine = order[slot::num_slots] if by_shard else order
+            mine = order[stream::num_streams] if by_shard else order
             for s in range(shard_pos, len(mine)):
                 base = index - offset  # running index of the shard's first sample
 
                 def keep(n: int, base=base, offset=offset) -> bool:
-                    return n >= offset and (by_shard or (base + n) % num_slots == slot)
+                    return n >= offset and (by_shard or (base + n) % num_streams == stream)
 
                 last = offset - 1
                 for n, raw in self.walk(self.shards[int(mine[s])], keep):
@@ -195,9 +195,9 @@ class ShardSource:
                                     "taken": taken}
                 index, offset = base + last + 1, 0
             if taken == 0:
-                raise ValueError(f"webdataset shards {self.name} gave loader slot {slot} of {num_slots} "
-                                 "no sample in a whole epoch: too few samples for the ranks x "
-                                 "data.num_workers sharing them")
+                raise ValueError(f"webdataset shards {self.name} gave data stream {stream} of {num_streams} "
+                                 "no sample in a whole epoch: too few samples for the data.streams "
+                                 "sharing them")
             epoch, shard_pos, offset, index, taken = epoch + 1, 0, 0, 0, 0
 
     def iterate_once(self) -> Iterator[RawRecord]:

@@ -20,7 +20,9 @@ Design decisions:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+import hashlib
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,24 @@ def merge_image_features(embeds_BTD: torch.Tensor, slots_BT: torch.Tensor, num_s
     return embeds_BTD.masked_scatter(slots_BT.unsqueeze(-1), features_RD.to(embeds_BTD.dtype))
 
 
+def unit_seed(seed: int, name: str) -> int:
+    """The RNG seed of initialisation unit ``name`` in a run seeded with ``seed``."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, name: str, module: nn.Module):
+    """Draw from the RNG of (seed, unit ``name``) inside, restoring the global RNG after; a no-op
+    when ``seed`` is None."""
+    if seed is None:
+        yield
+        return
+    device = next(module.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(unit_seed(seed, name))
+        yield
+
+
 class LMHead(nn.Module):
     """The output projection; with targets it returns the chunked loss instead of logits, so the
     full logits never exist (and ZeRO-3 gathers the weight because this module runs)."""
@@ -90,15 +110,28 @@ class Aria(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.moe for layer in self.decoder.layers]
 
-    def init_weights(self) -> None:
-        """From-scratch init: normal(0, initializer_range), norms to one, pad embedding row zero; the
-        vision encoder uses SigLIP's fan-in scaled init (see ``aria.model.vision``)."""
+    def init_units(self) -> list[tuple[str, nn.Module, Callable[[nn.Module], None]]]:
+        """From-scratch initialisation as (name, module, init) units: normal(0, initializer_range),
+        norms to one, pad embedding row zero, SigLIP's fan-in scaled init for the vision encoder
+        (see ``aria.model.vision``). A unit's init draws only its own module's tensors, and each
+        unit can be run on a full-size copy of its module alone: a training run initialises unit by
+        unit and keeps its part of each tensor, whatever its layout (``aria.train.weights``)."""
         std = self.cfg.text.initializer_range
-        self.vision.init_weights()
-        self.projector.init_weights(std)
-        self.decoder.init_weights()
+        units = [("vision", self.vision, lambda m: m.init_weights()),
+                 ("projector", self.projector, lambda m: m.init_weights(std)),
+                 *self.decoder.init_units("decoder")]
         if not self.cfg.text.tie_word_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
+            units.append(("lm_head", self.lm_head, lambda m: nn.init.normal_(m.weight, std=std)))
+        return units
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every unit in place. With ``seed``, each unit draws from its own generator
+        seeded by (seed, unit name) (``unit_seed``): a layer's initial weights do not depend on how
+        many other tensors were drawn before it, so any layout reproduces them. Without, the units
+        draw from the global RNG in order."""
+        for name, module, init in self.init_units():
+            with seeded(seed, name, module):
+                init(module)
 
     def set_gradient_checkpointing(self, vision: bool, decoder: bool) -> None:
         self.vision.gradient_checkpointing = vision
@@ -110,6 +143,12 @@ class Aria(nn.Module):
         patches_NGD, valid_NG = self.vision(pixel_values, pixel_mask)
         return self.projector(patches_NGD, valid_NG)
 
+    @staticmethod
+    def _holds_no_data(t: torch.Tensor) -> bool:
+        """Meta or fake tensors (``aria.tools.plan`` runs the model on them): shapes without values,
+        so the forward's one host check cannot run."""
+        return t.is_meta or isinstance(t, torch._subclasses.FakeTensor)
+
     def embed(self, input_ids_BT: torch.Tensor, pixel_values=None, pixel_mask=None,
               image_feature_order: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features in the <|img|> slots.
@@ -119,12 +158,14 @@ class Aria(nn.Module):
         its row among the per-size features flattened to (N_s * Q_s, D) and concatenated.
         """
         slots_BT = input_ids_BT == self.cfg.image_token_id
-        # The one host sync of a forward: token ids in range, and the <|img|> count.
-        lowest, highest, num_slots = torch.stack([input_ids_BT.min(), input_ids_BT.max(),
-                                                  slots_BT.sum()]).tolist()
-        if lowest < 0 or highest >= self.cfg.text.vocab_size:
-            raise ValueError(f"input_ids hold ids in [{lowest}, {highest}] but the vocabulary has "
-                             f"{self.cfg.text.vocab_size} tokens (model.text.vocab_size)")
+        num_slots = None  # unknown for shape-only inputs: the checks below are skipped
+        if not self._holds_no_data(input_ids_BT):
+            # The one host sync of a forward: token ids in range, and the <|img|> count.
+            lowest, highest, num_slots = torch.stack([input_ids_BT.min(), input_ids_BT.max(),
+                                                      slots_BT.sum()]).tolist()
+            if lowest < 0 or highest >= self.cfg.text.vocab_size:
+                raise ValueError(f"input_ids hold ids in [{lowest}, {highest}] but the vocabulary has "
+                                 f"{self.cfg.text.vocab_size} tokens (model.text.vocab_size)")
         embeds_BTD = self.decoder.embed(input_ids_BT)
         if pixel_values is None:
             if num_slots and input_ids_BT.shape[1] > 1:
@@ -147,6 +188,8 @@ class Aria(nn.Module):
                                  f"{rows_RD.shape[0]} image features")
             rows_RD = rows_RD[image_feature_order]
             described = " (" + " + ".join(f"{g.shape[0]} crops x {g.shape[1]} queries" for g in groups) + ")"
+        if num_slots is None:  # shape-only inputs: every feature row is taken to have its slot
+            num_slots = rows_RD.shape[0]
         return merge_image_features(embeds_BTD, slots_BT, num_slots, rows_RD, described)
 
     def forward(self, input_ids: torch.Tensor, pixel_values=None, pixel_mask=None,

@@ -18,7 +18,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,13 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.text.hidden_size, cfg.text.rms_norm_eps)
         self.moe = MoE(cfg.text.hidden_size, cfg.moe)
 
+    def init_weights(self, std: float) -> None:
+        for linear in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj, self.attn.o_proj):
+            init_linear(linear, std)
+        nn.init.ones_(self.attn_norm.weight)
+        nn.init.ones_(self.mlp_norm.weight)
+        self.moe.init_weights(std)
+
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | str, valid_BT: torch.Tensor | None, cache: KVCache | None
                 ) -> tuple[torch.Tensor, RouterStats | None]:
@@ -183,15 +190,16 @@ class TextDecoder(nn.Module):
                 return "full"
         return segment_causal_mask(segments_BT, key_segments_BS, past)
 
-    def init_weights(self) -> None:
-        std = self.cfg.initializer_range
-        nn.init.normal_(self.embed.weight, std=std)
-        with torch.no_grad():
-            self.embed.weight[self.cfg.pad_token_id].zero_()
-        for layer in self.layers:
-            for linear in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj, layer.attn.o_proj):
-                init_linear(linear, std)
-            nn.init.ones_(layer.attn_norm.weight)
-            nn.init.ones_(layer.mlp_norm.weight)
-            layer.moe.init_weights(std)
-        nn.init.ones_(self.norm.weight)
+    def init_units(self, prefix: str = "decoder") -> list[tuple[str, nn.Module, Callable[[nn.Module], None]]]:
+        """From-scratch initialisation as independent units (see ``Aria.init_units``): the embedding
+        (normal, pad row zero), each layer, the final norm."""
+        std, pad = self.cfg.initializer_range, self.cfg.pad_token_id
+
+        def embedding(embed: nn.Embedding) -> None:
+            nn.init.normal_(embed.weight, std=std)
+            with torch.no_grad():
+                embed.weight[pad].zero_()
+
+        return [(f"{prefix}.embed", self.embed, embedding),
+                *[(f"{prefix}.layers.{i}", layer, lambda m: m.init_weights(std)) for i, layer in enumerate(self.layers)],
+                (f"{prefix}.norm", self.norm, lambda m: nn.init.ones_(m.weight))]

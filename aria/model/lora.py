@@ -89,7 +89,7 @@ class LoRALMHead(LMHead):
         nn.Module.__init__(self)
         self.training = base.training
         self.weight = base.weight
-        V, D = base.weight.shape
+        V, D = getattr(base.weight, "ds_shape", base.weight.shape)  # ZeRO-3 keeps the shape there
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, D, **like))
         self.lora_B = nn.Parameter(torch.empty(V, rank, **like))
@@ -158,7 +158,7 @@ def init_adapters(model: Aria, seed: int) -> None:
         if isinstance(module, (LoRALinear, LoRALMHead)):
             pairs = [(module.lora_A, module.lora_B, module.lora_A.shape[1], None)]
         elif isinstance(module, Experts) and module.lora_scale is not None:
-            local = module.w_fc1.shape[0]
+            local = module.lora_fc1_A.shape[0]  # this rank's experts (adapters are not partitioned yet)
             rows = slice(module.ep_rank * local, (module.ep_rank + 1) * local)
             pairs = [(module.lora_fc1_A, module.lora_fc1_B, module.lora_fc1_A.shape[1], rows),
                      (module.lora_fc2_A, module.lora_fc2_B, module.lora_fc2_A.shape[1], rows)]
@@ -264,31 +264,51 @@ def adapter_update(a: torch.Tensor, b: torch.Tensor, stacked: bool, scale: float
     return scale * (torch.bmm(a, b) if stacked else b @ a)
 
 
+class LoRAMerger:
+    """Base weights -> W + (alpha / rank) * update for every weight ``adapters`` adapt (computed in
+    fp32, cast back to W's dtype), one tensor at a time; ``check_complete`` raises if an adapter
+    found no base tensor."""
+
+    def __init__(self, adapters: dict[str, torch.Tensor], cfg: LoRAConfig) -> None:
+        self.adapters, self.cfg = adapters, cfg
+        self.pairs = adapter_pairs(adapters)
+        self.merged: set[str] = set()
+
+    def adapts(self, key: str) -> bool:
+        return key in self.pairs
+
+    def __call__(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        pair = self.pairs.get(key)
+        if pair is None:
+            return tensor
+        a, b = self.adapters[pair.a_key], self.adapters[pair.b_key]
+        rank = a.shape[-1] if pair.stacked else a.shape[0]
+        if rank != self.cfg.rank:
+            raise ValueError(f"adapter '{pair.a_key}' has rank {rank} but its lora.json says "
+                             f"rank {self.cfg.rank}")
+        update = adapter_update(a, b, pair.stacked, self.cfg.scale)
+        if update.shape != tensor.shape:
+            raise ValueError(f"adapter '{pair.a_key}' gives an update of shape {tuple(update.shape)} "
+                             f"for '{key}' of shape {tuple(tensor.shape)}")
+        self.merged.add(key)
+        return (tensor.float() + update).to(tensor.dtype)
+
+    def check_complete(self) -> None:
+        unmatched = sorted(set(self.pairs) - self.merged)
+        if unmatched:
+            raise ValueError(f"{len(unmatched)} adapter(s) found no base tensor to merge into: "
+                             f"{unmatched[:10]}")
+
+
 def merge_lora(tensors: Iterable[tuple[str, torch.Tensor]], adapters: dict[str, torch.Tensor],
                cfg: LoRAConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of base weights (our names) -> the same with every adapted weight replaced by
-    W + (alpha / rank) * update, computed in fp32 and cast back to W's dtype. Streams: one tensor
-    at a time. Raises (after the stream) if an adapter found no base tensor."""
-    pairs = adapter_pairs(adapters)
-    merged = set()
+    """(name, tensor) of base weights (our names) -> the same with every adapted weight merged
+    (``LoRAMerger``). Streams: one tensor at a time. Raises (after the stream) if an adapter found
+    no base tensor."""
+    merger = LoRAMerger(adapters, cfg)
     for key, tensor in tensors:
-        pair = pairs.get(key)
-        if pair is not None:
-            a, b = adapters[pair.a_key], adapters[pair.b_key]
-            rank = a.shape[-1] if pair.stacked else a.shape[0]
-            if rank != cfg.rank:
-                raise ValueError(f"adapter '{pair.a_key}' has rank {rank} but its lora.json says "
-                                 f"rank {cfg.rank}")
-            update = adapter_update(a, b, pair.stacked, cfg.scale)
-            if update.shape != tensor.shape:
-                raise ValueError(f"adapter '{pair.a_key}' gives an update of shape {tuple(update.shape)} "
-                                 f"for '{key}' of shape {tuple(tensor.shape)}")
-            tensor = (tensor.float() + update).to(tensor.dtype)
-            merged.add(key)
-        yield key, tensor
-    unmatched = sorted(set(pairs) - merged)
-    if unmatched:
-        raise ValueError(f"{len(unmatched)} adapter(s) found no base tensor to merge into: {unmatched[:10]}")
+        yield key, merger(key, tensor)
+    merger.check_complete()
 
 
 def merge_transform(directory: str | Path):

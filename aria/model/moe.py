@@ -1,7 +1,7 @@
 """Fine-grained MoE MLP: router -> dispatch -> grouped expert GEMMs -> combine, plus shared experts.
 
 Letters: T tokens, K experts per token (top-k), A = T*K assignments, E experts, D model width,
-I expert width, R LoRA rank.
+I expert width, R LoRA rank, M rows of the padded expert buffer (A rounded up, plus 8 per expert).
 
 Design decisions:
 - Router math is fp32. Experts are chosen by top-k on the raw logits (plus the optional
@@ -15,6 +15,14 @@ Design decisions:
 - Experts are stacked weights (E, in, out) run by ``torch.nn.functional.grouped_mm`` with the
   cumulative counts as offsets, so the GPU never waits for the host. ``experts_loop`` is the readable
   per-expert reference the tests hold the grouped path to.
+- Every expert's group of rows is padded to a multiple of 8 rows and never left empty
+  (``padded_groups``): grouped GEMM kernels have hung or read out of bounds on zero-row groups (K = 0
+  in the weight-gradient GEMM), and aligned groups suit their tiles. The buffer has a static size
+  (A rounded up to 8, plus 8 rows per expert; the last group takes the slack), so padding needs no
+  host sync. Padding rows copy an arbitrary real row instead of being zeroed: their outputs are never
+  read, so their output gradients are exactly zero and so are their contributions to every
+  gradient. The padding is folded into the gather that builds the expert buffer, and the combine
+  gathers each assignment's output straight from its padded row.
 - Router losses are returned, not injected through autograd tricks: the trainer adds
   ``aux_loss_coeff * aux + z_loss_coeff * z`` and logs them. Padding tokens are excluded from their
   statistics. With ``balance_scope='global_batch'`` the expert counts (no gradient) are summed over
@@ -26,11 +34,9 @@ Design decisions:
   adapter sees exactly that expert's rows), in the grouped path and in the loop reference alike.
   Every parameter of ``Experts`` has the expert as its first dimension, so expert parallelism
   shards and tags adapters exactly like the weights.
-- Expert parallelism (``shard_experts``): each rank of an EP group of size P holds E / P experts.
-  Between ``permute`` and the expert GEMMs the expert-sorted rows travel to their expert's rank by
-  one all-to-all, are regrouped by local expert, computed, and travel back by the inverse
-  all-to-all. The split sizes of a variable all-to-all must be known on the host: that is one sync
-  per layer, and only when P > 1.
+- Expert parallelism lives in ``aria.parallel.expert``: it keeps E / P experts per rank and gives
+  ``Experts`` an ``exchange`` that carries the expert-sorted rows to their experts' rank and back;
+  this module only runs the local experts (``Experts.run_local``) on whatever rows it is handed.
 """
 
 from __future__ import annotations
@@ -86,11 +92,43 @@ def permute(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch
     return order_A, counts_E
 
 
-def unpermute(y_AD: torch.Tensor, order_A: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``permute`` followed by the weighted sum over each token's k experts."""
+def unpermute(y_ND: torch.Tensor, order_A: torch.Tensor, weights_TK: torch.Tensor,
+              rows_A: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of ``permute`` followed by the weighted sum over each token's k experts.
+
+    ``y_ND`` holds the expert outputs; sorted assignment j's output is row ``rows_A[j]`` (row j when
+    ``rows_A`` is None). One gather brings every token's k outputs next to each other.
+    """
     T, K = weights_TK.shape
-    y_back_AD = y_AD.new_empty(y_AD.shape).index_copy_(0, order_A, y_AD)
-    return (y_back_AD.view(T, K, -1) * weights_TK.unsqueeze(-1).to(y_AD.dtype)).sum(dim=1)
+    rows_of_sorted_A = torch.arange(order_A.numel(), device=order_A.device) if rows_A is None else rows_A
+    row_of_assignment_A = torch.empty_like(order_A).index_copy_(0, order_A, rows_of_sorted_A)
+    y_TKD = y_ND[row_of_assignment_A].view(T, K, -1)
+    return (y_TKD * weights_TK.unsqueeze(-1).to(y_ND.dtype)).sum(dim=1)
+
+
+GROUP_ALIGN = 8
+"""Rows per expert group are a multiple of this, and at least this many (see the module docstring)."""
+
+
+def padded_groups(counts_E: torch.Tensor, num_rows: int, align: int = GROUP_ALIGN
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Layout of the padded expert buffer for ``num_rows`` expert-sorted rows with ``counts_E`` rows
+    per expert: each group rounded up to a multiple of ``align`` rows, at least ``align``.
+
+    Returns the buffer row of every sorted row (``pos_A``), the groups' cumulative ends (int32
+    offsets for ``grouped_mm``) and the buffer's static row count M = align * (ceil(A / align) + E),
+    the last group taking the slack. No host sync.
+    """
+    E = counts_E.numel()
+    M = align * (-(-num_rows // align) + E)
+    padded_E = torch.clamp((counts_E + align - 1) // align * align, min=align)
+    starts_E = torch.cumsum(padded_E, 0) - padded_E
+    shift_E = starts_E - (torch.cumsum(counts_E, 0) - counts_E)  # padded start - sorted start
+    ends_E = torch.cat([starts_E[1:], starts_E.new_full((1,), M)])  # the last group takes the slack
+    expert_A = torch.repeat_interleave(torch.arange(E, device=counts_E.device), counts_E,
+                                       output_size=num_rows)
+    pos_A = torch.arange(num_rows, device=counts_E.device) + shift_E[expert_A]
+    return pos_A, ends_E.to(torch.int32), M
 
 
 def _swiglu(h_A2I: torch.Tensor) -> torch.Tensor:
@@ -110,45 +148,39 @@ class ExpertAdapters(NamedTuple):
     """Dropout probability on the adapters' input (0 outside training)."""
 
 
+def grouped_swiglu(x_MD: torch.Tensor, w_fc1_ED2I: torch.Tensor, w_fc2_EID: torch.Tensor,
+                   offsets_E: torch.Tensor, adapters: ExpertAdapters | None = None) -> torch.Tensor:
+    """All experts in two grouped GEMMs over rows grouped by expert (``offsets_E``: cumulative group
+    ends, the last = M); with ``adapters`` each GEMM gains its expert's low-rank term (two more
+    grouped GEMMs)."""
+    h_M2I = F.grouped_mm(x_MD, w_fc1_ED2I, offs=offsets_E)
+    if adapters is not None:
+        h_M2I = h_M2I + _grouped_low_rank(x_MD, adapters.a_fc1_EDR, adapters.b_fc1_ER2I, adapters,
+                                          offsets_E)
+    g_MI = _swiglu(h_M2I)
+    y_MD = F.grouped_mm(g_MI, w_fc2_EID, offs=offsets_E)
+    if adapters is not None:
+        y_MD = y_MD + _grouped_low_rank(g_MI, adapters.a_fc2_EIR, adapters.b_fc2_ERD, adapters, offsets_E)
+    return y_MD
+
+
 def experts_grouped(x_AD: torch.Tensor, w_fc1_ED2I: torch.Tensor, w_fc2_EID: torch.Tensor,
                     counts_E: torch.Tensor, adapters: ExpertAdapters | None = None) -> torch.Tensor:
-    """All experts in two grouped GEMMs over the expert-sorted rows (experts may get zero rows);
-    with ``adapters`` each GEMM gains its expert's low-rank term (two more grouped GEMMs).
-
-    CUDA's grouped GEMM takes bf16 only; other dtypes on GPU (fp32 debugging runs) use the loop.
-    """
-    if x_AD.is_cuda and x_AD.dtype != torch.bfloat16:
+    """Expert-sorted rows in, their outputs in the same order out, through the padded grouped path
+    (experts may get zero rows). The MoE layer runs the same path with the gathers fused
+    (``Experts.run_local``); this is its stand-alone form, for tests and tools."""
+    if x_AD.is_cuda and x_AD.dtype != torch.bfloat16:  # CUDA's grouped GEMM takes bf16 only
         return experts_loop(x_AD, w_fc1_ED2I, w_fc2_EID, counts_E, adapters)
-    offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
-    h_A2I = F.grouped_mm(x_AD, w_fc1_ED2I, offs=offsets_E)
-    if adapters is not None:
-        h_A2I = h_A2I + _grouped_low_rank(x_AD, adapters.a_fc1_EDR, adapters.b_fc1_ER2I, adapters,
-                                          offsets_E)
-    g_AI = _swiglu(h_A2I)
-    y_AD = F.grouped_mm(g_AI, w_fc2_EID, offs=offsets_E)
-    if adapters is not None:
-        y_AD = y_AD + _grouped_low_rank(g_AI, adapters.a_fc2_EIR, adapters.b_fc2_ERD, adapters, offsets_E)
-    return y_AD
+    pos_A, offsets_E, M = padded_groups(counts_E, x_AD.shape[0])
+    src_M = pos_A.new_zeros(M).index_copy_(0, pos_A, torch.arange(x_AD.shape[0], device=x_AD.device))
+    return grouped_swiglu(x_AD[src_M], w_fc1_ED2I, w_fc2_EID, offsets_E, adapters)[pos_A]
 
 
-def _grouped_low_rank(x_AN: torch.Tensor, a_ENR: torch.Tensor, b_ERM: torch.Tensor,
+def _grouped_low_rank(x_MN: torch.Tensor, a_ENR: torch.Tensor, b_ERM: torch.Tensor,
                       adapters: ExpertAdapters, offsets_E: torch.Tensor) -> torch.Tensor:
     """scale * (dropout(x) @ A_e) @ B_e over the rows of each expert e."""
-    low_AR = F.grouped_mm(F.dropout(x_AN, adapters.dropout), a_ENR, offs=offsets_E)
-    return adapters.scale * F.grouped_mm(low_AR, b_ERM, offs=offsets_E)
-
-
-def regroup_order(recv_counts_PE: torch.Tensor, total: int) -> torch.Tensor:
-    """Rows received source-major ([from rank 0: expert 0, 1, ...], [from rank 1: ...]) -> the order
-    that groups them by local expert (expert-major, sources in rank order inside an expert)."""
-    P, E = recv_counts_PE.shape
-    starts_PE = (torch.cumsum(recv_counts_PE.reshape(-1), 0) - recv_counts_PE.reshape(-1)).view(P, E)
-    lengths = recv_counts_PE.t().reshape(-1)  # expert-major blocks
-    starts = starts_PE.t().reshape(-1)
-    block_start_in_output = torch.cumsum(lengths, 0) - lengths
-    within = torch.arange(total, device=recv_counts_PE.device) - torch.repeat_interleave(
-        block_start_in_output, lengths, output_size=total)
-    return torch.repeat_interleave(starts, lengths, output_size=total) + within
+    low_MR = F.grouped_mm(F.dropout(x_MN, adapters.dropout), a_ENR, offs=offsets_E)
+    return adapters.scale * F.grouped_mm(low_MR, b_ERM, offs=offsets_E)
 
 
 def experts_loop(x_AD: torch.Tensor, w_fc1_ED2I: torch.Tensor, w_fc2_EID: torch.Tensor,
@@ -240,9 +272,12 @@ class Experts(nn.Module):
         super().__init__()
         self.w_fc1 = nn.Parameter(torch.empty(cfg.num_experts, dim, 2 * cfg.intermediate_size))
         self.w_fc2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.intermediate_size, dim))
+        # Expert parallelism (set by aria.parallel.expert.shard_experts): this rank holds experts
+        # [ep_rank * E/ep_size, (ep_rank + 1) * E/ep_size); ``exchange`` moves rows to them and back.
         self.ep_group: dist.ProcessGroup | None = None
         self.ep_group_name: str | None = None
         self.ep_size, self.ep_rank = 1, 0
+        self.exchange = None
         self.lora_scale: float | None = None  # set by add_adapters
         self.lora_dropout = 0.0
 
@@ -251,7 +286,7 @@ class Experts(nn.Module):
         the weights' device and dtype, uninitialised (``aria.model.lora.init_adapters``)."""
         for name in ("fc1", "fc2"):
             w_ENM = getattr(self, f"w_{name}")
-            E, N, M = w_ENM.shape
+            E, N, M = getattr(w_ENM, "ds_shape", w_ENM.shape)  # a ZeRO-3 parameter keeps its shape there
             like = dict(device=w_ENM.device, dtype=w_ENM.dtype)
             self.register_parameter(f"lora_{name}_A", nn.Parameter(torch.empty(E, N, rank, **like)))
             self.register_parameter(f"lora_{name}_B", nn.Parameter(torch.empty(E, rank, M, **like)))
@@ -263,28 +298,31 @@ class Experts(nn.Module):
         return ExpertAdapters(self.lora_fc1_A, self.lora_fc1_B, self.lora_fc2_A, self.lora_fc2_B,
                               self.lora_scale, self.lora_dropout if self.training else 0.0)
 
-    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by (global) expert in, expert outputs in the same order out."""
-        if self.ep_size == 1:
-            return experts_grouped(x_AD, self.w_fc1, self.w_fc2, counts_E, self.adapters())
-        return self._forward_parallel(x_AD, counts_E)
+    def forward(self, x_TD: torch.Tensor, token_A: torch.Tensor, counts_E: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token rows ``x_TD``, the token of every expert-sorted assignment (``token_A``) and the
+        rows per (global) expert -> expert outputs y_ND and, for sorted assignment j, the row of y_ND
+        holding its output (None: row j)."""
+        if self.exchange is not None:  # expert parallelism: sorted rows in, sorted outputs back
+            return self.exchange(self, x_TD[token_A], counts_E), None
+        return self.run_local(x_TD, token_A, counts_E)
 
-    def _forward_parallel(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_to_all_single as all_to_all_autograd
+    def run_local(self, rows_ND: torch.Tensor, src_A: torch.Tensor, counts_E: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's experts on the rows ``rows_ND[src_A]`` (sorted by local expert, ``counts_E``
+        per expert): outputs and the output row of every sorted row, as ``forward``.
 
-        P = self.ep_size
-        send_counts_PE = counts_E.view(P, -1)  # rows for rank p, per local expert of rank p
-        recv_counts_PE = torch.empty_like(send_counts_PE)
-        dist.all_to_all_single(recv_counts_PE, send_counts_PE, group=self.ep_group)
-        send, recv = torch.stack([send_counts_PE.sum(1), recv_counts_PE.sum(1)]).tolist()  # host sync
-        x_recv = all_to_all_autograd(x_AD.new_empty(sum(recv), x_AD.shape[1]), x_AD.contiguous(),
-                                     recv, send, group=self.ep_group)
-        order = regroup_order(recv_counts_PE, sum(recv))
-        y_local = experts_grouped(x_recv[order], self.w_fc1, self.w_fc2, recv_counts_PE.sum(0),
-                                  self.adapters())
-        y_recv = y_local.new_empty(y_local.shape).index_copy_(0, order, y_local)
-        return all_to_all_autograd(y_recv.new_empty(sum(send), y_recv.shape[1]), y_recv, send, recv,
-                                   group=self.ep_group)
+        CUDA's grouped GEMM takes bf16 only; other dtypes on GPU (fp32 debugging runs) use the loop.
+        """
+        adapters = self.adapters()
+        if rows_ND.is_cuda and rows_ND.dtype != torch.bfloat16:
+            return experts_loop(rows_ND[src_A], self.w_fc1, self.w_fc2, counts_E, adapters), None
+        pos_A, offsets_E, M = padded_groups(counts_E, src_A.numel())
+        if rows_ND.shape[0] == 0:  # an expert-parallel rank that received no row: padding only
+            x_MD = rows_ND.new_zeros(M, rows_ND.shape[1])
+        else:
+            x_MD = rows_ND[src_A.new_zeros(M).index_copy_(0, pos_A, src_A)]
+        return grouped_swiglu(x_MD, self.w_fc1, self.w_fc2, offsets_E, adapters), pos_A
 
 
 class SharedExperts(nn.Module):
@@ -319,9 +357,8 @@ class MoE(nn.Module):
         logits_TE, weights_TK, ids_TK = self.router(x_TD)
 
         order_A, counts_E = permute(ids_TK, self.cfg.num_experts)
-        x_AD = x_TD[order_A // self.cfg.top_k]
-        y_AD = self.experts(x_AD, counts_E)
-        out_TD = unpermute(y_AD, order_A, weights_TK)
+        y_ND, rows_A = self.experts(x_TD, order_A // self.cfg.top_k, counts_E)
+        out_TD = unpermute(y_ND, order_A, weights_TK, rows_A)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 
@@ -359,38 +396,6 @@ class MoE(nn.Module):
         if self.shared is not None:
             for linear in (self.shared.gate_proj, self.shared.up_proj, self.shared.down_proj):
                 init_linear(linear, std)
-
-
-@torch.no_grad()
-def shard_experts(moe_layers: list[MoE], group: dist.ProcessGroup, group_name: str) -> None:
-    """Keep only this rank's E / P experts of every layer (expert parallelism over ``group``): the
-    slice of every expert parameter (weights and LoRA adapters alike).
-
-    The expert parameters are tagged the way DeepSpeed expects of MoE parameters (``allreduce=False``
-    and the expert-parallel group's name), so their gradients are reduced over the expert-data
-    group only.
-    """
-    P, rank = dist.get_world_size(group), dist.get_rank(group)
-    for layer in moe_layers:
-        E = layer.cfg.num_experts
-        if E % P:
-            raise ValueError(f"model.moe.num_experts={E} is not divisible by parallel.ep_size={P}")
-        experts, local = layer.experts, E // P
-        for name, full in list(experts.named_parameters(recurse=False)):
-            setattr(experts, name, nn.Parameter(full.detach()[rank * local:(rank + 1) * local].clone(),
-                                                requires_grad=full.requires_grad))
-        experts.ep_group, experts.ep_group_name, experts.ep_size, experts.ep_rank = group, group_name, P, rank
-    tag_expert_parameters(moe_layers)
-
-
-def tag_expert_parameters(moe_layers: list[MoE]) -> None:
-    """(Re)attach DeepSpeed's MoE attributes to sharded expert parameters; moving a module between
-    devices (``to_empty``) creates new parameter objects without them."""
-    for layer in moe_layers:
-        experts = layer.experts
-        if experts.ep_size > 1:
-            for p in experts.parameters():  # the weights and their LoRA adapters
-                p.allreduce, p.group_name = False, experts.ep_group_name
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def placement() -> tuple[int, int]:
+    """(rank, world size) of this process as its launcher set them (a world of one without one),
+    before anything is initialised."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed() -> DistInfo:
     """Join (or create) the process group; returns this process's place in it."""
     if "RANK" not in os.environ:  # not launched by torchrun: a world of one
@@ -60,8 +67,24 @@ def init_distributed() -> DistInfo:
     # DeepSpeed's communication layer wraps an existing torch.distributed group if there is one.
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                verbose=False)
+    if world > 1:  # every rank creates it, in the same order
+        _IO_GROUPS[id(dist.distributed_c10d._get_default_group())] = dist.new_group(backend="gloo",
+                                                                                 timeout=IO_TIMEOUT)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(rank, world, local_rank, device)
+
+
+# Checkpoint writing meets at barriers of its own gloo group: a rank waiting there for a slow
+# filesystem waits on the host, with this timeout, instead of in a training collective whose
+# (NCCL) timeout would abort the run.
+IO_TIMEOUT = timedelta(hours=4)
+_IO_GROUPS: dict[int, dist.ProcessGroup] = {}  # by the default group it belongs to
+
+
+def io_barrier() -> None:
+    """A barrier of all ranks for file I/O (long timeout; a no-op in a world of one)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=_IO_GROUPS.get(id(dist.distributed_c10d._get_default_group())))
 
 
 def expert_parallel_groups(ep_size: int) -> tuple[dist.ProcessGroup, str]:

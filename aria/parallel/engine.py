@@ -42,7 +42,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_scale: dic
     buckets: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
-            buckets.setdefault((p.ndim >= 2, scale_of[id(p)]), []).append(p)
+            ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 parameter keeps its shape there
+            buckets.setdefault((ndim >= 2, scale_of[id(p)]), []).append(p)
     groups = []
     # groups at the base LR first: the logged LR is the first group's
     for (decayed, scale), params in sorted(buckets.items(), key=lambda kv: (kv[0][1] != 1.0, not kv[0][0], kv[0][1])):
@@ -79,10 +80,22 @@ def precision(cfg: RunConfig) -> torch.dtype:
 
 
 def deepspeed_config(cfg: RunConfig, dtype: torch.dtype) -> dict:
-    zero = {"stage": cfg.parallel.zero_stage}
-    if cfg.parallel.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
-    return {
+    """DeepSpeed's JSON config for ``cfg`` (also what ``aria.tools.plan`` sizes buffers from)."""
+    par = cfg.parallel
+    if dtype == torch.bfloat16 and par.zero_stage == 0:
+        # DeepSpeed's bf16 path without ZeRO accumulates gradients in bf16 and keeps a master copy
+        # layout of its own; ZeRO-1 costs the same memory on one process and shards over more
+        raise ValueError("config field 'parallel.zero_stage' = 0 is not supported with bf16 "
+                         f"(parallel.precision={par.precision}): use parallel.zero_stage=1 (on one "
+                         "process it holds the same as no ZeRO), or parallel.precision=fp32")
+    bucket = par.bucket_size
+    zero = {"stage": par.zero_stage, "overlap_comm": par.overlap_comm, "contiguous_gradients": True,
+            "reduce_scatter": True, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if par.zero_stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": bucket, "stage3_max_live_parameters": 2 * bucket,
+                     "stage3_max_reuse_distance": 2 * bucket,
+                     "stage3_gather_16bit_weights_on_model_save": False})
+    config = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
@@ -92,6 +105,10 @@ def deepspeed_config(cfg: RunConfig, dtype: torch.dtype) -> dict:
         "steps_per_print": 10 ** 12,
         "wall_clock_breakdown": False,
     }
+    if dtype == torch.bfloat16 and par.fp32_grad_accum:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
+    return config
 
 
 def build_engine(model: nn.Module, cfg: RunConfig, ep_group_name: str | None = None):

@@ -11,6 +11,10 @@ Design decisions:
 - The composed tree is checked by the dataclasses of ``aria.config`` (unknown keys, bad values
   and missing required fields name themselves). A recipe lists the fields a user must give in
   ``required:`` (Hydra's ``???`` cannot re-mark a field the base config already set).
+- Planning a run (``aria.tools.plan``) needs its shapes, not its inputs: with ``inputs=False`` the
+  run's paths (``???`` fields such as ``data.train`` and the recipe's ``required:`` list) may stay
+  unset; they become null (``run_dir`` a placeholder), everything else is composed and checked as
+  for training.
 """
 
 from __future__ import annotations
@@ -35,8 +39,13 @@ def split_recipe(args: list[str]) -> tuple[str, list[str]]:
     return (names[0] if names else "config"), rest
 
 
-def compose_dict(recipe: str, overrides: list[str]) -> dict:
-    """The composed, resolved config tree as plain containers."""
+UNSET_RUN_DIR = "(not set)"
+"""``run_dir`` of a config composed with ``inputs=False``."""
+
+
+def compose_dict(recipe: str, overrides: list[str], inputs: bool = True) -> dict:
+    """The composed, resolved config tree as plain containers; ``inputs=False`` lets the run's
+    paths stay unset (see the module docstring)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -47,12 +56,14 @@ def compose_dict(recipe: str, overrides: list[str]) -> dict:
         cfg = compose(config_name=recipe,
                       overrides=[f"hydra.searchpath=[file://{CONFIG_DIR}]", *overrides])
     missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
+    if missing and inputs:
         raise ValueError(f"required config field(s) {missing} are not set; give them on the command "
                          f"line, e.g. {missing[0]}=...")
+    for key in missing:
+        OmegaConf.update(cfg, key, UNSET_RUN_DIR if key == "run_dir" else None)
     tree = OmegaConf.to_container(cfg, resolve=True)
     unset = [key for key in tree.pop("required", None) or [] if _lookup(tree, key) in (None, "", [])]
-    if unset:
+    if unset and inputs:
         raise ValueError(f"recipe {recipe!r} needs {unset}; give them on the command line, "
                          f"e.g. {unset[0]}=...")
     tree.setdefault("recipe", recipe)
@@ -67,8 +78,8 @@ def _lookup(tree: dict, dotted: str):
     return tree
 
 
-def compose_run(recipe: str, overrides: list[str]) -> RunConfig:
-    return RunConfig.from_dict(compose_dict(recipe, overrides))
+def compose_run(recipe: str, overrides: list[str], inputs: bool = True) -> RunConfig:
+    return RunConfig.from_dict(compose_dict(recipe, overrides, inputs))
 
 
 def resolved_yaml(cfg: RunConfig) -> str:

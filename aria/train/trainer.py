@@ -4,12 +4,19 @@ Letters: B rows per micro-batch, T tokens per row, G micro-batches per step (gra
 accumulation), W data-parallel processes.
 
 Design decisions:
-- Build: the model is constructed on the meta device, its experts sharded for expert parallelism,
-  then materialised on the device in the training dtype, so no rank ever holds more than its share.
-  Weights come from an HF directory, a previous run / checkpoint, or a seeded random init (expert
-  slices seeded per EP rank, so experts differ). With ``lora.enabled`` the adapters are added
-  before the experts are sharded (expert adapters shard with their experts), then loaded from a
-  LoRA checkpoint the run starts from or initialised (B = 0: the run starts at its base model).
+- Order: the data loader's workers are forked first, before CUDA and NCCL exist in the process
+  (a fork after them is unsafe); then the process group; then the model.
+- Build: the model is constructed on the meta device (under ZeRO-3 inside ``deepspeed.zero.Init``,
+  partitioned as it is built), its experts sharded for expert parallelism, then materialised on the
+  device in the training dtype, so no rank ever holds more than its share. Weights come from the
+  checkpoint the run resumes, an HF directory, a previous run / checkpoint, or a seeded random init
+  that is the same for every layout (``aria.train.weights``); each rank reads or draws only its
+  part. With ``lora.enabled`` the adapters are added before the experts are sharded (expert
+  adapters shard with their experts), then loaded from a LoRA checkpoint the run starts from or
+  initialised (B = 0: the run starts at its base model).
+- Resuming on another layout (number of processes, ``parallel.ep_size``, ZeRO stage) keeps the
+  global batch: ``train.grad_accum`` becomes saved rows per step / (processes x
+  micro_batch_size), and the data streams are dealt to the new ranks.
 - Loss: each micro-batch contributes ``W * CE_sum / N`` with N the supervised tokens of the whole
   step on all ranks (one all-reduce per step, before any backward), so DeepSpeed's average over
   ranks yields exactly the token-mean of the global batch, however tokens fall across ranks and
@@ -35,11 +42,14 @@ import torch.distributed as dist
 
 from aria.config import RunConfig, parse_mixture
 from aria.model.aria import Aria
-from aria.model.lora import EXPERT_ADAPTER_KEY, add_adapters, init_adapters, is_adapter
-from aria.model.moe import shard_experts, tag_expert_parameters, update_expert_bias
-from aria.parallel.dist import DistInfo, barrier, expert_parallel_groups, init_distributed
-from aria.parallel.engine import build_engine, precision
+from aria.model.lora import add_adapters, init_adapters
+from aria.model.moe import update_expert_bias
+from aria.parallel.dist import DistInfo, barrier, expert_parallel_groups, init_distributed, placement
+from aria.parallel.engine import build_engine, deepspeed_config, precision
+from aria.parallel.expert import shard_experts_over, tag_expert_parameters
+from aria.parallel.shards import local_parts, sum_over_parts
 from aria.train import checkpoint as ckpt
+from aria.train import weights
 from aria.train.stages import apply_stage, stage_model_config
 
 EXIT_OK, EXIT_NONFINITE, EXIT_TERMINATED = 0, 3, 143
@@ -70,46 +80,28 @@ def to_device(inputs: dict, device: torch.device) -> dict:
     return {k: move(v) for k, v in inputs.items()}
 
 
-def is_expert_tensor(name: str) -> bool:
-    """An expert weight or expert adapter: sharded over the expert-parallel group."""
-    from aria.convert.checkpoint import EXPERT_PARAM
-
-    return bool(EXPERT_PARAM.search(name) or EXPERT_ADAPTER_KEY.search(name))
-
-
-def summed_over_experts(model, values) -> torch.Tensor:
-    """Sum of per-tensor float64 scalars ``(name, value)``, on the model's device, with the values of
-    expert shards summed over their expert-parallel group (the other tensors are replicated). No
-    host sync: one all-reduce at the end."""
-    device = next(model.parameters()).device
-    shared = torch.zeros((), dtype=torch.float64, device=device)
-    experts = torch.zeros((), dtype=torch.float64, device=device)
-    for name, value in values:
-        if is_expert_tensor(name):
-            experts += value
-        else:
-            shared += value
-    layer = model.moe_layers[0].experts
-    if layer.ep_size > 1:
-        dist.all_reduce(experts, group=layer.ep_group)
-    return shared + experts
-
-
-@torch.no_grad()
-def weights_fingerprint(model) -> float:
-    """Sum of |w| over every base weight of the model (expert shards summed over their EP group):
-    what a run started from, comparable with the same sum over a saved model directory's weights."""
-    return float(summed_over_experts(model, ((name, t.detach().double().abs().sum())
-                                             for name, t in model.state_dict().items()
-                                             if not is_adapter(name))))
-
-
 @torch.no_grad()
 def gradient_norm(model) -> float:
-    """Global L2 norm of the (already all-reduced) gradients; expert shards summed over EP ranks."""
-    return float(summed_over_experts(model, ((name, p.grad.detach().double().square().sum())
-                                             for name, p in model.named_parameters()
-                                             if p.grad is not None)).sqrt())
+    """Global L2 norm of the (already all-reduced) gradients, whatever the layout."""
+    parts = local_parts(model, buffers=False)
+    device = next(model.parameters()).device
+    return float(sum_over_parts(parts, ((name, p.grad.detach().double().square().sum())
+                                        for name, p in model.named_parameters() if p.grad is not None),
+                                device).sqrt())
+
+
+def keep_global_batch(cfg: RunConfig, saved: dict, world: int) -> RunConfig:
+    """``cfg`` with ``train.grad_accum`` set so that a step holds the rows it held when ``saved``
+    (a checkpoint's layout) was written, on ``world`` processes."""
+    rows = saved["micro_batch_size"] * saved["grad_accum"] * saved["world_size"]
+    per_pass = cfg.train.micro_batch_size * world
+    if rows % per_pass:
+        raise ValueError(f"the checkpoint's steps hold {rows} rows ({saved['world_size']} processes x "
+                         f"micro_batch_size {saved['micro_batch_size']} x grad_accum {saved['grad_accum']}); "
+                         f"{world} processes x train.micro_batch_size={cfg.train.micro_batch_size} do not "
+                         f"divide it. Resume with a number of processes and train.micro_batch_size whose "
+                         f"product divides {rows}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=rows // per_pass))
 
 
 def attention_pairs(segment_ids_BT: torch.Tensor) -> int:
@@ -123,12 +115,22 @@ def attention_pairs(segment_ids_BT: torch.Tensor) -> int:
 
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
-        self.info: DistInfo = init_distributed()
         self.run_dir = Path(cfg.run_dir)
         self.resume_from = ckpt.latest_checkpoint(self.run_dir)
         self.model_cfg = resolve_model_config(cfg)
-        self.cfg = dataclasses.replace(cfg, model=self.model_cfg)
+        cfg = dataclasses.replace(cfg, model=self.model_cfg)
+        rank, world = placement()
+        self.resumed_layout = None
+        if self.resume_from is not None:
+            saved = ckpt.read_layout(self.resume_from)
+            layout = (world, cfg.parallel.ep_size, cfg.parallel.zero_stage)
+            if layout != (saved["world_size"], saved["ep_size"], saved["zero_stage"]):
+                self.resumed_layout = saved
+                cfg = keep_global_batch(cfg, saved, world)
+        self.cfg = cfg
         self.stop_requested = False
+        self.loader = self.build_data(rank, world)  # forks the workers: before CUDA and NCCL
+        self.info: DistInfo = init_distributed()
 
     # -- building -----------------------------------------------------------------------------
 
@@ -137,8 +139,14 @@ class Trainer:
         dtype = precision(cfg)
         torch.set_default_dtype(dtype)
         try:
-            with torch.device("meta"):
-                model = Aria(self.model_cfg)
+            if cfg.parallel.zero_stage == 3:  # partitioned as it is built: no rank holds it whole
+                import deepspeed
+
+                with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, dtype), dtype=dtype):
+                    model = Aria(self.model_cfg)
+            else:
+                with torch.device("meta"):
+                    model = Aria(self.model_cfg)
         finally:
             torch.set_default_dtype(torch.float32)
         if cfg.lora.enabled:
@@ -146,40 +154,49 @@ class Trainer:
         self.ep_group_name = None
         if cfg.parallel.ep_size > 1:
             group, self.ep_group_name = expert_parallel_groups(cfg.parallel.ep_size)
-            shard_experts(model.moe_layers, group, self.ep_group_name)
-        model = model.to_empty(device=info.device)
+            shard_experts_over(model.moe_layers, group, self.ep_group_name)
+        if cfg.parallel.zero_stage != 3:
+            model = model.to_empty(device=info.device)
         tag_expert_parameters(model.moe_layers)
         with torch.no_grad():
-            adapters_loaded = False
-            if cfg.init.from_hf:
-                ckpt.load_weights(model, Path(cfg.init.from_hf), hf=True)
+            self.loaded = None  # what was read, when weights came from files
+            if self.resume_from is not None:
+                source = self.resume_from / ckpt.MODEL
+            elif cfg.init.from_hf:
+                source = Path(cfg.init.from_hf)
             elif cfg.init.from_checkpoint:
-                adapters_loaded = ckpt.load_weights(model, ckpt.resolve_model_dir(cfg.init.from_checkpoint))
+                source = ckpt.resolve_model_dir(cfg.init.from_checkpoint)
             else:
-                torch.manual_seed(cfg.train.seed)
-                model.init_weights()
-                torch.manual_seed(cfg.train.seed + 1 + model.moe_layers[0].experts.ep_rank)
-                std = self.model_cfg.text.initializer_range
-                for layer in model.moe_layers:
-                    torch.nn.init.normal_(layer.experts.w_fc1, std=std)
-                    torch.nn.init.normal_(layer.experts.w_fc2, std=std)
-            if cfg.lora.enabled and not adapters_loaded:
+                source = None
+                weights.init_weights(model, cfg.train.seed)
+            if source is not None:
+                self.loaded = weights.load_weights(model, source, hf=bool(cfg.init.from_hf) and
+                                                   self.resume_from is None)
+                self.load_message = (f"loaded {source}: rank {info.rank} read "
+                                     f"{self.loaded.bytes_read / 2**30:.3f} GiB of its "
+                                     f"{self.loaded.bytes_stored / 2**30:.3f} GiB")
+            if cfg.lora.enabled and not (self.loaded and self.loaded.adapters):
                 init_adapters(model, cfg.train.seed)
         self.trainable = apply_stage(model, cfg.stage, cfg.lora)
         model.set_gradient_checkpointing(vision=cfg.parallel.checkpoint_vision,
                                          decoder=cfg.parallel.checkpoint_decoder)
         return model.train()
 
-    def build_data(self):
-        from aria.data.loader import build_train_loader
+    def build_data(self, rank: int, world: int):
+        """The training data stream of this rank, positioned where the resumed checkpoint left it
+        (on any layout), its workers started."""
+        from aria.data.loader import build_train_loader, merge_states
         from aria.data.processor import Processor
 
         self.processor = Processor.from_config(self.cfg.data, self.model_cfg)
         data = self.cfg.data
-        return build_train_loader(data, self.processor, self.cfg.train.seq_len,
-                                  self.cfg.train.micro_batch_size, self.info.rank,
-                                  self.info.world_size, self.cfg.train.seed, data.prefetch_factor,
-                                  data.loader_timeout)
+        loader = build_train_loader(data, self.processor, self.cfg.train.seq_len,
+                                    self.cfg.train.micro_batch_size, rank, world, self.cfg.train.seed,
+                                    data.prefetch_factor, data.loader_timeout)
+        if self.resume_from is not None:
+            loader.load_state_dict(merge_states([s["data"] for s in ckpt.read_trainer_states(self.resume_from)]))
+        loader.start()
+        return loader
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -189,17 +206,17 @@ class Trainer:
 
         cfg, info = self.cfg, self.info
         torch.manual_seed(cfg.train.seed)
+        self.load_message = None
         model = self.build_model()
-        engine, _, _ = build_engine(model, cfg, self.ep_group_name)
-        loader = self.build_data()
+        engine, _, self.scheduler = build_engine(model, cfg, self.ep_group_name)
+        loader = self.loader
         config_yaml = resolved_yaml(cfg)
         step, tokens_seen = 0, 0
         if self.resume_from is not None:
-            state = ckpt.load_checkpoint(engine, model, self.resume_from, cfg, info)
+            state = ckpt.load_checkpoint(engine, model, self.resume_from, info, self.scheduler)
             step, tokens_seen = state["step"], state["tokens_seen"]
-            loader.load_state_dict(state["data"])
         else:
-            fingerprint = weights_fingerprint(model)
+            fingerprint = weights.weights_fingerprint(model)
             if info.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "config.yaml").write_text(config_yaml)
@@ -212,6 +229,15 @@ class Trainer:
                                 info.is_main, info.world_size)
         if self.resume_from is not None:
             metrics.message(f"resumed from {self.resume_from} at step {step}")
+        if self.resumed_layout is not None:
+            saved = self.resumed_layout
+            metrics.message(f"the checkpoint was written by {saved['world_size']} processes with "
+                            f"parallel.ep_size={saved['ep_size']}, zero_stage={saved['zero_stage']}; "
+                            f"continuing on {info.world_size} with ep_size={cfg.parallel.ep_size}, "
+                            f"zero_stage={cfg.parallel.zero_stage} and train.grad_accum="
+                            f"{cfg.train.grad_accum} (the same rows per step)")
+        if self.load_message:
+            metrics.message(self.load_message)
         if cfg.lora.enabled:
             total = sum(p.numel() for p in model.parameters())
             metrics.message(f"LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: "
