@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 # Names accepted for the activations the reference uses (shared experts and vision MLP).
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")
@@ -349,10 +349,12 @@ class DataConfig:
     """Datasets, tokenizer and media processing of a run."""
 
     train: Any = None
-    """A dataset path (JSONL file, directory with train.jsonl, or webdataset shards), or a list of
-    paths or of {path, weight} mappings mixed by weight."""
+    """A dataset path (JSONL or JSON file, a directory with train.jsonl / train.json, webdataset
+    shards, or a local Hugging Face dataset: parquet / arrow files or ``save_to_disk`` output), or a
+    list of paths or of {path, weight, columns} mappings mixed by weight (``columns``: {record field:
+    the dataset's column}, see docs/data_format.md)."""
     eval: Any = None
-    """Held-out dataset(s), same forms; the test split of a JSONL directory."""
+    """Held-out dataset(s), same forms; the test split of a dataset directory."""
     tokenizer: str | None = None
     """Tokenizer directory (tokenizer.json) or sentencepiece .model file."""
     image_size: int = 980
@@ -380,6 +382,11 @@ class DataConfig:
     """Batches each loader worker prepares ahead (memory: workers x prefetch x batch pixels)."""
     loader_timeout: float = 600.0
     """Seconds to wait for a worker's batch before failing (a hung decode must not hang training)."""
+    shuffle_buffer: int = 1000
+    """Records of a webdataset source held per data stream, the next one drawn at random (seeded),
+    since shards can only be read in order (0 or 1 = none). Memory: this many records with their
+    media bytes per stream and shard dataset. Other formats are read in a fresh random order every
+    epoch and need none."""
     _path: str = field(default="data", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -395,30 +402,61 @@ class DataConfig:
             _positive_int(f"{p}.streams", self.streams)
         _check(isinstance(self.loader_timeout, (int, float)) and self.loader_timeout > 0,
                f"{p}.loader_timeout", self.loader_timeout, "a positive number of seconds")
+        _check(isinstance(self.shuffle_buffer, int) and not isinstance(self.shuffle_buffer, bool)
+               and self.shuffle_buffer >= 0, f"{p}.shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
         for name in ("train", "eval"):
             parse_mixture(getattr(self, name), f"{p}.{name}")
 
 
-def parse_mixture(value: Any, path: str = "data.train") -> list[tuple[str, float]]:
-    """A dataset field -> [(path, weight)]: a path, a list of paths, or a list of {path, weight}."""
+RECORD_FIELDS = ("messages", "conversations", "system", "kind", "text", "content", "images", "image",
+                 "video", "videos")
+"""The record fields ``aria.data.records`` reads: what a dataset's column mapping may name."""
+
+
+class DatasetEntry(NamedTuple):
+    """One dataset of ``data.train`` / ``data.eval``."""
+
+    path: str
+    weight: float = 1.0
+    columns: dict[str, str] | None = None
+    """{record field: the dataset's column (or JSON key) holding it}; None = the fields' own names."""
+
+
+def parse_mixture(value: Any, path: str = "data.train") -> list[DatasetEntry]:
+    """A dataset field -> its entries: a path, a list of paths, or a list of {path, weight, columns}."""
     if value is None:
         return []
     items = value if isinstance(value, (list, tuple)) else [value]
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str) and item:
-            out.append((item, 1.0))
+            out.append(DatasetEntry(item))
         elif isinstance(item, Mapping) and isinstance(item.get("path"), str):
-            unknown = sorted(set(item) - {"path", "weight"})
-            _check(not unknown, f"{path}[{i}]", dict(item), "only 'path' and 'weight' keys")
+            unknown = sorted(set(item) - {"path", "weight", "columns"})
+            _check(not unknown, f"{path}[{i}]", dict(item), "only 'path', 'weight' and 'columns' keys")
             weight = item.get("weight", 1.0)
             _check(isinstance(weight, (int, float)) and weight > 0, f"{path}[{i}].weight", weight,
                    "a positive number")
-            out.append((item["path"], float(weight)))
+            out.append(DatasetEntry(item["path"], float(weight),
+                                    parse_columns(item.get("columns"), f"{path}[{i}].columns")))
         else:
             raise ValueError(f"config field '{path}' entry {item!r} is invalid: expected a dataset "
-                             "path or a mapping {path: ..., weight: ...}")
+                             "path or a mapping {path: ..., weight: ..., columns: ...}")
     return out
+
+
+def parse_columns(value: Any, path: str) -> dict[str, str] | None:
+    """A dataset's column mapping {record field: column}, checked (``path`` names it in errors)."""
+    if value is None:
+        return None
+    _check(isinstance(value, Mapping), path, value, "a mapping {record field: column name}")
+    columns = {str(k): v for k, v in value.items()}
+    unknown = sorted(set(columns) - set(RECORD_FIELDS))
+    _check(not unknown, path, columns, f"record fields among {RECORD_FIELDS} as keys (unknown: {unknown})")
+    _check(all(isinstance(v, str) and v for v in columns.values()), path, columns,
+           "column names (non-empty strings) as values")
+    _check(len(set(columns.values())) == len(columns), path, columns, "a different column for each field")
+    return columns
 
 
 SCHEDULES = ("cosine", "linear", "constant", "anneal")
@@ -482,8 +520,10 @@ class ParallelConfig:
 
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0-3 (the paper trains with ZeRO-1 + expert parallelism)."""
-    ep_size: int = 1
-    """Expert-parallel group size: each rank of a group holds num_experts / ep_size experts."""
+    ep_size: int | str = 1
+    """Expert-parallel group size: each rank of a group holds num_experts / ep_size experts. 'node':
+    the processes of one node (the fastest links), i.e. the largest divisor of num_experts that is
+    at most the processes per node (``resolved``)."""
     precision: str = "auto"
     """bf16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
     checkpoint_decoder: bool = False
@@ -501,25 +541,41 @@ class ParallelConfig:
     """Elements per gradient-reduction bucket and per parameter all-gather bucket (DeepSpeed's
     reduce_bucket_size / allgather_bucket_size, ZeRO-3's prefetch bucket): larger buckets send fewer,
     bigger messages and hold more memory (bucket_size x 4 bytes per fp32 buffer)."""
+    memory_check: bool = True
+    """Before loading any weight, refuse a layout that the memory plan (``aria.tools.plan``; images
+    filling half of each row in stages that see images) says cannot fit the GPU, printing the plan and
+    a layout that fits. Runs on GPUs, or anywhere when ``gpu_memory_gb`` is set."""
     gpu_memory_gb: float | None = None
-    """Memory of one GPU the run must fit in, for the memory plan training checks before it loads a
-    weight (null = the device's own; the check runs on GPUs only unless this is set)."""
+    """GiB of one GPU the run must fit in (null = the device's own)."""
     _path: str = field(default="parallel", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         p = self._path
         _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", self.zero_stage, "0, 1, 2 or 3")
-        _positive_int(f"{p}.ep_size", self.ep_size)
+        if self.ep_size != "node":
+            _check(isinstance(self.ep_size, int) and not isinstance(self.ep_size, bool) and self.ep_size > 0,
+                   f"{p}.ep_size", self.ep_size, "a positive integer or 'node'")
         _positive_int(f"{p}.bucket_size", self.bucket_size)
-        for name in ("checkpoint_decoder", "checkpoint_vision", "fp32_grad_accum", "overlap_comm"):
+        for name in ("checkpoint_decoder", "checkpoint_vision", "fp32_grad_accum", "overlap_comm",
+                     "memory_check"):
             _check(isinstance(getattr(self, name), bool), f"{p}.{name}", getattr(self, name), "true or false")
         _check(self.gpu_memory_gb is None or (isinstance(self.gpu_memory_gb, (int, float))
                                               and not isinstance(self.gpu_memory_gb, bool)
                                               and self.gpu_memory_gb > 0),
                f"{p}.gpu_memory_gb", self.gpu_memory_gb, "null or a positive number of GB")
-        _check(not (self.ep_size > 1 and self.zero_stage == 3), f"{p}.zero_stage", self.zero_stage,
-               "0, 1 or 2 with expert parallelism (parallel.ep_size > 1)")
+        _check(not (self.ep_size != 1 and self.zero_stage == 3), f"{p}.zero_stage", self.zero_stage,
+               f"0, 1 or 2 with expert parallelism (parallel.ep_size={self.ep_size}; ZeRO-3 needs "
+               "parallel.ep_size=1)")
         _check(self.precision in PRECISIONS, f"{p}.precision", self.precision, f"one of {PRECISIONS}")
+
+
+    def resolved(self, processes_per_node: int, num_experts: int) -> "ParallelConfig":
+        """This config with ``ep_size`` a number: 'node' becomes the largest divisor of
+        ``num_experts`` that is at most ``processes_per_node``."""
+        if self.ep_size != "node":
+            return self
+        size = max(d for d in range(1, max(1, min(processes_per_node, num_experts)) + 1) if num_experts % d == 0)
+        return dataclasses.replace(self, ep_size=size)
 
 
 @dataclass
@@ -708,7 +764,7 @@ class RunConfig:
             raise ValueError("config node 'model' is missing (pick one: model=tiny|proxy|aria)")
         model = ModelConfig.from_dict(data["model"])
         cfg = cls(run_dir=str(data["run_dir"]), model=model, recipe=str(data.get("recipe", "custom")), **nodes)
-        if model.moe.num_experts % cfg.parallel.ep_size:
+        if cfg.parallel.ep_size != "node" and model.moe.num_experts % cfg.parallel.ep_size:
             raise ValueError(f"config field 'parallel.ep_size' = {cfg.parallel.ep_size} must divide "
                              f"model.moe.num_experts = {model.moe.num_experts}")
         if cfg.lora.enabled:

@@ -4,15 +4,20 @@ reason, and per-kind statistics.
     python -m data_tools.validate DATASET --tokenizer DIR [--model tiny] [--split train]
            [--image-size 980] [--min-image-size 336] [--split-image]
            [--video-frames 8 | --video-fps F] [--max-frames 128] [--video-size 490] [--timestamps]
-           [--seq-len N] [--allow-outside-media]
+           [--seq-len N] [--allow-outside-media] [--columns FIELD=COLUMN ...]
     python -m data_tools.validate DATASET --config RUN_DIR/config.yaml [--split train] [--seq-len N]
 
-DATASET: a ``.jsonl`` file, a directory with ``{split}.jsonl``, or webdataset shards. Every record is
-parsed, its media decoded and processed, and it is tokenized exactly as training would, so what
-passes here trains. With ``--seq-len`` samples that cannot fit a packed row are reported too.
-``--config`` takes the tokenizer, the model (its crop table) and every image/video setting from a
-run's resolved config (and ``--seq-len`` from ``train.seq_len`` unless given); the processing flags
-are then not allowed. Exits 1 if any record is bad.
+DATASET: anything ``data.train`` takes (docs/data_format.md): a ``.jsonl`` file, a ``.json`` list
+(LLaVA / ShareGPT records), a directory with ``{split}.jsonl`` or ``{split}.json``, webdataset
+shards, or a local Hugging Face dataset (parquet / arrow files, a directory of them, or
+``save_to_disk`` output: its ``{split}``). ``--columns`` is the dataset's column mapping (record
+field = its column), as in a ``data.train`` entry. Every record is parsed, its media decoded and
+processed, and it is tokenized exactly as training would, so what passes here trains. With
+``--seq-len`` samples that cannot fit a packed row are reported too. ``--config`` takes the
+tokenizer, the model (its crop table) and every image/video setting from a run's resolved config
+(and ``--seq-len`` from ``train.seq_len`` unless given, the column mapping from the config's
+dataset entry with this path unless ``--columns`` is given); the processing flags are then not
+allowed. Exits 1 if any record is bad, 2 if the dataset cannot be read at all.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from aria.config import VideoConfig, load_model_config
+from aria.config import VideoConfig, load_model_config, parse_columns, parse_mixture
 from aria.data.errors import BadInputPolicy, DataError
 from aria.data.loader import iterate_samples
 from aria.data.processor import Processor
@@ -38,12 +43,13 @@ def kind_of(sample) -> str:
 
 
 def validate(dataset: str, processor: Processor, split: str = "train", seq_len: int | None = None,
-             allow_outside_media: bool = False) -> tuple[dict, list[DataError]]:
+             allow_outside_media: bool = False, columns: dict[str, str] | None = None
+             ) -> tuple[dict, list[DataError]]:
     """Per-kind statistics and every bad record."""
     policy = BadInputPolicy(keep=True)
     stats: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(COLUMNS, 0))
     for sample, encoded in iterate_samples(dataset, processor, split, False, allow_outside_media, policy,
-                                           seq_len):
+                                           seq_len, columns):
         n = len(encoded)
         row = stats[kind_of(sample)]
         row["samples"] += 1
@@ -108,10 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timestamps", action="store_true", default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--allow-outside-media", action="store_true")
+    parser.add_argument("--columns", nargs="+", default=None, metavar="FIELD=COLUMN",
+                        help="the dataset's column mapping, e.g. conversations=dialog image=picture")
     args = parser.parse_args(argv)
     given = sorted(f"--{k.replace('_', '-')}" for k in PROCESSING_FLAGS if getattr(args, k) is not None)
     allow_outside = args.allow_outside_media
     try:
+        columns = None
+        if args.columns is not None:
+            pairs = [c.partition("=") for c in args.columns]
+            if not all(field and column for field, _, column in pairs):
+                parser.error(f"--columns takes FIELD=COLUMN pairs, got {args.columns}")
+            columns = parse_columns({f: c for f, _, c in pairs}, "--columns")
         if args.config:
             from aria.train.compose import load_resolved
 
@@ -122,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             processor = Processor.from_config(cfg.data, cfg.model, tokenizer)
             seq_len = args.seq_len if args.seq_len is not None else cfg.train.seq_len
             allow_outside = allow_outside or cfg.data.allow_outside_media
+            if columns is None:
+                entries = parse_mixture(cfg.data.train) + parse_mixture(cfg.data.eval, "data.eval")
+                columns = next((e.columns for e in entries if e.path == args.dataset), None)
         else:
             if not args.tokenizer:
                 parser.error("give --tokenizer (or --config)")
@@ -133,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                 Tokenizer.load(args.tokenizer), load_model_config(opt["model"]), image_size=opt["image_size"],
                 min_image_size=opt["min_image_size"], split_image=opt["split_image"], video=video)
             seq_len = args.seq_len
+        stats, errors = validate(args.dataset, processor, args.split, seq_len, allow_outside, columns)
     except (ValueError, FileNotFoundError) as err:
         print(f"validate: error: {err}")
         return 2
-    stats, errors = validate(args.dataset, processor, args.split, seq_len, allow_outside)
     print(report(stats, errors, args.dataset))
     return 1 if errors else 0
 

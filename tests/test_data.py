@@ -8,6 +8,7 @@ import itertools
 import json
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -437,10 +438,10 @@ def text_shards(text_jsonl, tmp_path_factory) -> Path:
 
 def one_epoch(source, stream: int, streams: int, seed: int = 3) -> list[str]:
     seen = []
-    for raw, position in source.iterate(stream, streams, seed=seed):
-        if position["epoch"] > 0:
+    for read in source.iterate(stream, streams, seed=seed):
+        if read.epoch > 0:
             break
-        seen.append(raw.where)
+        seen.append(read.raw.where)
     return seen
 
 
@@ -474,10 +475,11 @@ def test_few_shard_mode_parses_only_the_streams_own_samples(text_shards, monkeyp
 
 
 def loader(datasets, rank: int, world: int, workers: int, tok, seed: int = 3, seq_len: int = 128,
-           batch_size: int = 2, proc: Processor | None = None, strict: bool = False) -> TrainLoader:
+           batch_size: int = 2, proc: Processor | None = None, strict: bool = False,
+           shuffle_buffer: int = 0) -> TrainLoader:
     datasets = [(str(datasets), 1.0)] if isinstance(datasets, (str, Path)) else datasets
     spec = StreamSpec(datasets, proc or processor(tok, image_size=490), seq_len=seq_len, batch_size=batch_size,
-                      rank=rank, world_size=world, seed=seed, strict=strict)
+                      rank=rank, world_size=world, seed=seed, strict=strict, shuffle_buffer=shuffle_buffer)
     return TrainLoader(spec, workers)
 
 
@@ -531,25 +533,35 @@ def fingerprint(batch) -> tuple:
     return batch.input_ids.tolist(), batch.where, pixel_sum
 
 
+def epoch_of(position: dict | None) -> int | None:
+    """The reading epoch of a source's position (a shard source's is its shuffle buffer's tail)."""
+    if position and "tail" in position:
+        position = position["tail"]
+    return position and position["epoch"]
+
+
 def epochs_of(state: dict) -> list:
-    return [p and p["epoch"] for pos in state["positions"].values() for p in pos["mixture"]["positions"]]
+    return [epoch_of(p) for pos in state["positions"].values() for p in pos["mixture"]["positions"]]
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("setup", ["mixture_of_two_jsonl_0_workers", "images_and_shards_2_ranks_2_workers",
-                                   "few_shards_3_workers"])
+                                   "few_shards_3_workers", "few_shards_3_workers_shuffle_buffer_5"])
 def test_resume_is_exact_across_epochs_and_twice(text_jsonl, text_shards, image_jsonl, tmp_path, tok, setup):
     small = tmp_path / "small.jsonl"  # 7 documents: several epochs within the run
     small.write_text("".join(json.dumps({"kind": "text", "text": f"small {i}"}) + "\n" for i in range(7)))
+    few_shards = [(str(text_shards / "docs-00000[0-1].tar"), 1.0)]
     datasets, rank, world, workers = {
         "mixture_of_two_jsonl_0_workers": ([(str(text_jsonl), 1.0), (str(small), 2.0)], 0, 1, 0),
         "images_and_shards_2_ranks_2_workers": ([(str(image_jsonl), 1.0), (str(text_shards), 1.0)], 1, 2, 2),
-        "few_shards_3_workers": ([(str(text_shards / "docs-00000[0-1].tar"), 1.0)], 0, 1, 3),
+        "few_shards_3_workers": (few_shards, 0, 1, 3),
+        "few_shards_3_workers_shuffle_buffer_5": (few_shards, 0, 1, 3),
     }[setup]
+    buffer = 5 if setup.endswith("shuffle_buffer_5") else 0
     total, cuts = 12, (4, 9)
 
     def run(state, n):
-        got = loader(datasets, rank, world, workers, tok)
+        got = loader(datasets, rank, world, workers, tok, shuffle_buffer=buffer)
         if state is not None:
             got.load_state_dict(json.loads(json.dumps(state)))
         it = iter(got)
@@ -574,8 +586,8 @@ def test_datasets_of_a_mixture_are_shuffled_differently(tmp_path):
     mix = Mixture([JsonlSource(tmp_path / "a.jsonl"), JsonlSource(tmp_path / "b.jsonl")], [1.0, 1.0], 0, 1, seed=0)
     lines: dict[int, list[int]] = {0: [], 1: []}
     for _ in range(40):
-        raw, _, k = mix.next()
-        lines[k].append(int(raw.where.rsplit(":", 1)[1]))
+        read, _, k = mix.next()
+        lines[k].append(int(read.raw.where.rsplit(":", 1)[1]))
     n = min(len(lines[0]), len(lines[1]))
     assert n > 10 and lines[0][:n] != lines[1][:n]
 
@@ -603,7 +615,7 @@ def test_mixing_draws_by_weight_and_is_seeded_and_resumable(text_jsonl, tmp_path
 
     def draws(seed, n=400, state=None):
         mix = Mixture(sources, [3.0, 1.0], stream=0, num_streams=1, seed=seed, state=state)
-        out = [mix.next()[0].record["text"] for _ in range(n)]
+        out = [mix.next()[0].raw.record["text"] for _ in range(n)]
         return out, mix.state()
 
     a, _ = draws(0)
@@ -785,7 +797,7 @@ def test_empty_and_all_bad_datasets_are_errors(tok, tmp_path):
     with pytest.raises(RuntimeError, match="no usable sample in a whole epoch.*bad_json"):
         next(batches)
     (tmp_path / "no_shards").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither train.jsonl nor"):
+    with pytest.raises(FileNotFoundError, match="neither train.jsonl, train.json, \\*.tar shards nor"):
         build_train_loader(DataConfig(train=str(tmp_path / "no_shards"), num_workers=0), processor(tok), 64, 1)
     (tmp_path / "empty_shards").mkdir()
     import tarfile
@@ -815,14 +827,144 @@ def test_loader_options_reach_the_dataloader(tok, text_jsonl, monkeypatch):
     assert seen["prefetch_factor"] == 1 and seen["timeout"] == 30
 
 
+def simulated_ranks(world: int, job) -> tuple[list, list]:
+    """``job(rank, most)`` on ``world`` threads, ``most(value)`` being the maximum of the ranks'
+    values (an all-reduce; a rank that stops calling it breaks the barrier instead of hanging the
+    test). (results, exceptions), by rank."""
+    barrier, values = threading.Barrier(world, timeout=30), [0] * world
+    results, errors = [None] * world, [None] * world
+
+    def most_for(rank: int):
+        def most(value: int) -> int:
+            values[rank] = value
+            barrier.wait()
+            top = max(values)
+            barrier.wait()
+            return top
+        return most
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = job(rank, most_for(rank))
+        except BaseException as exc:
+            errors[rank] = exc
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_eval_ranks_get_equal_batch_counts_and_cover_the_set(tok, text_jsonl, world):
-    per_rank = [list(eval_batches(str(text_jsonl), processor(tok), 128, 2, rank, world)) for rank in range(world)]
-    assert len({len(batches) for batches in per_rank}) == 1
-    real = [b for batches in per_rank for b in batches if not b.padding]
-    assert sum(b.num_samples for b in real) == 60
-    pads = [b for batches in per_rank for b in batches if b.padding]
-    assert pads and all(b.num_tokens == b.num_targets == 0 and b.input_ids.shape == (2, 128) for b in pads)
+def test_eval_ranks_read_only_their_share_and_stay_matched(tok, tmp_path, world, monkeypatch):
+    eval_set = tmp_path / "eval.jsonl"  # rank 0 of 2 or 3 gets the long documents: more batches
+    eval_set.write_text("".join(json.dumps({"kind": "text", "text": "document number " * (6 if i % 6 == 0 else 1)
+                                            + str(i)}) + "\n" for i in range(36)))
+    encoded = Counter()  # samples each rank encoded
+    real_encode = Processor.encode
+    rank_of = {}
+
+    def counting(self, sample, max_tokens=None):
+        encoded[rank_of[threading.get_ident()]] += 1
+        return real_encode(self, sample, max_tokens)
+
+    monkeypatch.setattr(Processor, "encode", counting)
+
+    def job(rank, most):
+        rank_of[threading.get_ident()] = rank
+        own = list(eval_batches(str(eval_set), processor(tok), 128, 2, rank, world))
+        matched = list(eval_batches(str(eval_set), processor(tok), 128, 2, rank, world, most=most))
+        return own, matched
+
+    results, errors = simulated_ranks(world, job)
+    assert errors == [None] * world
+    own_counts = [len(own) for own, _ in results]
+    assert len(set(own_counts)) > 1, "the shares should pack into different numbers of batches"
+    for rank, (own, matched) in enumerate(results):
+        assert len(matched) == max(own_counts)  # every rank runs as many batches as the busiest
+        assert [b.where for b in matched[: len(own)]] == [b.where for b in own]
+        pads = matched[len(own):]
+        assert all(b.padding and b.num_tokens == b.num_targets == 0 and b.input_ids.shape == (2, 128)
+                   for b in pads)
+        lines = [int(w.rsplit(":", 1)[1]) for b in own for w in b.where]
+        assert all((line - 1) % world == rank for line in lines)  # records rank, rank + W, ...
+        assert encoded[rank] == 2 * len(lines)  # its own share only (twice: two passes above)
+    assert sorted(int(w.rsplit(":", 1)[1]) for own, _ in results for b in own for w in b.where) == list(range(1, 37))
+
+
+def test_sharded_eval_loss_equals_one_process(tok, text_jsonl, image_jsonl, tmp_path):
+    """Summed cross-entropy and target counts over the ranks' batches (padding included, run through
+    the model like the others) equal one process's, for images and text."""
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(image_jsonl.read_text() + "".join(text_jsonl.read_text().splitlines(keepends=True)[:20]))
+    (tmp_path / "images").symlink_to(image_jsonl.parent / "images")
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+
+    def sums(rank, world, most):
+        ce, n, batches = 0.0, 0, 0
+        for batch in eval_batches(str(mixed), processor(tok, image_size=490), 160, 2, rank, world, most=most):
+            with torch.no_grad():
+                ce += float(model(**batch.model_inputs()).loss_sum)
+            n, batches = n + batch.num_targets, batches + 1
+        return ce, n, batches
+
+    one, _ = simulated_ranks(1, lambda rank, most: sums(rank, 1, None))
+    for world in (2, 3):
+        results, errors = simulated_ranks(world, lambda rank, most: sums(rank, world, most))
+        assert errors == [None] * world
+        assert sum(n for _, n, _ in results) == one[0][1] > 0
+        assert abs(sum(ce for ce, _, _ in results) - one[0][0]) < 1e-5 * one[0][0]
+        assert len({b for _, _, b in results}) == 1
+
+
+def test_a_failing_rank_stops_every_rank_of_the_evaluation(tok, text_jsonl, tmp_path):
+    lines = text_jsonl.read_text().splitlines(keepends=True)[:12]
+    lines[7] = '{"kind": "text", "text": 5}\n'  # line 8: rank 1's of 2
+    (tmp_path / "eval.jsonl").write_text("".join(lines))
+
+    def job(rank, most):
+        return list(eval_batches(str(tmp_path / "eval.jsonl"), processor(tok), 64, 1, rank, 2, strict=True,
+                                 most=most))
+
+    _, errors = simulated_ranks(2, job)
+    assert isinstance(errors[1], DataError) and errors[1].where.endswith("eval.jsonl:8")
+    assert isinstance(errors[0], RuntimeError) and "another rank failed" in str(errors[0])
+
+
+def _training_run(rank: int, world: int, args: list[str]) -> None:
+    from aria.train.compose import compose_run
+    from aria.train.trainer import train
+
+    assert train(compose_run("config", args)) == 0
+
+
+def test_trainer_evaluation_on_two_zero3_processes_equals_one(tok_dir, text_jsonl, image_jsonl, tmp_path):
+    """``Trainer.evaluate`` through DeepSpeed: 2 ZeRO-3 processes (a parameter gather in every
+    forward, so unmatched batch counts would hang) report the held-out losses of 1 process. The
+    learning rate is 0: both evaluate the initial weights."""
+    from aria.convert.checkpoint import save_model_dir
+    from helpers import run_distributed
+
+    uneven = tmp_path / "uneven.jsonl"  # rank 0 of 2 gets the long documents: more batches
+    uneven.write_text("".join(json.dumps({"kind": "text", "text": "document number " * (6 if i % 4 == 0 else 1)
+                                          + str(i)}) + "\n" for i in range(24)))
+    torch.manual_seed(0)
+    save_model_dir(build_model(TINY).state_dict(), TINY, tmp_path / "init")
+    losses = {}
+    for world, extra in ((1, []), (2, ["parallel.zero_stage=3"])):
+        run_dir = tmp_path / f"run{world}"
+        args = [f"run_dir={run_dir}", f"data.train={text_jsonl}", f"data.eval=[{uneven},{image_jsonl}]",
+                f"data.tokenizer={tok_dir}", f"init.from_checkpoint={tmp_path / 'init'}", "data.image_size=490",
+                "train.seq_len=128", "train.max_steps=1", "optim.lr=0", "logging=quiet", "data.num_workers=0",
+                "checkpoint.every_steps=0", *extra]
+        run_distributed(_training_run, world, (args,))
+        losses[world] = [json.loads(line) for line in open(run_dir / "metrics.jsonl")][-1]
+    keys = ["eval_loss", "eval_loss/uneven", "eval_loss/chat_images"]
+    assert all(losses[1][k] > 0 for k in keys)
+    assert all(abs(losses[2][k] - losses[1][k]) < 1e-5 * losses[1][k] for k in keys), losses
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ def trained(tmp_path_factory):
     return data, model, processor
 
 
+@pytest.mark.slow
 def test_held_out_answer_loss_drops_far_below_the_image_blind_bound(trained):
     data, model, processor = trained
     blind = sum(math.log(len(ANSWERS[q])) for q in ("colour", "shape", "count", "position")) / 4

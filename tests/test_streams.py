@@ -5,15 +5,20 @@ pinned.
 
 Every test reads one mixture: image questions of the shapes world (JSONL, with two bad lines) and
 text documents of varied lengths (webdataset shards), several documents to a row and the longest
-split across rows. Ranks are simulated: one ``TrainLoader`` per rank, in this process.
+split across rows; the sequence tests run without and with a shuffle buffer on the shards. Ranks
+are simulated: one ``TrainLoader`` per rank, in this process. The shuffle buffer is also tested on
+its own: it shuffles inside a shard, by seed, with a small state that resumes it exactly.
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import logging
 import multiprocessing
 import random
+import tarfile
 import threading
 from collections import Counter
 from pathlib import Path
@@ -22,10 +27,12 @@ import pytest
 import torch
 
 import aria.data.loader as loader_module
+from aria.config import DataConfig
 from aria.data.errors import DataError
-from aria.data.loader import StreamSpec, TrainLoader, merge_states
+from aria.data.loader import StreamSpec, TrainLoader, build_train_loader, merge_states
 from aria.data.packing import PackedBatch
 from aria.data.processor import Processor
+from aria.data.sources import ShardSource
 from aria.data.tokenizer import Tokenizer
 from helpers import shapes_world
 
@@ -35,7 +42,7 @@ WORDS = ["red", "green", "blue", "square", "circle", "diamond", "left", "right",
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
+def mixture(tmp_path_factory) -> dict:
     """The mixture's two datasets and the processor."""
     from data_tools.jsonl_to_wds import convert
 
@@ -51,11 +58,19 @@ def world(tmp_path_factory) -> dict:
     (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     convert(root / "docs.jsonl", root / "shards", "docs", samples_per_shard=7, log=lambda _: None)
     return {"datasets": [(str(data / "images.jsonl"), 1.0), (str(root / "shards"), 2.0)],
-            "processor": Processor(Tokenizer.load(tok_dir), TABLE, image_size=490)}
+            "processor": Processor(Tokenizer.load(tok_dir), TABLE, image_size=490), "root": root}
+
+
+@pytest.fixture(scope="module", params=[0, 6], ids=["in_order", "shuffle_buffer_6"])
+def world(mixture, request) -> dict:
+    """The mixture, its shards read in order or through a shuffle buffer of 6 (each stream reads
+    one or two shards of 7 documents an epoch)."""
+    return {**mixture, "shuffle_buffer": request.param}
 
 
 def make_loader(world: dict, rank: int, processes: int, workers: int, **kw) -> TrainLoader:
-    spec = StreamSpec(world["datasets"], world["processor"], SEQ_LEN, ROWS, rank, processes, seed=5)
+    spec = StreamSpec(world["datasets"], world["processor"], SEQ_LEN, ROWS, rank, processes, seed=5,
+                      shuffle_buffer=world["shuffle_buffer"])
     return TrainLoader(spec, workers, streams=kw.pop("streams", STREAMS), **kw)
 
 
@@ -228,3 +243,96 @@ def test_loader_hands_over_batches_pinned_by_a_thread_of_its_own(world, referenc
         for _ in TrainLoader(spec, 1, streams=1, pin_memory=True):
             pass
     assert err.value.kind == "bad_json"
+
+
+# ---------------------------------------------------------------------------------------------
+# The shuffle buffer of shard sources
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ordered_shards(mixture) -> Path:
+    """60 documents "doc 0" ... "doc 59" in write order, 20 to a shard (3 shards)."""
+    from data_tools.jsonl_to_wds import convert
+
+    root = mixture["root"]
+    (root / "ordered.jsonl").write_text("".join(json.dumps({"kind": "text", "text": f"doc {i}"}) + "\n"
+                                                for i in range(60)))
+    convert(root / "ordered.jsonl", root / "ordered", "ordered", samples_per_shard=20, log=lambda _: None)
+    return root / "ordered"
+
+
+def draws(shards: Path, size: int, n: int, seed: int = 0, stream: int = 0, streams: int = 1,
+          position: dict | None = None) -> list:
+    """The first ``n`` reads of a stream of ``shards`` through a buffer of ``size``."""
+    source = ShardSource(shards, shuffle_buffer=size)
+    return list(itertools.islice(source.iterate(stream, streams, seed, position), n))
+
+
+def numbers(reads: list) -> list[int]:
+    return [int(r.raw.record["text"].split()[1]) for r in reads]
+
+
+def test_shuffle_buffer_shuffles_inside_a_shard_by_seed(mixture, ordered_shards):
+    in_order = numbers(draws(ordered_shards, 0, 60))
+    # without a buffer a shard's samples come in write order: three rising runs of 20
+    assert all(b == a + 1 for i, (a, b) in enumerate(zip(in_order, in_order[1:])) if (i + 1) % 20)
+    shuffled = numbers(draws(ordered_shards, 16, 60))
+    falls = sum(b < a for a, b in zip(shuffled, shuffled[1:]))
+    assert falls >= 15, shuffled  # about half the neighbours out of order; none without the buffer
+    assert shuffled == numbers(draws(ordered_shards, 16, 60))  # seeded
+    assert shuffled != numbers(draws(ordered_shards, 16, 60, seed=1))
+    assert len(set(numbers(draws(ordered_shards, 16, 44)))) == 44  # no sample twice before the epoch ends
+    assert DataConfig().shuffle_buffer > 1  # on by default
+    data = DataConfig(train=str(ordered_shards), num_workers=0)
+    loader = build_train_loader(data, mixture["processor"], 64, 1)
+    assert loader.spec.sources[0].shuffle_buffer == data.shuffle_buffer  # and reaches the sources
+
+
+@pytest.mark.parametrize("cut", [0, 1, 7, 33, 61])
+def test_shuffle_buffer_state_is_small_and_resumes_exactly_across_epochs(ordered_shards, cut):
+    """Stream 1 of 2 reads one shard (20 documents) an epoch through a buffer of 12, so epochs
+    interleave."""
+    reference = draws(ordered_shards, 12, 90, stream=1, streams=2)
+    assert len({r.epoch for r in reference[10:30]}) == 2  # records of two epochs interleave
+    position = None if cut == 0 else json.loads(json.dumps(reference[cut - 1].position))
+    if position is not None:
+        assert set(position) == {"tail", "read", "held", "rng"} and len(position["held"]) == 11
+        assert "doc" not in json.dumps(position)  # positions, not records
+    resumed = draws(ordered_shards, 12, 90 - cut, stream=1, streams=2, position=position)
+    assert [(r.raw.where, r.epoch, r.closed) for r in resumed] == \
+        [(r.raw.where, r.epoch, r.closed) for r in reference[cut:]]
+    # an epoch is said whole once, after its last record
+    for t, read in enumerate(reference):
+        for epoch in read.closed:
+            assert all(r.epoch != epoch for r in reference[t + 1:])
+            assert sum(r.epoch == epoch for r in reference[: t + 1]) == 20
+    assert sorted(e for r in reference for e in r.closed) == [0, 1, 2]
+
+
+def write_shard(path: Path, records: list[str]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for i, text in enumerate(records):
+            data = text.encode()
+            info = tarfile.TarInfo(f"{i:06d}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_shuffle_buffer_keeps_the_no_usable_sample_check_exact(mixture, tmp_path):
+    """A shard dataset whose stream gets no usable sample in a whole epoch is an error through the
+    buffer too; one usable sample an epoch is enough, however the buffer mixes the epochs."""
+    good = json.dumps({"kind": "text", "text": "red square"})
+    (tmp_path / "bad").mkdir()
+    write_shard(tmp_path / "bad" / "a.tar", ["{oops"] * 5)
+    (tmp_path / "one_good").mkdir()
+    write_shard(tmp_path / "one_good" / "a.tar", ["{oops"] * 4 + [good])
+    for name, fails in (("bad", True), ("one_good", False)):
+        spec = StreamSpec([(str(tmp_path / name), 1.0)], mixture["processor"], 16, 1, shuffle_buffer=12)
+        it = iter(TrainLoader(spec, 0, streams=1))
+        if fails:
+            with pytest.raises(RuntimeError, match="no usable sample in a whole epoch"):
+                next(it)
+        else:
+            assert len([next(it) for _ in range(20)]) == 20  # 20 epochs, each with its one good sample
+        it.close()

@@ -127,8 +127,8 @@ def test_expert_parallel_two_processes_equal_one(setup, one_process, tmp_path, z
     # both ranks wrote: their expert slices, a share of the other tensors, their optimizer state
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
     assert set(index.values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
-    assert sorted(p.name for p in (ckpt / "optimizer").glob("rank*")) == ["rank00000.safetensors",
-                                                                        "rank00001.safetensors"]
+    assert sorted(p.name for p in (ckpt / "optimizer").glob("rank*")) == ["rank00000-000.safetensors",
+                                                                        "rank00001-000.safetensors"]
     # no pickles: the trainer state loads with weights_only, nothing else is a .pt file
     assert sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*.pt")) == [
         "trainer/rank00000.pt", "trainer/rank00001.pt"]
@@ -254,6 +254,28 @@ def test_bf16_with_fp32_gradients_resumes_exactly_and_on_another_layout(setup, t
     assert weights["decoder.embed.weight"].dtype == torch.bfloat16
 
 
+def test_a_layout_the_memory_plan_cannot_fit_is_refused_before_any_weight(setup, tmp_path, capfd):
+    """The trainer plans the run (``aria.tools.plan``) once the process group exists and refuses
+    a layout that cannot fit even text rows, with the plan and what to do; a layout that fits
+    text rows but not image-heavy ones starts with a warning."""
+    from aria.tools.plan import GIB, plan_run
+
+    refused = tmp_path / "refused"
+    with pytest.raises(AssertionError, match=r"(?s)the run does not fit.*no layout of .* fits.*"
+                                             r"parallel.memory_check=false starts anyway"):
+        run(1, overrides(setup, refused, "train.micro_batch_size=2", "parallel.gpu_memory_gb=0.5"))
+    assert not refused.exists()  # nothing loaded, nothing written
+
+    args = overrides(setup, tmp_path / "warned", "train.micro_batch_size=2", "train.max_steps=1",
+                     "train.seq_len=1024")  # room for image crops in the plan's rows
+    cfg = compose_run("config", args)
+    text, heavy = plan_run(cfg, 1, 1, crops=0), plan_run(cfg, 1, 1)
+    assert heavy.total > text.total
+    between = (text.total + heavy.total) / 2 / GIB
+    run(1, args + [f"parallel.gpu_memory_gb={between}"])
+    assert "warning: the memory plan fits text rows" in capfd.readouterr().out
+
+
 def yaml_value(path: Path, key: str):
     from omegaconf import OmegaConf
 
@@ -282,10 +304,15 @@ def test_loader_workers_start_before_the_process_group(setup, tmp_path):
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_zero_stage_trains_normalises_globally_and_resumes_exactly(setup, one_process, tmp_path, zero):
+def test_zero_stage_trains_normalises_globally_and_resumes_exactly(setup, one_process, tmp_path, zero,
+                                                                   monkeypatch):
+    from aria.parallel import optimizer_state
+
+    monkeypatch.setattr(optimizer_state, "FILE_BYTES", 64 * 1024)  # many small optimizer files
     run_dir = tmp_path / f"zero{zero}"
     args = overrides(setup, run_dir, "train.micro_batch_size=1", f"parallel.zero_stage={zero}")
     run(2, args)
+    assert len(list((run_dir / "checkpoints" / "step_00000004" / "optimizer").glob("rank00000-*"))) > 3
     # two ranks with different token counts = one rank with both rows
     assert_same_training(one_process, run_dir)
     first = records(run_dir)
@@ -407,6 +434,7 @@ def fingerprint(model_dir: Path) -> float:
     return float(sum(t.double().abs().sum() for _, t in iter_tensors(model_dir)))
 
 
+@pytest.mark.slow
 def test_pipeline_runs_four_stages_each_from_the_previous(tmp_path):
     from data_tools.make_shapes import make_shapes
     from data_tools.train_tokenizer import train as train_tokenizer

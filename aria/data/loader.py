@@ -42,8 +42,17 @@ Design decisions:
 - Bad samples go through ``BadInputPolicy``: skipped and counted by reason, or raised in strict
   mode. A strict-mode error in a worker travels to the training process as a value (the DataLoader
   would re-raise it by message only) and is raised there as the same ``DataError``, kind and
-  location intact. A source that yields no usable sample in a whole pass is an error, never an
-  endless loop; a worker that produces nothing for ``timeout`` seconds (a decoder hang) too.
+  location intact. A source that gives a stream no usable sample in a whole epoch is an error,
+  never an endless loop (judged per epoch once the source says the stream has had all of it: a
+  shuffle buffer interleaves epochs); a worker that produces nothing for ``timeout`` seconds (a
+  decoder hang) too.
+- Evaluation is sharded: rank r reads, encodes and packs only records r, r + W, ... of the held-out
+  set. The ranks' batch counts differ, so before each batch they agree (one small all-reduce, given
+  by the trainer) whether any rank still has one; a rank that has none runs an all-padding batch,
+  so per-batch collectives (ZeRO-3 gathers, expert all-to-alls) stay matched. Packing never lets
+  documents see each other, so the summed loss and token counts do not depend on how the records
+  were split over ranks. A rank that fails (a strict-mode bad record) says so in the same
+  all-reduce, and every rank stops instead of waiting for it.
 - Memory: a micro-batch of B rows holds its crops as float32, 3 x S x S x 4 bytes each (11.5 MB at
   980 px, 2.9 MB at 490 px). With W workers the DataLoader keeps up to W x ``prefetch_factor``
   batches in shared memory, e.g. 2 workers x prefetch 2 x 30 crops of 980 px = 1.4 GB per rank
@@ -61,18 +70,18 @@ import queue
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from aria.config import DataConfig, parse_mixture
+from aria.config import DataConfig, DatasetEntry, parse_mixture
 from aria.data.errors import BadInputPolicy, DataError, log
 from aria.data.packing import PackedBatch, Packer, Piece, RowBatcher, collate, padding_batch
 from aria.data.processor import EncodedSample, Processor
 from aria.data.records import Sample, parse_record
-from aria.data.sources import RawRecord, open_source
+from aria.data.sources import RawRecord, Read, open_source
 
 
 class Loaded(NamedTuple):
@@ -124,21 +133,24 @@ class Mixture:
                       for k, (s, p) in enumerate(zip(sources, self.positions))]
 
     def state(self) -> dict:
-        return {"rng": copy.deepcopy(self.rng.bit_generator.state), "positions": copy.deepcopy(self.positions)}
+        # a source never changes a position it has yielded: the list is copied, not the positions
+        return {"rng": self.rng.bit_generator.state, "positions": list(self.positions)}
 
-    def next(self) -> tuple[RawRecord, dict, int]:
+    def next(self) -> tuple[Read, dict, int]:
         """The next record, the position *before* it was drawn, and its source's index."""
         before = self.state()
         k = int(self.rng.choice(len(self.sources), p=self.probs)) if len(self.sources) > 1 else 0
-        raw, self.positions[k] = next(self.iters[k])
-        return raw, before, k
+        read = next(self.iters[k])
+        self.positions[k] = read.position
+        return read, before, k
 
 
 @dataclass
 class StreamSpec:
     """What the streams are made of, and where this rank sits among the processes."""
 
-    datasets: list[tuple[str, float]]
+    datasets: list
+    """``DatasetEntry``s, or (path, weight) pairs."""
     processor: Processor
     seq_len: int
     batch_size: int
@@ -148,8 +160,18 @@ class StreamSpec:
     strict: bool = False
     allow_outside_media: bool = False
     split_long_text: bool = True
+    shuffle_buffer: int = 0
+    """Records held per stream and shard dataset, drawn at random (``data.shuffle_buffer``)."""
     sources: list | None = None
     """The opened sources of ``datasets`` (opened by ``TrainLoader`` if None)."""
+
+    @property
+    def entries(self) -> list[DatasetEntry]:
+        return [DatasetEntry(*d) for d in self.datasets]
+
+    def open_sources(self) -> list:
+        return [open_source(e.path, "train", self.allow_outside_media, e.columns, self.shuffle_buffer)
+                for e in self.entries]
 
 
 @dataclass
@@ -165,31 +187,33 @@ def stream_batches(spec: StreamSpec, stream: int, num_streams: int, saved: dict 
     """Endless micro-batches of stream ``stream`` of ``num_streams``, from ``saved`` (its position
     after its last consumed batch; None = its start) on. Each carries, in ``state``, its stream and
     the stream's position after it."""
-    sources = spec.sources or [open_source(p, "train", spec.allow_outside_media) for p, _ in spec.datasets]
-    mixture = Mixture(sources, [w for _, w in spec.datasets], stream, num_streams, spec.seed,
+    sources = spec.sources or spec.open_sources()
+    mixture = Mixture(sources, [e.weight for e in spec.entries], stream, num_streams, spec.seed,
                       saved["mixture"] if saved else None)
     skip_chunks = saved["chunk"] if saved else 0
     policy = BadInputPolicy(spec.strict)
     if saved:
         policy.counts.update(saved.get("skipped", {}))
     batcher = RowBatcher(spec.seq_len, spec.batch_size, spec.split_long_text)
-    # usable samples per source in its current epoch: a whole epoch without one is an error
-    # (a resumed run only judges epochs it saw from their first sample)
-    epochs, usable, whole = [None] * len(sources), [0] * len(sources), [False] * len(sources)
+    # per source, {epoch: [usable samples, its first record seen]} until the source says the stream
+    # has had the whole epoch: one without a usable sample is an error (a resumed run only judges
+    # epochs it saw from their first record)
+    epochs: list[dict[int, list]] = [{} for _ in sources]
     while True:
-        raw, before, k = mixture.next()
-        position = mixture.positions[k]
-        if position["epoch"] != epochs[k]:
-            if whole[k] and usable[k] == 0:
-                raise RuntimeError(f"dataset {sources[k].name} gave data stream {stream} no usable "
-                                   f"sample in a whole epoch; skipped so far: {dict(policy.counts)}")
-            epochs[k], usable[k], whole[k] = position["epoch"], 0, position["taken"] == 1
+        read, before, k = mixture.next()
         # the resume point before this sample: where the mixture was and what had been skipped
         start = {"mixture": before, "skipped": dict(policy.counts)}
-        loaded = policy.attempt(read_record, raw, spec.processor, batcher.packer, start)
+        loaded = policy.attempt(read_record, read.raw, spec.processor, batcher.packer, start)
+        tally = epochs[k].setdefault(read.epoch, [0, False])
+        tally[0] += loaded is not None
+        tally[1] |= read.first
+        for epoch in read.closed:
+            usable, whole = epochs[k].pop(epoch, (1, False))
+            if whole and usable == 0:
+                raise RuntimeError(f"dataset {sources[k].name} gave data stream {stream} no usable "
+                                   f"sample in a whole epoch; skipped so far: {dict(policy.counts)}")
         if loaded is None:
             continue
-        usable[k] += 1
         pieces = loaded.pieces
         if skip_chunks:  # resuming inside a split document: its first chunks were emitted
             pieces, skip_chunks = pieces[skip_chunks:], 0
@@ -322,7 +346,7 @@ class TrainLoader:
     def __init__(self, spec: StreamSpec, num_workers: int, prefetch_factor: int = 2,
                  timeout: float = 600.0, streams: int | None = None, pin_memory: bool | None = None) -> None:
         if spec.sources is None:
-            spec.sources = [open_source(p, "train", spec.allow_outside_media) for p, _ in spec.datasets]
+            spec.sources = spec.open_sources()
         self.spec, self.num_workers = spec, num_workers
         self.prefetch_factor, self.timeout = prefetch_factor, timeout
         self.configured_streams = streams
@@ -432,51 +456,75 @@ def build_train_loader(data: DataConfig, processor: Processor, seq_len: int, bat
     datasets = parse_mixture(data.train, "data.train")
     if not datasets:
         raise ValueError("config field 'data.train' is empty: give a dataset path")
-    # opened (and indexed) once, here: a missing or empty dataset fails now, not in a worker
-    sources = [open_source(path, "train", data.allow_outside_media) for path, _ in datasets]
     spec = StreamSpec(datasets, processor, seq_len, batch_size, rank, world_size, seed, data.strict,
-                      data.allow_outside_media, data.split_long_text, sources)
+                      data.allow_outside_media, data.split_long_text, data.shuffle_buffer)
+    # opened (and indexed) once, here: a missing or empty dataset fails now, not in a worker
+    spec.sources = spec.open_sources()
     return TrainLoader(spec, data.num_workers, prefetch_factor, timeout, data.streams)
 
 
 def iterate_samples(path: str, processor: Processor, split: str = "test", strict: bool = False,
                     allow_outside_media: bool = False, policy: BadInputPolicy | None = None,
-                    seq_len: int | None = None) -> Iterator[tuple[Sample, EncodedSample]]:
+                    seq_len: int | None = None, columns: dict[str, str] | None = None
+                    ) -> Iterator[tuple[Sample, EncodedSample]]:
     """Every sample of a dataset once, in order, as (parsed Sample, EncodedSample); bad ones are
     handled by ``policy`` (evaluation, validation, expert reports). With ``seq_len``, samples that
     cannot fit a packed row of that length are bad too (the packer's rule)."""
     policy = policy or BadInputPolicy(strict)
     packer = Packer(seq_len) if seq_len is not None else None
-    for raw in open_source(path, split, allow_outside_media).iterate_once():
+    for raw in open_source(path, split, allow_outside_media, columns).iterate_once():
         loaded = policy.attempt(read_record, raw, processor, packer)
         if loaded is not None:
             yield loaded.sample, loaded.encoded
 
 
+DONE, READY, FAILED = 0, 1, 2
+"""What a rank says before each evaluation batch (the ranks take the maximum)."""
+
+
 def eval_batches(path: str, processor: Processor, seq_len: int, batch_size: int,
                  rank: int = 0, world_size: int = 1, strict: bool = False,
-                 allow_outside_media: bool = False) -> Iterator[PackedBatch]:
-    """One deterministic pass over a held-out set, packed like training; ranks take every
-    world_size-th batch. Every rank yields the same number of batches: a rank short of one at the
-    end yields an all-padding batch (``padding=True``, no tokens, no targets), so collective
-    operations per batch stay matched across ranks."""
+                 allow_outside_media: bool = False, columns: dict[str, str] | None = None,
+                 most: Callable[[int], int] | None = None) -> Iterator[PackedBatch]:
+    """One deterministic pass over this rank's share of a held-out set (records ``rank``,
+    ``rank + world_size``, ...), packed like training.
+
+    ``most(value)``: the maximum of ``value`` over the ranks (an all-reduce). With it, before every
+    batch each rank says whether it has one (``READY``), has none left (``DONE``) or failed
+    (``FAILED``): while any rank has one, every rank yields one, an all-padding batch
+    (``padding=True``, no tokens, no targets) when it has none, so that collective operations per
+    batch stay matched; a failure stops every rank. Without it: only this rank's batches."""
     policy = BadInputPolicy(strict)
     batcher = RowBatcher(seq_len, batch_size, split_long_text=True)
     pad_id, table = processor.tokenizer.pad_id, processor.tokens_per_crop
-    n = 0  # batches formed so far, over all ranks
-    for raw in open_source(path, "test", allow_outside_media).iterate_once():
-        loaded = policy.attempt(read_record, raw, processor, batcher.packer)
-        if loaded is None:
-            continue
-        batcher.add(loaded.pieces)
-        for rows in batcher.full_batches():
-            if n % world_size == rank:
+
+    def own() -> Iterator[PackedBatch]:
+        for raw in open_source(path, "test", allow_outside_media, columns).iterate_once(rank, world_size):
+            loaded = policy.attempt(read_record, raw, processor, batcher.packer)
+            if loaded is None:
+                continue
+            batcher.add(loaded.pieces)
+            for rows in batcher.full_batches():
                 yield collate(rows, seq_len, pad_id, table)
-            n += 1
-    rows = batcher.rest()
-    if rows:
-        if n % world_size == rank:
+        rows = batcher.rest()
+        if rows:
             yield collate(rows, seq_len, pad_id, table)
-        n += 1
-    if n % world_size and rank >= n % world_size:
-        yield padding_batch(batch_size, seq_len, pad_id)
+
+    if most is None:
+        yield from own()
+        return
+    batches = own()
+    while True:
+        try:
+            batch, failure = next(batches, None), None
+        except Exception as exc:  # raised below, once the other ranks know to stop
+            batch, failure = None, exc
+        status = most(FAILED if failure else READY if batch is not None else DONE)
+        if failure is not None:
+            raise failure
+        if status == FAILED:
+            raise RuntimeError(f"evaluation of {path} stopped: another rank failed reading its share "
+                               "(its log says why)")
+        if status == DONE:
+            return
+        yield batch if batch is not None else padding_batch(batch_size, seq_len, pad_id)

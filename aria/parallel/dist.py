@@ -40,10 +40,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def placement() -> tuple[int, int]:
-    """(rank, world size) of this process as its launcher set them (a world of one without one),
-    before anything is initialised."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+def placement() -> tuple[int, int, int]:
+    """(rank, world size, processes per node) of this process as its launcher set them (a world of
+    one without one), before anything is initialised."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
 
 
 def init_distributed() -> DistInfo:

@@ -10,8 +10,9 @@ Design decisions:
 - A fragment is named by (parameter, first element in the flattened *global* tensor: all experts,
   unpartitioned), so what one layout writes any other reads: each rank reads exactly the ranges it
   now owns (safetensors slices of 1-D tensors), from however many files cover them.
-- Every rank writes its own fragments (``rank{r}.safetensors``): ZeRO partitions are disjoint, so
-  nothing is written twice; without ZeRO, where ranks hold copies, only the first copy is written.
+- Every rank writes its own fragments (``rank{r}-{i}.safetensors``, a few GB each, so that only
+  one file's worth is on the host at a time): ZeRO partitions are disjoint, so nothing is written
+  twice; without ZeRO, where ranks hold copies, only the first copy is written.
 - Adam's state is created lazily by the optimizer's first step; loading before it creates the
   state (zeros, the saved step count) and fills the fragments, so the first step continues it.
 """
@@ -100,23 +101,38 @@ def _views(basic: torch.optim.Optimizer, frag: Fragment) -> dict[str, torch.Tens
     return views
 
 
+FILE_BYTES = 2 * 1024 ** 3
+"""A rank writes its fragments in files of about this size, so that it never holds more of its
+optimizer state on the host at once (at Aria size one rank's share is tens of GB)."""
+
+
 def save(engine, model: nn.Module, directory: Path, rank: int, meta: dict) -> None:
-    """Writes this rank's fragments to ``directory/rank{rank}.safetensors``; rank 0 also writes
-    ``state.json`` (``meta``: step and layout). Call after an optimizer step."""
+    """Writes this rank's fragments to ``directory/rank{rank}-{i}.safetensors``; rank 0 also
+    writes ``state.json`` (``meta``: step and layout). Call after an optimizer step."""
     directory.mkdir(parents=True, exist_ok=True)
     basic = basic_optimizer(engine)
-    tensors, shapes = {}, {}
     parts = local_parts(model, buffers=False)
+    tensors, shapes, size, files = {}, {}, 0, 0
+
+    def flush() -> None:
+        nonlocal tensors, shapes, size, files
+        path = directory / f"rank{rank:05d}-{files:03d}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, tmp, metadata={"shapes": json.dumps(shapes)})
+        os.replace(tmp, path)
+        tensors, shapes, size, files = {}, {}, 0, files + 1
+
     for frag in fragments(engine, model):
         if not frag.writer:
             continue
         for field, view in _views(basic, frag).items():
             tensors[f"{frag.name}@{frag.start}/{field}"] = view.detach().to("cpu", torch.float32).clone()
         shapes[frag.name] = list(parts[frag.name].shape)
-    path = directory / f"rank{rank:05d}.safetensors"
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata={"shapes": json.dumps(shapes)})
-    os.replace(tmp, path)
+        size += 4 * len(FIELDS) * frag.numel
+        if size >= FILE_BYTES:
+            flush()
+    if tensors or files == 0:
+        flush()
     if rank == 0:
         (directory / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -118,8 +118,9 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.resume_from = ckpt.latest_checkpoint(self.run_dir)
         self.model_cfg = resolve_model_config(cfg)
-        cfg = dataclasses.replace(cfg, model=self.model_cfg)
-        rank, world = placement()
+        rank, world, per_node = placement()
+        cfg = dataclasses.replace(cfg, model=self.model_cfg,
+                                  parallel=cfg.parallel.resolved(per_node, self.model_cfg.moe.num_experts))
         self.resumed_layout = None
         if self.resume_from is not None:
             saved = ckpt.read_layout(self.resume_from)
@@ -131,8 +132,37 @@ class Trainer:
         self.stop_requested = False
         self.loader = self.build_data(rank, world)  # forks the workers: before CUDA and NCCL
         self.info: DistInfo = init_distributed()
+        self.check_memory(per_node)
 
     # -- building -----------------------------------------------------------------------------
+
+    def check_memory(self, per_node: int) -> None:
+        """Refuse, before any weight is loaded, a layout the memory plan says cannot fit (see
+        ``ParallelConfig.memory_check``). The plan assumes images filling half of each row where the
+        stage sees images; a layout that fits text rows but not those is let through with a warning
+        (whether such rows come depends on the data)."""
+        par, device = self.cfg.parallel, self.info.device
+        if not par.memory_check or (par.gpu_memory_gb is None and device.type != "cuda"):
+            return
+        from aria.tools.plan import GIB, check_fits, plan_run
+
+        memory = (int(par.gpu_memory_gb * GIB) if par.gpu_memory_gb is not None
+                  else torch.cuda.get_device_properties(device).total_memory)
+        world = self.info.world_size
+        heavy = plan_run(self.cfg, world, per_node, memory)
+        if heavy.fits:
+            message = f"memory plan: {heavy.total / GIB:.1f} GiB per GPU of {memory / GIB:.1f}"
+        else:
+            try:
+                text = check_fits(self.cfg, world, per_node, memory, crops=0)
+            except ValueError as err:
+                raise ValueError(f"{err}\n(parallel.memory_check=false starts anyway)") from None
+            message = (f"warning: the memory plan fits text rows ({text.total / GIB:.1f} GiB per GPU of "
+                       f"{memory / GIB:.1f}) but not rows whose images fill half the row "
+                       f"({heavy.total / GIB:.1f} GiB): image-heavy rows may run out of memory "
+                       f"(python -m aria.tools.plan ... --suggest finds a layout for them)")
+        if self.info.is_main:
+            print(message, flush=True)
 
     def build_model(self) -> Aria:
         cfg, info = self.cfg, self.info
@@ -346,24 +376,34 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, engine) -> dict:
+        """Held-out loss per ``data.eval`` dataset and overall: each rank encodes its share of the
+        records (``eval_batches``), the sums are reduced. ``train.eval_batches`` caps the batches
+        per rank."""
+        import itertools
+
         from aria.data.loader import eval_batches
 
         cfg, info = self.cfg, self.info
         engine.module.eval()
+
+        def most(value: int) -> int:  # over the ranks, before every batch: who still has one
+            flag = torch.tensor([value], dtype=torch.int64, device=info.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return int(flag.item())
+
         results, total_ce, total_n = {}, 0.0, 0.0
-        for path, _ in parse_mixture(cfg.data.eval, "data.eval"):
+        for entry in parse_mixture(cfg.data.eval, "data.eval"):
             sums = torch.zeros(2, dtype=torch.float64, device=info.device)
-            for i, batch in enumerate(eval_batches(path, self.processor, cfg.train.seq_len,
-                                                   cfg.train.micro_batch_size, info.rank, info.world_size,
-                                                   cfg.data.strict, cfg.data.allow_outside_media)):
-                if cfg.train.eval_batches and i >= cfg.train.eval_batches:
-                    break
+            batches = eval_batches(entry.path, self.processor, cfg.train.seq_len, cfg.train.micro_batch_size,
+                                   info.rank, info.world_size, cfg.data.strict, cfg.data.allow_outside_media,
+                                   entry.columns, most if info.world_size > 1 else None)
+            for batch in itertools.islice(batches, cfg.train.eval_batches or None):
                 out = engine(**to_device(batch.model_inputs(), info.device))
                 sums += torch.stack([out.loss_sum.double(), out.num_targets.double()])
             if info.world_size > 1:
                 dist.all_reduce(sums)
             ce_sum, n = sums.tolist()
-            results[f"eval_loss/{Path(path).stem}"] = ce_sum / max(n, 1.0)
+            results[f"eval_loss/{Path(entry.path).stem}"] = ce_sum / max(n, 1.0)
             total_ce, total_n = total_ce + ce_sum, total_n + n
         engine.module.train()
         results["eval_loss"] = total_ce / max(total_n, 1.0)
