@@ -542,7 +542,7 @@ class ParallelConfig:
     reduce_bucket_size / allgather_bucket_size, ZeRO-3's prefetch bucket): larger buckets send fewer,
     bigger messages and hold more memory (bucket_size x 4 bytes per fp32 buffer)."""
     memory_check: bool = True
-    """Before loading any weight, refuse a layout that the memory plan (``aria.tools.plan``; images
+    """Before loading any weight, refuse a layout that the memory plan (``aria.train.plan``; images
     filling half of each row in stages that see images) says cannot fit the GPU, printing the plan and
     a layout that fits. Runs on GPUs, or anywhere when ``gpu_memory_gb`` is set."""
     gpu_memory_gb: float | None = None

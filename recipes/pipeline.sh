@@ -6,7 +6,8 @@
 #
 #   DATA=/data/shapes bash recipes/pipeline.sh OUT_DIR [key=value ...]
 #
-# Extra key=value overrides go to every stage (e.g. model=aria, train.max_steps=..., parallel=ep8).
+# Extra key=value overrides go to every stage (e.g. model=aria, train.max_steps=...); each recipe
+# keeps its own layout (parallel=node up to 8K, parallel=zero3 at 64K: two nodes for model=aria).
 # Data (defaults: the shapes-world layout of `python -m data_tools.make_shapes --out $DATA`):
 #   STAGE1_DATA  text shards                   ($DATA/wds/text_train-*.tar)
 #   STAGE2_DATA  a weighted mix (Hydra list)   text 0.2 + caption/video 0.8 shards

@@ -1,4 +1,4 @@
-"""Check the memory plan (``aria.tools.plan``) against the measured peak of real DeepSpeed steps.
+"""Check the memory plan (``aria.train.plan``) against the measured peak of real DeepSpeed steps.
 
     python scripts/check_plan.py [--quick] [--cases NAME,...] [--json OUT]
 
@@ -251,7 +251,7 @@ def _measure(case: Case, rank: int, world: int) -> dict:
 
     from aria.data.packing import PackedBatch
     from aria.parallel.engine import build_engine
-    from aria.tools.plan import synthetic_batch, workload
+    from aria.train.plan import synthetic_batch, workload
     from aria.train.compose import compose_run
     from aria.train.trainer import Trainer, gradient_norm
 
@@ -330,7 +330,7 @@ def measure(case: Case, timeout: float = 600) -> list[dict]:
 
 
 def plan_of(case: Case):
-    from aria.tools.plan import plan_run
+    from aria.train.plan import plan_run
     from aria.train.compose import compose_run
 
     cfg = compose_run("config", case.all_overrides(), inputs=False)

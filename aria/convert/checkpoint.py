@@ -10,9 +10,9 @@ Our model directory (what ``aria-convert from-hf`` writes and what training can 
 A training checkpoint made with expert parallelism (P ranks of experts) keeps every rank's experts
 in its own file: the files above hold the non-expert tensors, ``experts-ep{r:03d}-of-{P:03d}.safetensors``
 hold rank r's slice (E / P experts) of every expert tensor, and ``layout.json`` says
-``{"ep_size": P}``. Readers consolidate them (``iter_tensors``), so conversion and loading see one
-ordinary model whatever the layout. (ZeRO partitions never reach this format: training gathers
-them when it saves ``model/``.)
+``{"ep_size": P}``. Readers consolidate them (``TensorStore``, and ``iter_tensors`` on top of it),
+so conversion and loading see one ordinary model whatever the layout. (ZeRO partitions never reach
+this format: training gathers them when it saves ``model/``.)
 
 A Hugging Face directory has ``config.json`` + ``generation_config.json`` and the same safetensors
 layout with HF names (what ``save_pretrained`` writes). This module converts weights and configs;
@@ -206,9 +206,9 @@ class TensorStore:
                 raise ValueError(f"'{key}' is in both {files[0].name} and the ordinary weight files of "
                                  f"{self.directory}")
             headers = [self._header(f.name, key) for f in files]
-            if len({shape for shape, _ in headers}) != 1:
-                raise ValueError(f"{self.directory}: the expert slices of '{key}' differ in shape across "
-                                 f"ranks: {dict(zip((f.name for f in files), (h[0] for h in headers)))}")
+            if len(set(headers)) != 1:
+                raise ValueError(f"{self.directory}: the expert slices of '{key}' differ in shape or dtype "
+                                 f"across ranks: {dict(zip((f.name for f in files), headers))}")
             shape = headers[0][0]
             self.pieces[key] = [_Piece(f.name, key, r * shape[0], shape) for r, f in enumerate(files)]
             self.dtypes[key] = headers[0][1]
@@ -220,7 +220,12 @@ class TensorStore:
 
     def _header(self, name: str, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         sl = self._handle(name).get_slice(key)
-        return tuple(sl.get_shape()), SAFETENSORS_DTYPES[sl.get_dtype()]
+        dtype = sl.get_dtype()
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.directory / name}: tensor '{key}' is stored as {dtype}, which is not "
+                             f"read here (one of {sorted(SAFETENSORS_DTYPES)}); convert the checkpoint "
+                             "to bf16 or fp32 first")
+        return tuple(sl.get_shape()), SAFETENSORS_DTYPES[dtype]
 
     def keys(self) -> list[str]:
         return list(self.pieces)

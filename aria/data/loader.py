@@ -412,6 +412,10 @@ class TrainLoader:
         """Start the loader workers now (the first iteration does it otherwise): call it before
         CUDA and NCCL are initialised, after ``load_state_dict``. Iterating uses them."""
         if self.started is None:
+            for source in self.spec.sources or []:  # here, not in a worker, where it would surface late
+                if hasattr(source, "__len__") and len(source) < self.num_streams:
+                    raise ValueError(f"dataset {source.name} has {len(source)} records, fewer than the "
+                                     f"{self.num_streams} data streams (data.streams) that share it")
             self.started = iter(self._data_loader())
 
     def _data_loader(self) -> DataLoader:

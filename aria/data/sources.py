@@ -26,8 +26,10 @@ Design decisions:
 - Shards: epoch e visits the shards in a seeded order; with at least S shards stream s reads every
   S-th shard, otherwise every stream reads every shard and keeps the samples whose running index in
   the epoch is s modulo S (a running index, not one per shard: with per-shard indices short shards
-  would favour the first streams). A sample that is not the stream's is skipped before its member
-  bytes are read or its JSON parsed. Reading position = (epoch, shard number in the stream's list,
+  would favour the first streams). A sample that is not the stream's is skipped without being
+  copied out of the tar, parsed or decoded (a tar is read as a stream, so its bytes still pass by:
+  with fewer shards than streams every stream reads every shard; write at least as many shards as
+  streams). Reading position = (epoch, shard number in the stream's list,
   samples passed in it, running index, samples taken).
 - Samples inside a shard come in the order they were written (often by source or length), so a
   stream's shard samples pass through a seeded shuffle buffer (``data.shuffle_buffer``): the next
@@ -122,7 +124,8 @@ class IndexedSource:
                              "data streams (data.streams) that share it")
         with self.opened() as handle:
             while True:
-                order = _epoch_rng(seed, epoch, _INDEXED_SALT, salt).permutation(len(self))[stream::num_streams]
+                # a copy: a strided view would keep the whole permutation (8 bytes a record) alive
+                order = _epoch_rng(seed, epoch, _INDEXED_SALT, salt).permutation(len(self))[stream::num_streams].copy()
                 for i in range(taken, len(order)):
                     yield Read(self.read(int(order[i]), handle), {"epoch": epoch, "taken": i + 1}, epoch,
                                i == 0, (epoch - 1,) if i == 0 and epoch > 0 else ())
@@ -529,7 +532,8 @@ class ShardSource:
     def walk(self, shard: str, keep: Callable[[int], bool] = lambda n: True
              ) -> Iterator[tuple[int, RawRecord | None]]:
         """(index in the shard, record) for every sample of ``shard``, in order; the record is None
-        for a sample ``keep(index)`` refuses, whose member bytes are then neither read nor parsed.
+        for a sample ``keep(index)`` refuses, whose members are then neither copied out nor parsed
+        (their bytes still stream past).
         A broken shard ends with an error record (at the index of the sample it broke in)."""
         n, key, members = -1, None, {}
         try:
@@ -608,7 +612,7 @@ class ShardSource:
 
     def iterate_once(self, part: int = 0, parts: int = 1) -> Iterator[RawRecord]:
         """Every sample once, in order; with ``parts``, only those whose running index is ``part``
-        modulo ``parts`` (the others' bytes are not read)."""
+        modulo ``parts`` (the others are not copied out or parsed)."""
         base = 0
         for shard in self.shards:
             last = -1

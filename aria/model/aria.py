@@ -145,7 +145,7 @@ class Aria(nn.Module):
 
     @staticmethod
     def _holds_no_data(t: torch.Tensor) -> bool:
-        """Meta or fake tensors (``aria.tools.plan`` runs the model on them): shapes without values,
+        """Meta or fake tensors (``aria.train.plan`` runs the model on them): shapes without values,
         so the forward's one host check cannot run."""
         return t.is_meta or isinstance(t, torch._subclasses.FakeTensor)
 

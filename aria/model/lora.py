@@ -266,7 +266,8 @@ def adapter_update(a: torch.Tensor, b: torch.Tensor, stacked: bool, scale: float
 
 class LoRAMerger:
     """Base weights -> W + (alpha / rank) * update for every weight ``adapters`` adapt (computed in
-    fp32, cast back to W's dtype), one tensor at a time; ``check_complete`` raises if an adapter
+    fp32, cast back to W's dtype), a whole tensor or any flat range of one at a time (a rank merges
+    only the part it keeps: the update rows covering it); ``check_complete`` raises if an adapter
     found no base tensor."""
 
     def __init__(self, adapters: dict[str, torch.Tensor], cfg: LoRAConfig) -> None:
@@ -278,20 +279,33 @@ class LoRAMerger:
         return key in self.pairs
 
     def __call__(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if key not in self.pairs:
+            return tensor
+        return self.merge_range(key, tensor.reshape(-1), tuple(tensor.shape), 0, tensor.numel()).view(tensor.shape)
+
+    def merge_range(self, key: str, values: torch.Tensor, shape: tuple[int, ...], start: int, end: int
+                    ) -> torch.Tensor:
+        """Elements [start, end) of merged tensor ``key`` (of ``shape``) from the same elements of
+        the base (``values``, 1-D)."""
         pair = self.pairs.get(key)
         if pair is None:
-            return tensor
+            return values
         a, b = self.adapters[pair.a_key], self.adapters[pair.b_key]
         rank = a.shape[-1] if pair.stacked else a.shape[0]
         if rank != self.cfg.rank:
             raise ValueError(f"adapter '{pair.a_key}' has rank {rank} but its lora.json says "
                              f"rank {self.cfg.rank}")
-        update = adapter_update(a, b, pair.stacked, self.cfg.scale)
-        if update.shape != tensor.shape:
-            raise ValueError(f"adapter '{pair.a_key}' gives an update of shape {tuple(update.shape)} "
-                             f"for '{key}' of shape {tuple(tensor.shape)}")
+        row = math.prod(shape[1:])
+        r0, r1 = start // row, -(-end // row)  # the update rows covering the range
+        # experts (E, in, out): row e is expert e's A_e @ B_e; a Linear (out, in): row o is B[o] @ A
+        update = (adapter_update(a[r0:r1], b[r0:r1], True, self.cfg.scale) if pair.stacked else
+                  adapter_update(a, b[r0:r1], False, self.cfg.scale))
+        if tuple(update.shape) != (r1 - r0, *shape[1:]):
+            raise ValueError(f"adapter '{pair.a_key}' gives an update of rows {tuple(update.shape)} for "
+                             f"'{key}' of shape {shape}")
         self.merged.add(key)
-        return (tensor.float() + update).to(tensor.dtype)
+        update = update.reshape(-1)[start - r0 * row:end - r0 * row]
+        return (values.float() + update).to(values.dtype)
 
     def check_complete(self) -> None:
         unmatched = sorted(set(self.pairs) - self.merged)

@@ -15,9 +15,11 @@ Design decisions:
 - Experts are stacked weights (E, in, out) run by ``torch.nn.functional.grouped_mm`` with the
   cumulative counts as offsets, so the GPU never waits for the host. ``experts_loop`` is the readable
   per-expert reference the tests hold the grouped path to.
-- Every expert's group of rows is padded to a multiple of 8 rows and never left empty
-  (``padded_groups``): grouped GEMM kernels have hung or read out of bounds on zero-row groups (K = 0
-  in the weight-gradient GEMM), and aligned groups suit their tiles. The buffer has a static size
+- When gradients are needed, every expert's group of rows is padded to a multiple of 8 rows and
+  never left empty (``padded_groups``): grouped GEMM kernels have hung or read out of bounds on
+  zero-row groups (K = 0 in the weight-gradient GEMM), and aligned groups suit their tiles. Without
+  a backward there is no weight-gradient GEMM, and padding would make a decode step read the
+  weights of all E experts instead of its k: inference runs the exact groups. The buffer has a static size
   (A rounded up to 8, plus 8 rows per expert; the last group takes the slack), so padding needs no
   host sync. Padding rows copy an arbitrary real row instead of being zeroed: their outputs are never
   read, so their output gradients are exactly zero and so are their contributions to every
@@ -131,6 +133,16 @@ def padded_groups(counts_E: torch.Tensor, num_rows: int, align: int = GROUP_ALIG
     return pos_A, ends_E.to(torch.int32), M
 
 
+def needs_padding(weights) -> bool:
+    """Whether the grouped GEMMs will have a backward (see the module docstring)."""
+    return torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+
+
+def exact_offsets(counts_E: torch.Tensor) -> torch.Tensor:
+    """Cumulative group ends of unpadded groups (int32 offsets for ``grouped_mm``)."""
+    return torch.cumsum(counts_E, 0).to(torch.int32)
+
+
 def _swiglu(h_A2I: torch.Tensor) -> torch.Tensor:
     gate, up = h_A2I.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -171,6 +183,9 @@ def experts_grouped(x_AD: torch.Tensor, w_fc1_ED2I: torch.Tensor, w_fc2_EID: tor
     (``Experts.run_local``); this is its stand-alone form, for tests and tools."""
     if x_AD.is_cuda and x_AD.dtype != torch.bfloat16:  # CUDA's grouped GEMM takes bf16 only
         return experts_loop(x_AD, w_fc1_ED2I, w_fc2_EID, counts_E, adapters)
+    weights = (w_fc1_ED2I, w_fc2_EID, *(adapters[:4] if adapters is not None else ()))
+    if not needs_padding(weights):
+        return grouped_swiglu(x_AD, w_fc1_ED2I, w_fc2_EID, exact_offsets(counts_E), adapters)
     pos_A, offsets_E, M = padded_groups(counts_E, x_AD.shape[0])
     src_M = pos_A.new_zeros(M).index_copy_(0, pos_A, torch.arange(x_AD.shape[0], device=x_AD.device))
     return grouped_swiglu(x_AD[src_M], w_fc1_ED2I, w_fc2_EID, offsets_E, adapters)[pos_A]
@@ -317,6 +332,8 @@ class Experts(nn.Module):
         adapters = self.adapters()
         if rows_ND.is_cuda and rows_ND.dtype != torch.bfloat16:
             return experts_loop(rows_ND[src_A], self.w_fc1, self.w_fc2, counts_E, adapters), None
+        if not needs_padding(self.parameters(recurse=False)):
+            return grouped_swiglu(rows_ND[src_A], self.w_fc1, self.w_fc2, exact_offsets(counts_E), adapters), None
         pos_A, offsets_E, M = padded_groups(counts_E, src_A.numel())
         if rows_ND.shape[0] == 0:  # an expert-parallel rank that received no row: padding only
             x_MD = rows_ND.new_zeros(M, rows_ND.shape[1])
@@ -400,14 +417,15 @@ class MoE(nn.Module):
 
 @torch.no_grad()
 def update_expert_bias(moe_layers: list[MoE], tokens_per_expert_LE: torch.Tensor,
-                       group: dist.ProcessGroup | None = None) -> None:
+                       group: dist.ProcessGroup | None = None, reduce: bool = True) -> None:
     """Auxiliary-loss-free balancing step: bias += rate * sign(mean load - load), per layer.
 
-    ``tokens_per_expert_LE`` is this rank's expert load summed over the step's micro-batches; it is
-    summed over ``group`` (all data-parallel ranks) first so every rank applies the same update.
+    ``tokens_per_expert_LE`` is the expert load summed over the step's micro-batches: this rank's,
+    summed here over ``group`` (all data-parallel ranks) so every rank applies the same update, or
+    with ``reduce=False`` already summed over the ranks (the trainer's step statistics are).
     """
     load_LE = tokens_per_expert_LE.detach().float().clone()
-    if dist.is_available() and dist.is_initialized():
+    if reduce and dist.is_available() and dist.is_initialized():
         dist.all_reduce(load_LE, group=group)
     for layer, load_E in zip(moe_layers, load_LE, strict=True):
         if layer.router.expert_bias is None:

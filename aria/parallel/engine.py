@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aria.config import RunConfig
+from aria.config import ModelConfig, RunConfig
 from aria.train.schedule import lr_multiplier
 
 
@@ -79,8 +79,14 @@ def precision(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.parallel.precision == "bf16" else torch.float32
 
 
+def moe_block_numel(model: ModelConfig) -> int:
+    """Parameters of one MoE block: router, routed experts, shared experts."""
+    D, moe = model.text.hidden_size, model.moe
+    return moe.num_experts * (D + 3 * D * moe.intermediate_size) + 3 * D * moe.intermediate_size * moe.num_shared_experts
+
+
 def deepspeed_config(cfg: RunConfig, dtype: torch.dtype) -> dict:
-    """DeepSpeed's JSON config for ``cfg`` (also what ``aria.tools.plan`` sizes buffers from)."""
+    """DeepSpeed's JSON config for ``cfg`` (also what ``aria.train.plan`` sizes buffers from)."""
     par = cfg.parallel
     if dtype == torch.bfloat16 and par.zero_stage == 0:
         # DeepSpeed's bf16 path without ZeRO accumulates gradients in bf16 and keeps a master copy
@@ -92,8 +98,13 @@ def deepspeed_config(cfg: RunConfig, dtype: torch.dtype) -> dict:
     zero = {"stage": par.zero_stage, "overlap_comm": par.overlap_comm, "contiguous_gradients": True,
             "reduce_scatter": True, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if par.zero_stage == 3:
-        zero.update({"stage3_prefetch_bucket_size": bucket, "stage3_max_live_parameters": 2 * bucket,
-                     "stage3_max_reuse_distance": 2 * bucket,
+        # An MoE block is gathered whole (a ZeRO-3 leaf: ~820M parameters at Aria size): the next
+        # one can only be prefetched while one is live if two fit under max_live_parameters and
+        # the prefetch bucket holds one.
+        block = moe_block_numel(cfg.model)
+        zero.update({"stage3_prefetch_bucket_size": max(bucket, block),
+                     "stage3_max_live_parameters": max(2 * bucket, 2 * block),
+                     "stage3_max_reuse_distance": max(2 * bucket, 2 * block),
                      "stage3_gather_16bit_weights_on_model_save": False})
     config = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,

@@ -16,13 +16,15 @@ Design decisions:
   inverse all-to-all. A variable all-to-all needs its split sizes on the host: that is one host sync
   per layer, and only when P > 1.
 - ``BalancedExchange`` is the same dataflow without communication, for planning memory on fake
-  tensors (``aria.tools.plan``): every rank receives as many rows as it sends (perfect balance),
-  each exchange allocates its output buffer as the real one does.
+  tensors (``aria.train.plan``): a rank receives as many rows as it sends (perfect balance) or a
+  chosen multiple of them, each exchange allocating its output buffer as the real one does.
 - Expert parameters carry DeepSpeed's MoE attributes (``allreduce=False`` and the EP group's name),
   so ZeRO reduces their gradients over the expert-data-parallel group only.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -76,16 +78,23 @@ class AllToAll:
 
 
 class BalancedExchange:
-    """Shapes and buffers of ``AllToAll`` under perfect balance, without a process group: what
-    this rank sends comes back as what it receives (planning on fake tensors)."""
+    """Shapes and buffers of ``AllToAll`` without a process group, for planning on fake tensors:
+    this rank receives ``imbalance`` times the rows it sends (1 = perfect balance; routing that
+    favours this rank's experts makes it more), each exchange allocating its output buffer as the
+    real one does. The received rows' values are not meaningful."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, size: int, imbalance: float = 1.0) -> None:
+        if imbalance < 1:
+            raise ValueError(f"expert-parallel imbalance {imbalance} must be at least 1 (1 = balanced)")
+        self.size, self.imbalance = size, imbalance
 
     def __call__(self, experts, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        recv_counts_PE = counts_E.view(self.size, -1)
-        y_RD = _local_outputs(experts, x_AD.clone(), recv_counts_PE)  # clone: the receive buffer
-        return y_RD.clone()
+        A = x_AD.shape[0]
+        R = math.ceil(self.imbalance * A)
+        copies, rest = divmod(R, max(A, 1))
+        x_RD = torch.cat([x_AD] * copies + [x_AD[:rest]]) if A else x_AD.clone()  # the receive buffer
+        y_RD = _local_outputs(experts, x_RD, counts_E.view(self.size, -1))
+        return y_RD[:A].clone()  # the buffer the inverse exchange fills
 
 
 @torch.no_grad()
@@ -112,10 +121,11 @@ def shard_experts_over(moe_layers: list[MoE], group: dist.ProcessGroup, group_na
     shard_experts(moe_layers, size, dist.get_rank(group), AllToAll(group, size), group, group_name)
 
 
-def simulate_expert_parallel(moe_layers: list[MoE], size: int) -> None:
-    """Make the layers behave as rank 0 of an EP group of ``size`` ranks under perfect balance, with
-    no process group: for memory planning on fake or meta tensors."""
-    shard_experts(moe_layers, size, 0, BalancedExchange(size))
+def simulate_expert_parallel(moe_layers: list[MoE], size: int, imbalance: float = 1.0) -> None:
+    """Make the layers behave as rank 0 of an EP group of ``size`` ranks receiving ``imbalance``
+    times its share of rows (``BalancedExchange``), with no process group: for memory planning on
+    fake tensors."""
+    shard_experts(moe_layers, size, 0, BalancedExchange(size, imbalance))
 
 
 def tag_expert_parameters(moe_layers: list[MoE]) -> None:

@@ -126,7 +126,7 @@ def save(engine, model: nn.Module, directory: Path, rank: int, meta: dict) -> No
         if not frag.writer:
             continue
         for field, view in _views(basic, frag).items():
-            tensors[f"{frag.name}@{frag.start}/{field}"] = view.detach().to("cpu", torch.float32).clone()
+            tensors[f"{frag.name}@{frag.start}/{field}"] = view.detach().to("cpu", torch.float32, copy=True)
         shapes[frag.name] = list(parts[frag.name].shape)
         size += 4 * len(FIELDS) * frag.numel
         if size >= FILE_BYTES:
@@ -138,9 +138,15 @@ def save(engine, model: nn.Module, directory: Path, rank: int, meta: dict) -> No
 
 
 def read_meta(directory: Path) -> dict:
-    path = Path(directory) / "state.json"
+    directory = Path(directory)
+    path = directory / "state.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {directory.parent} is not a complete checkpoint")
+        ckpt = directory.parent
+        if (ckpt / "deepspeed").is_dir() or any(ckpt.glob("trainer_rank*.pt")):
+            raise ValueError(f"{ckpt} was written by an earlier version of this code (DeepSpeed's own "
+                             "checkpoint format), which cannot be resumed here: start a new run from "
+                             f"its weights with init.from_checkpoint={ckpt}")
+        raise FileNotFoundError(f"{path} is missing: {ckpt} is not a complete checkpoint")
     return json.loads(path.read_text())
 
 

@@ -39,7 +39,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil

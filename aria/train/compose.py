@@ -11,7 +11,7 @@ Design decisions:
 - The composed tree is checked by the dataclasses of ``aria.config`` (unknown keys, bad values
   and missing required fields name themselves). A recipe lists the fields a user must give in
   ``required:`` (Hydra's ``???`` cannot re-mark a field the base config already set).
-- Planning a run (``aria.tools.plan``) needs its shapes, not its inputs: with ``inputs=False`` the
+- Planning a run (``aria.train.plan``) needs its shapes, not its inputs: with ``inputs=False`` the
   run's paths (``???`` fields such as ``data.train`` and the recipe's ``required:`` list) may stay
   unset; they become null (``run_dir`` a placeholder), everything else is composed and checked as
   for training.

@@ -59,7 +59,7 @@ def apply_stage(model: nn.Module, stage: StageConfig, lora: LoRAConfig | None = 
         train = stage.trainable[name]
         for p in params:
             p.requires_grad_(train and (adapters is None or id(p) in adapters))
-        counts[name] = sum(p.numel() for p in params if p.requires_grad)
+        counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)  # ZeRO-3: whole
     return counts
 
 

@@ -144,12 +144,18 @@ class Trainer:
         par, device = self.cfg.parallel, self.info.device
         if not par.memory_check or (par.gpu_memory_gb is None and device.type != "cuda"):
             return
-        from aria.tools.plan import GIB, check_fits, plan_run
+        from aria.train.plan import GIB, check_fits, plan_run
 
         memory = (int(par.gpu_memory_gb * GIB) if par.gpu_memory_gb is not None
                   else torch.cuda.get_device_properties(device).total_memory)
         world = self.info.world_size
-        heavy = plan_run(self.cfg, world, per_node, memory)
+        try:
+            heavy = plan_run(self.cfg, world, per_node, memory)
+        except Exception as err:  # a planner that cannot follow new code must not stop a run
+            if self.info.is_main:
+                print(f"warning: the memory plan failed ({type(err).__name__}: {err}); starting without "
+                      "the memory check", flush=True)
+            return
         if heavy.fits:
             message = f"memory plan: {heavy.total / GIB:.1f} GiB per GPU of {memory / GIB:.1f}"
         else:
@@ -269,7 +275,7 @@ class Trainer:
         if self.load_message:
             metrics.message(self.load_message)
         if cfg.lora.enabled:
-            total = sum(p.numel() for p in model.parameters())
+            total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: whole
             metrics.message(f"LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: "
                             f"{sum(self.trainable.values()):,} of the {total:,} parameters on rank 0 "
                             "train (the adapters)")
@@ -282,24 +288,29 @@ class Trainer:
         try:
             while step < cfg.train.max_steps:
                 started = time.perf_counter()
+                before = loader.state_dict()  # the data position of a stop agreed below
                 micro = [next(batches) for _ in range(G)]
                 agreed = torch.tensor([float(sum(b.num_targets for b in micro)), float(self.stop_requested)],
                                       dtype=torch.float64, device=info.device)
                 if W > 1:
                     dist.all_reduce(agreed)
                 n_global, stop = max(agreed[0].item(), 1.0), agreed[1].item() > 0
-                if stop:
+                if stop:  # these micro-batches stay untrained: the checkpoint starts with them
                     metrics.message(f"SIGTERM: saving a checkpoint at step {step} and stopping")
+                    if saved_at != step:
+                        self._save(engine, model, step, tokens_seen, before, config_yaml, metrics)
+                        saved_at = step
                     exit_code = EXIT_TERMINATED
                     break
                 stats, tokens_per_expert, flops, tokens = self._accumulate(engine, micro, n_global, W, G)
                 if not math.isfinite(stats["loss"]):
                     metrics.message(f"non-finite loss {stats['loss']} at step {step + 1}: the update was "
-                                    f"not applied; saving the step-{step} weights and stopping")
+                                    f"not applied; saving the step-{step} weights and stopping (a "
+                                    f"resumed run skips this step's data)")
                     exit_code = EXIT_NONFINITE
                     break
                 if tokens_per_expert is not None and self.model_cfg.moe.bias_balancing:
-                    update_expert_bias(model.moe_layers, tokens_per_expert)
+                    update_expert_bias(model.moe_layers, tokens_per_expert, reduce=False)  # summed already
                 # without ZeRO DeepSpeed keeps no global norm: take it from the reduced gradients
                 own_norm = gradient_norm(model) if cfg.parallel.zero_stage == 0 else None
                 engine.step()
@@ -324,13 +335,13 @@ class Trainer:
                     record.update(self.evaluate(engine))
                 metrics.log(step, record)
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                    self._save(engine, model, step, tokens_seen, loader, config_yaml, metrics)
+                    self._save(engine, model, step, tokens_seen, loader.state_dict(), config_yaml, metrics)
                     saved_at = step
             if exit_code == EXIT_OK and cfg.data.eval and not (cfg.train.eval_every and
                                                                 step % cfg.train.eval_every == 0):
                 metrics.log(step, self.evaluate(engine))
             if saved_at != step:
-                self._save(engine, model, step, tokens_seen, loader, config_yaml, metrics)
+                self._save(engine, model, step, tokens_seen, loader.state_dict(), config_yaml, metrics)
         finally:
             signal.signal(signal.SIGTERM, previous)
             metrics.close()
@@ -409,9 +420,9 @@ class Trainer:
         results["eval_loss"] = total_ce / max(total_n, 1.0)
         return results
 
-    def _save(self, engine, model, step, tokens_seen, loader, config_yaml, metrics) -> None:
+    def _save(self, engine, model, step, tokens_seen, data: dict, config_yaml, metrics) -> None:
         path = ckpt.save_checkpoint(engine, model, self.cfg, {"step": step, "tokens_seen": tokens_seen,
-                                                             "data": loader.state_dict()},
+                                                             "data": data},
                                     self.info, config_yaml, self.model_cfg)
         metrics.message(f"saved checkpoint {path}")
 

@@ -4,9 +4,9 @@ only its own part of every tensor (``aria.parallel.shards``): whole tensors, exp
 expert parallelism, ZeRO-3 partitions.
 
 Design decisions:
-- Initialisation runs ``Aria.init_units`` one unit at a time on a full-size copy of the unit alone
-  (at most one decoder layer: ~1.7 GB in bf16 at Aria size), seeded by (seed, unit name), and keeps
-  this rank's part. Every tensor's initial values are thus the same for any number of ranks, expert
+- Initialisation runs ``Aria.init_units`` one unit at a time on a full-size fp32 copy of the unit
+  alone (at most one decoder layer: ~3.5 GB at Aria size), seeded by (seed, unit name), and keeps
+  this rank's part, rounded to the run's dtype (a bf16 run starts from the fp32 run's values). Every tensor's initial values are thus the same for any number of ranks, expert
   parallelism or ZeRO stage: expert e of layer l is a function of (seed, l, e) only.
 - Loading reads only this rank's part of every tensor (``TensorStore`` reads safetensors slices):
   with experts over P ranks each rank reads 1/P of the expert bytes, under ZeRO-3 1/N of all.
@@ -108,10 +108,9 @@ def load_weights(model: Aria, source: Path, hf: bool = False) -> Loaded:
         if store.shape(key) != part.shape:
             raise ValueError(f"{source}: '{key}' has shape {store.shape(key)} but the model expects "
                              f"{part.shape}")
-        if merger is not None and merger.adapts(key):
-            values = merger(key, store.tensor(key)).reshape(-1)[part.start:part.end]
-        else:
-            values = store.read(key, part.start, part.end)
+        values = store.read(key, part.start, part.end)
+        if merger is not None:
+            values = merger.merge_range(key, values, part.shape, part.start, part.end)
         part.local.copy_(values.to(part.local.dtype))
     if merger is not None:
         merger.check_complete()
@@ -194,7 +193,7 @@ def save_weights(model: Aria, cfg: ModelConfig, directory: Path, rank: int, worl
         if part.kind == PARTITIONED:
             with deepspeed.zero.GatheredParameters([params[key]]):
                 if writer == rank:
-                    mine[key] = params[key].detach().cpu().clone()
+                    mine[key] = params[key].detach().to("cpu", copy=True)
         elif writer == rank:
             mine[key] = dtypes[key].detach().cpu()
     adapters = _gather_adapters(model, parts, rank)  # the last collective: nobody writes before it
@@ -236,7 +235,7 @@ def _gather_adapters(model: Aria, parts: dict[str, Part], rank: int) -> dict[str
         if part.kind == PARTITIONED:
             with deepspeed.zero.GatheredParameters([param]):
                 if rank == 0:
-                    out[key] = param.detach().cpu().clone()
+                    out[key] = param.detach().to("cpu", copy=True)
         elif part.kind == EXPERTS and EXPERT_ADAPTER_KEY.search(key):
             local = param.detach().contiguous()  # NCCL gathers device tensors
             pieces = [torch.empty_like(local) for _ in range(dist.get_world_size(part.group))]
