@@ -145,6 +145,10 @@ class MoEConfig:
     only, nudged towards balance between backward and the optimizer step."""
     bias_update_rate: float = 1e-3
     """Step of the bias update (bias += rate * sign(mean load - expert load))."""
+    token_chunk: int = 0
+    """Run the routed experts over this many tokens at a time (0 = all at once): bounds the
+    dispatch and expert activations of long rows to one chunk (each chunk is recomputed in
+    backward). The result is the same as unchunked. Not part of the HF config."""
     _path: str = field(default="model.moe", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -164,6 +168,8 @@ class MoEConfig:
         _non_negative_float(f"{p}.aux_loss_coeff", self.aux_loss_coeff)
         _non_negative_float(f"{p}.z_loss_coeff", self.z_loss_coeff)
         _non_negative_float(f"{p}.bias_update_rate", self.bias_update_rate)
+        _check(isinstance(self.token_chunk, int) and not isinstance(self.token_chunk, bool)
+               and self.token_chunk >= 0, f"{p}.token_chunk", self.token_chunk, "an integer >= 0 (0 = off)")
         _check(self.balance_scope in BALANCE_SCOPES, f"{p}.balance_scope", self.balance_scope,
                f"one of {BALANCE_SCOPES}")
 
@@ -524,6 +530,11 @@ class ParallelConfig:
     """Expert-parallel group size: each rank of a group holds num_experts / ep_size experts. 'node':
     the processes of one node (the fastest links), i.e. the largest divisor of num_experts that is
     at most the processes per node (``resolved``)."""
+    sp_size: int | str = 1
+    """Sequence parallelism (DeepSpeed-Ulysses): the tokens of every row are split over this many
+    consecutive ranks, which exchange tokens for heads around attention (aria.parallel.sequence).
+    Must divide the processes, model.text.num_heads and num_kv_heads, and train.seq_len. 'node':
+    the largest such group of a node's processes (4 for Aria on 8-GPU nodes, 1 on one process)."""
     precision: str = "auto"
     """bf16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
     checkpoint_decoder: bool = False
@@ -552,10 +563,11 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         p = self._path
         _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", self.zero_stage, "0, 1, 2 or 3")
-        if self.ep_size != "node":
-            _check(isinstance(self.ep_size, int) and not isinstance(self.ep_size, bool) and self.ep_size > 0,
-                   f"{p}.ep_size", self.ep_size, "a positive integer or 'node'")
         _positive_int(f"{p}.bucket_size", self.bucket_size)
+        for name in ("ep_size", "sp_size"):
+            value = getattr(self, name)
+            _check(value == "node" or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+                   f"{p}.{name}", value, "a positive integer or 'node'")
         for name in ("checkpoint_decoder", "checkpoint_vision", "fp32_grad_accum", "overlap_comm",
                      "memory_check"):
             _check(isinstance(getattr(self, name), bool), f"{p}.{name}", getattr(self, name), "true or false")
@@ -569,13 +581,21 @@ class ParallelConfig:
         _check(self.precision in PRECISIONS, f"{p}.precision", self.precision, f"one of {PRECISIONS}")
 
 
-    def resolved(self, processes_per_node: int, num_experts: int) -> "ParallelConfig":
-        """This config with ``ep_size`` a number: 'node' becomes the largest divisor of
-        ``num_experts`` that is at most ``processes_per_node``."""
-        if self.ep_size != "node":
-            return self
-        size = max(d for d in range(1, max(1, min(processes_per_node, num_experts)) + 1) if num_experts % d == 0)
-        return dataclasses.replace(self, ep_size=size)
+    def resolved(self, processes_per_node: int, model: "ModelConfig", seq_len: int) -> "ParallelConfig":
+        """This config with ``ep_size`` and ``sp_size`` numbers: 'node' becomes the largest group of
+        a node's processes that divides what it splits (the experts; the heads, key/value heads and
+        tokens of a row)."""
+
+        def largest(*counts: int) -> int:  # groups tile the node: d divides its process count too
+            per_node = max(1, processes_per_node)
+            return max(d for d in range(1, per_node + 1) if all(c % d == 0 for c in (per_node, *counts)))
+
+        ep, sp = self.ep_size, self.sp_size
+        if ep == "node":
+            ep = largest(model.moe.num_experts)
+        if sp == "node":
+            sp = largest(model.text.num_heads, model.text.num_kv_heads, seq_len)
+        return dataclasses.replace(self, ep_size=ep, sp_size=sp)
 
 
 @dataclass
@@ -764,6 +784,14 @@ class RunConfig:
             raise ValueError("config node 'model' is missing (pick one: model=tiny|proxy|aria)")
         model = ModelConfig.from_dict(data["model"])
         cfg = cls(run_dir=str(data["run_dir"]), model=model, recipe=str(data.get("recipe", "custom")), **nodes)
+        sp = cfg.parallel.sp_size
+        for field, value in (("model.text.num_heads", model.text.num_heads),
+                             ("model.text.num_kv_heads", model.text.num_kv_heads),
+                             ("train.seq_len", cfg.train.seq_len)):
+            if sp != "node" and value % sp:
+                raise ValueError(f"config field 'parallel.sp_size' = {sp} must divide {field} = {value} "
+                                 "(sequence parallelism splits the tokens of a row, and the heads inside "
+                                 "attention, over its ranks)")
         if cfg.parallel.ep_size != "node" and model.moe.num_experts % cfg.parallel.ep_size:
             raise ValueError(f"config field 'parallel.ep_size' = {cfg.parallel.ep_size} must divide "
                              f"model.moe.num_experts = {model.moe.num_experts}")

@@ -130,6 +130,49 @@ def test_inference_runs_the_exact_groups_training_the_padded_ones():
     torch.testing.assert_close(layer(x)[0], out_exact)
 
 
+def test_token_chunks_give_the_unchunked_outputs_gradients_and_router_statistics():
+    whole, chunked = moe_layer().train(), moe_layer(token_chunk=5).train()  # 12 tokens: 5 + 5 + 2
+    chunked.load_state_dict(whole.state_dict())
+    x = torch.randn(2, 6, 32)
+    outs = []
+    for layer in (whole, chunked):
+        out, stats = layer(x)
+        (out.square().sum() + stats.aux_loss + stats.z_loss).backward()
+        outs.append((out, stats))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-6, rtol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+    for (name, a), (_, b) in zip(whole.named_parameters(), chunked.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def _expert_parallel_worker(rank, world, chunk):
+    from aria.parallel.expert import shard_experts_over
+
+    torch.manual_seed(3)
+    x_all = torch.randn(world, 2, 7, 32)
+    reference = moe_layer().train()
+    layer = moe_layer(token_chunk=chunk).train()
+    layer.load_state_dict(reference.state_dict())
+    shard_experts_over([layer], dist.new_group(list(range(world))), "ep_size_2")
+    out, _ = layer(x_all[rank])
+    ref, _ = reference(x_all[rank])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    E = reference.cfg.num_experts // world
+    grad_ref = reference.experts.w_fc1.grad.clone()  # experts receive gradients from every rank's tokens
+    dist.all_reduce(grad_ref)
+    torch.testing.assert_close(layer.experts.w_fc1.grad, grad_ref[rank * E:(rank + 1) * E], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.router.weight.grad, reference.router.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_expert_parallel_exchange_over_two_processes_equals_the_whole_layer(chunk):
+    """Experts sharded over 2 gloo ranks (all-to-all there and back, per token chunk when set):
+    each rank's outputs and gradients equal the unsharded layer's on its tokens."""
+    run_distributed(_expert_parallel_worker, world=2, args=(chunk,))
+
+
 def test_regroup_order_on_hand_derived_counts():
     # 2 source ranks, 2 local experts; received source-major:
     # rank 0 sent e0: 2 rows, e1: 1 row -> rows 0 1 | 2; rank 1 sent e0: 0, e1: 3 -> rows 3 4 5
@@ -238,7 +281,9 @@ def _global_balance_worker(rank, world, x_full, valid_full):
     single = moe_layer(balance_scope="micro_batch").train()
     _, ref = single(x_full, valid_full)
     torch.testing.assert_close(aux, ref.aux_loss, rtol=1e-6, atol=1e-7)
-    assert torch.equal(stats.tokens_per_expert, ref.tokens_per_expert)  # global counts
+    counts = stats.tokens_per_expert.clone()  # this rank's assignments; summed over ranks = the batch's
+    dist.all_reduce(counts)
+    assert torch.equal(counts, ref.tokens_per_expert)
     # micro-batch scope differs on the same shard: the global option really is global
     _, local = moe_layer(balance_scope="micro_batch").train()(x, valid)
     assert not torch.allclose(local.aux_loss, ref.aux_loss)

@@ -16,6 +16,9 @@ Design decisions:
   the row. An HF-style 0/1 ``attention_mask`` is a valid ``segment_ids``.
 - With ``targets`` the forward returns the *summed* chunked cross-entropy and the number of
   supervised tokens instead of logits (see ``loss.py``), plus the weighted router loss.
+- Sequence parallelism (``aria.parallel.sequence``): embeddings, image features in their slots
+  included, are made for whole rows; each rank of the group then keeps its tokens (and their
+  positions and targets) while ``segment_ids`` stay whole, for attention over all of a row.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 
 from aria.config import ModelConfig
 from aria.model.decoder import KVCache, TextDecoder
+from aria.model.layers import holds_no_data
 from aria.model.loss import IGNORE_INDEX, chunked_cross_entropy
 from aria.model.moe import MoE
 from aria.model.projector import Projector
@@ -105,6 +109,7 @@ class Aria(nn.Module):
         self.lm_head = LMHead(cfg.text.hidden_size, cfg.text.vocab_size)
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.decoder.embed.weight
+        self.sequence_parallel = None  # set by aria.parallel.sequence.enable_sequence_parallel
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -143,12 +148,6 @@ class Aria(nn.Module):
         patches_NGD, valid_NG = self.vision(pixel_values, pixel_mask)
         return self.projector(patches_NGD, valid_NG)
 
-    @staticmethod
-    def _holds_no_data(t: torch.Tensor) -> bool:
-        """Meta or fake tensors (``aria.train.plan`` runs the model on them): shapes without values,
-        so the forward's one host check cannot run."""
-        return t.is_meta or isinstance(t, torch._subclasses.FakeTensor)
-
     def embed(self, input_ids_BT: torch.Tensor, pixel_values=None, pixel_mask=None,
               image_feature_order: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features in the <|img|> slots.
@@ -159,7 +158,7 @@ class Aria(nn.Module):
         """
         slots_BT = input_ids_BT == self.cfg.image_token_id
         num_slots = None  # unknown for shape-only inputs: the checks below are skipped
-        if not self._holds_no_data(input_ids_BT):
+        if not holds_no_data(input_ids_BT):  # fake tensors (aria.train.plan) hold no values
             # The one host sync of a forward: token ids in range, and the <|img|> count.
             lowest, highest, num_slots = torch.stack([input_ids_BT.min(), input_ids_BT.max(),
                                                       slots_BT.sum()]).tolist()
@@ -206,6 +205,14 @@ class Aria(nn.Module):
                                  f"{tuple(input_ids.shape)}")
         embeds_BTD = self.embed(input_ids, pixel_values, pixel_mask, image_feature_order)
         valid_BT = None if segment_ids is None else segment_ids > 0
+        sp = self.sequence_parallel
+        if sp is not None and cache is None:  # this rank's tokens of every row (aria.parallel.sequence)
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            embeds_BTD, position_ids = sp.shard(embeds_BTD), sp.shard(position_ids)
+            valid_BT = None if valid_BT is None else sp.shard(valid_BT)
+            targets = None if targets is None else sp.shard(targets)
+        # segment_ids stay whole: attention sees every token of a row (see TextDecoder.forward)
         dec = self.decoder(embeds_BTD, position_ids, segment_ids, cache, valid_BT)
 
         router_loss = None

@@ -4,12 +4,19 @@ Letters: B batch, T new tokens, S keys (cache + new), H query heads, Hkv key/val
 width, D model width, L layers, E experts.
 
 Design decisions:
-- Attention is SDPA. Without segments it runs the fused causal kernel (no mask tensor), and a
-  decode step of an unpadded batch needs no mask at all. Packed rows and padded batches pass ``segment_ids``; the
-  mask then keeps every document to itself (see ``layers.segment_causal_mask``). The boolean
-  (B, 1, T, T) mask is fine up to a few thousand tokens; long packed rows on GPU are the place for a
-  varlen / flex kernel behind the same ``segment_ids`` interface. GQA uses SDPA's ``enable_gqa``
-  (no repeated k/v copies; Aria itself is full MHA).
+- How a forward attends is decided once, by ``TextDecoder.attention_layout``, and the same layout
+  serves every layer (``AttentionLayout``):
+  - no ``segment_ids`` and no cache: "causal", SDPA's fused causal kernel, no mask tensor;
+  - ``segment_ids`` (packed rows, padded batches) and no cache -- training and evaluation: a
+    ``layers.DocumentLayout``, causal attention inside each document through a variable-length
+    kernel (CUDA) or one causal SDPA per document (elsewhere); never a T x T mask (see
+    ``aria.model.layers``);
+  - with a KV cache (generation): "causal" for an unpadded prefill, "full" for an unpadded decode
+    step (every cached key), else a boolean (B, 1, T, S) mask from ``layers.segment_causal_mask``
+    over the cached segments (left-padded batches; T is a prompt or one token there).
+  GQA uses SDPA's / varlen's ``enable_gqa`` (no repeated k/v copies; Aria itself is full MHA).
+- ``Attention.attend`` is the attention core, apart from the projections, RoPE and the cache, so
+  that sequence parallelism can wrap it (its contract is in its docstring).
 - ``position_ids`` are an input: packed documents restart their positions.
 - The KV cache is preallocated (L, B, Hkv, max_len, d), written in place, and its length is a host
   integer, so decoding never asks the device how long the sequence is.
@@ -18,15 +25,20 @@ Design decisions:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aria.config import ModelConfig, TextConfig
-from aria.model.layers import RMSNorm, RotaryEmbedding, apply_rope, init_linear, segment_causal_mask
+from aria.model.layers import (DocumentLayout, RMSNorm, RotaryEmbedding, apply_rope, document_attention,
+                               init_linear, segment_causal_mask)
 from aria.model.moe import MoE, RouterStats
+
+AttentionLayout = Union[str, torch.Tensor, DocumentLayout]
+"""How every layer of one forward attends: "causal", "full", a boolean (B, 1, T, S) mask, or the
+documents of packed rows (see the module docstring and ``TextDecoder.attention_layout``)."""
 
 
 class KVCache:
@@ -73,11 +85,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.v_proj = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, D, bias=bias)
+        # Sequence parallelism (aria.parallel.sequence): x holds this rank's tokens of every row and
+        # ``attend`` runs on all of them through its all-to-alls.
+        self.sequence_parallel = None
 
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | str, cache: KVCache | None) -> torch.Tensor:
-        """``mask``: "causal" (T == S, fused causal kernel), "full" (every cached key: one decode
-        step without padding) or a boolean (B, 1, T, S) mask."""
+                layout: AttentionLayout, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q_BHTd = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_BHTd = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -85,14 +98,33 @@ class Attention(nn.Module):
         q_BHTd, k_BHTd = apply_rope(q_BHTd, *rope), apply_rope(k_BHTd, *rope)
         if cache is not None:
             k_BHTd, v_BHTd = cache.update(self.layer_idx, k_BHTd, v_BHTd)  # now all S keys
-        gqa = self.num_kv_heads != self.num_heads
-        if isinstance(mask, str):
-            out_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, is_causal=mask == "causal",
-                                                      enable_gqa=gqa)
+        if self.sequence_parallel is None or cache is not None:
+            out_BHTd = self.attend(q_BHTd, k_BHTd, v_BHTd, layout)
         else:
-            out_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, attn_mask=mask,
-                                                      enable_gqa=gqa)
+            out_BHTd = self.sequence_parallel.attend(self.attend, q_BHTd, k_BHTd, v_BHTd, layout)
         return self.o_proj(out_BHTd.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q_BHTd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor,
+               layout: AttentionLayout) -> torch.Tensor:
+        """The attention core: q (B, H, T, d) and k/v (B, Hkv, S, d), after RoPE -> (B, H, T, d).
+
+        Contract (sequence parallelism wraps this method with all-to-alls: tokens sharded before
+        and after, heads sharded inside):
+        - q/k/v hold heads on dim 1 and *all* tokens of the rows on dim 2 (S = T without a cache);
+          any subset of the heads may come (H and Hkv are read from the tensors, not the config).
+        - ``layout`` is built once per forward by ``TextDecoder.attention_layout`` from the full
+          rows' ``segment_ids`` (B, T) -- nothing else but their device -- and serves every layer
+          and every head subset unchanged. It is a string, a mask or a ``DocumentLayout`` (host
+          integers + one small int32 tensor): cheap to pass through ``torch.utils.checkpoint``.
+        - No host sync happens here: the layout already holds every length the kernels need.
+        """
+        gqa = k_BHSd.shape[1] != q_BHTd.shape[1]
+        if isinstance(layout, DocumentLayout):
+            return document_attention(q_BHTd, k_BHSd, v_BHSd, layout, enable_gqa=gqa)
+        if isinstance(layout, str):
+            return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, is_causal=layout == "causal",
+                                                  enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=layout, enable_gqa=gqa)
 
 
 class DecoderLayer(nn.Module):
@@ -111,9 +143,9 @@ class DecoderLayer(nn.Module):
         self.moe.init_weights(std)
 
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | str, valid_BT: torch.Tensor | None, cache: KVCache | None
+                layout: AttentionLayout, valid_BT: torch.Tensor | None, cache: KVCache | None
                 ) -> tuple[torch.Tensor, RouterStats | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, mask, cache)
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, layout, cache)
         mlp_out, stats = self.moe(self.mlp_norm(x_BTD), valid_BT)
         return x_BTD + mlp_out, stats
 
@@ -144,23 +176,25 @@ class TextDecoder(nn.Module):
                 valid_BT: torch.Tensor | None = None) -> DecoderOutput:
         """``segment_ids_BT``: tokens attend only within their segment (0 = padding, 1, 2, ... =
         packed documents); None means one causal sequence per row. ``valid_BT``: non-padding
-        tokens, for router statistics."""
+        tokens, for router statistics. Under sequence parallelism ``embeds_BTD``, ``position_ids_BT``
+        and ``valid_BT`` hold this rank's tokens of every row and ``segment_ids_BT`` the whole rows
+        (attention sees all their tokens)."""
         B, T, _ = embeds_BTD.shape
         past = 0 if cache is None else cache.length
         if position_ids_BT is None:
             position_ids_BT = torch.arange(past, past + T, device=embeds_BTD.device).expand(B, T)
         rope = self.rope(position_ids_BT, embeds_BTD.dtype)
 
-        mask = self.attention_mask(B, T, segment_ids_BT, cache, embeds_BTD.device)
+        layout = self.attention_layout(B, T, segment_ids_BT, cache, embeds_BTD.device)
 
         x_BTD = embeds_BTD
         stats: list[RouterStats] = []
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x_BTD, layer_stats = torch.utils.checkpoint.checkpoint(
-                    layer, x_BTD, rope, mask, valid_BT, cache, use_reentrant=False)
+                    layer, x_BTD, rope, layout, valid_BT, cache, use_reentrant=False)
             else:
-                x_BTD, layer_stats = layer(x_BTD, rope, mask, valid_BT, cache)
+                x_BTD, layer_stats = layer(x_BTD, rope, layout, valid_BT, cache)
             if layer_stats is not None:
                 stats.append(layer_stats)
         if cache is not None:
@@ -173,12 +207,13 @@ class TextDecoder(nn.Module):
                              torch.stack([s.tokens_per_expert for s in stats]))
 
     @staticmethod
-    def attention_mask(B: int, T: int, segment_ids_BT: torch.Tensor | None, cache: KVCache | None,
-                       device: torch.device) -> torch.Tensor | str:
-        """The cheapest correct mask: fused causal, no mask at all, or a segment mask."""
+    def attention_layout(B: int, T: int, segment_ids_BT: torch.Tensor | None, cache: KVCache | None,
+                         device: torch.device) -> AttentionLayout:
+        """The cheapest correct way to attend, for every layer of this forward: fused causal, the
+        documents of packed rows (one host sync), no mask at all, or a segment mask (a KV cache)."""
         past = 0 if cache is None else cache.length
         if cache is None:
-            return "causal" if segment_ids_BT is None else segment_causal_mask(segment_ids_BT, segment_ids_BT, 0)
+            return "causal" if segment_ids_BT is None else DocumentLayout.from_segments(segment_ids_BT)
         segments_BT = segment_ids_BT
         if segments_BT is None:
             segments_BT = torch.ones(B, T, dtype=torch.long, device=device)

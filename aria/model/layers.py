@@ -1,22 +1,52 @@
-"""Small building blocks shared by the vision encoder, projector and decoder.
+"""Small building blocks shared by the vision encoder, projector and decoder, and attention by document.
 
-Letters: B batch, T query length, S key length, H heads, d head width, D model width.
+Letters: B batch, T query length, S key length, H query heads, Hkv key/value heads, d head width,
+D model width, N = B * T tokens of the rows laid end to end, R documents of all rows (R + 1 offsets).
 
 Design decisions:
 - RMSNorm normalises in fp32, casts back to the input dtype, *then* multiplies by the weight, as the
   reference does; the order matters in bf16.
 - RoPE uses the rotate-half layout (HF checkpoints store q/k in that layout), cos/sin computed once
   per forward from ``position_ids`` and shared by all layers.
-- Attention is SDPA. Packed rows carry ``segment_ids`` (B, S): a query attends to keys of the same
-  segment at or before its own position, so documents in one row never see each other. Padding is
-  just another segment (id 0 by convention), so a padded row needs no special case.
+- Packed rows carry ``segment_ids`` (B, T): a token attends to the tokens of its own segment at or
+  before its position, so documents in one row never see each other. Padding is a segment too (id 0
+  by convention): padded tokens attend among themselves, their outputs are never used, and since
+  every query sees at least itself no row of the softmax is empty (no NaN).
+- **Attention by document, never a T x T mask in training.** ``DocumentLayout`` reads the segment
+  ids once per forward (one host sync) and cuts the rows, laid end to end as N = B * T tokens, into
+  R documents (maximal runs of one segment id; the packer writes documents one after the other).
+  ``document_attention`` flattens q/k/v to (N, H, d) and runs causal attention inside each
+  document, then restores (B, H, T, d). Work is sum(L_i^2) over the documents instead of B T^2,
+  and memory is O(N): no mask, no scores, no additive bias.
+- The kernel (``document_kernel``): on CUDA in bf16/fp16, torch's variable-length flash attention
+  (``torch.nn.attention.varlen.varlen_attn``: one call per layer over all N tokens with the
+  documents' ``cu_seqlens``, no padding to a common length). Chosen over FlexAttention with a
+  document-causal block mask because it calls the flash kernels directly: nothing to compile (flex
+  is only fast under ``torch.compile``, and recompiles as block masks change shape), no block mask
+  to build per forward, exactly the causal math of SDPA's flash kernel, and blocks straddling a
+  document boundary cost nothing extra. Elsewhere (CPU, fp32 on CUDA, fake tensors), the reference
+  ``per_document_causal``: one causal SDPA per document, which on the CPU is a flash kernel of
+  O(L) memory (measured in ``scripts/bench_attention.py``). A Python loop over documents per layer
+  is fine at the dozens of documents a row holds. The varlen signature changed between torch
+  releases (``is_causal=`` before, ``window_size=(-1, 0)`` in 2.13, ``enable_gqa`` added): it is
+  inspected once and called accordingly; without ``enable_gqa`` k/v heads are repeated.
+- On fake or meta tensors (``aria.train.plan`` traces the model on them) the segment ids hold no
+  values: every row is taken as one document, the worst case for memory.
+- Decode steps and left-padded generation (a KV cache) keep a boolean (B, 1, T, S) mask
+  (``segment_causal_mask``); T is one token, or a prompt, there.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import varlen
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +118,122 @@ def segment_causal_mask(q_segments_BT: torch.Tensor, k_segments_BS: torch.Tensor
 def key_padding_mask(valid_BS: torch.Tensor) -> torch.Tensor:
     """Boolean SDPA mask (B, 1, 1, S) for bidirectional attention over the valid keys."""
     return valid_BS[:, None, None, :]
+
+
+def holds_no_data(t: torch.Tensor) -> bool:
+    """Meta or fake tensors (``aria.train.plan`` runs the model on them): shapes without values, so
+    a check that reads values on the host cannot run."""
+    return t.is_meta or isinstance(t, torch._subclasses.FakeTensor)
+
+
+@dataclass(frozen=True, eq=False)
+class DocumentLayout:
+    """Where the documents of B packed rows of T tokens lie, for every attention layer of a forward.
+
+    Built by ``from_segments`` from the rows' segment ids alone (and lives on their device); holds
+    host integers and one small int32 tensor, so passing it through ``torch.utils.checkpoint`` (or
+    to any subset of heads, as sequence parallelism does) costs nothing.
+    """
+
+    batch: int
+    """B rows."""
+    seq_len: int
+    """T tokens per row."""
+    lengths: tuple[int, ...]
+    """R document lengths in token order, row after row (a document never spans two rows)."""
+    cu_seqlens: torch.Tensor
+    """(R + 1,) int32 offsets of the documents in the N = B * T tokens laid end to end."""
+    max_len: int
+    """The longest document (the varlen kernel's ``max_q`` / ``max_k``)."""
+
+    @classmethod
+    def from_segments(cls, segment_ids_BT: torch.Tensor) -> DocumentLayout:
+        """A document is a maximal run of one segment id within a row (padding, id 0, included).
+        The one host sync of the layout: the ids are read once, the offsets computed on the host
+        and copied to the ids' device. A document id that comes back after another document
+        raises (the dense mask would join the two runs; nothing we write produces that)."""
+        B, T = segment_ids_BT.shape
+        device = segment_ids_BT.device
+        if holds_no_data(segment_ids_BT):  # no values to read: one document per row
+            cu_seqlens = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+            return cls(B, T, (T,) * B, cu_seqlens, T)
+        segments_BT = segment_ids_BT.cpu()
+        starts_BT = torch.ones(B, T, dtype=torch.bool)
+        starts_BT[:, 1:] = segments_BT[:, 1:] != segments_BT[:, :-1]
+        starts_R = starts_BT.flatten().nonzero().flatten()
+        ids_R, rows_R = segments_BT.flatten()[starts_R], starts_R // T
+        docs_R = ids_R > 0
+        keys = rows_R[docs_R] * (int(ids_R.max()) + 1) + ids_R[docs_R]
+        if keys.unique().numel() != keys.numel():
+            for row in range(B):
+                runs = segments_BT[row].unique_consecutive()
+                runs = runs[runs > 0]
+                if runs.unique().numel() < runs.numel():
+                    raise ValueError(f"segment_ids row {row} uses one document id in two places (runs "
+                                     f"{runs.tolist()}): a document must be one contiguous run of its "
+                                     f"id (only padding, 0, may recur)")
+        cu_seqlens = torch.cat([starts_R, torch.tensor([B * T])]).to(torch.int32)
+        lengths = cu_seqlens.diff().tolist()
+        return cls(B, T, tuple(lengths), cu_seqlens.to(device), max(lengths))
+
+
+def per_document_causal(q_NHd: torch.Tensor, k_NHd: torch.Tensor, v_NHd: torch.Tensor,
+                        docs: DocumentLayout, enable_gqa: bool) -> torch.Tensor:
+    """The reference kernel: one causal SDPA per document (on the CPU a flash kernel, O(L) memory)."""
+    out = []
+    for q_LHd, k_LHd, v_LHd in zip(q_NHd.split(docs.lengths), k_NHd.split(docs.lengths),
+                                   v_NHd.split(docs.lengths)):
+        out_1HLd = F.scaled_dot_product_attention(q_LHd.transpose(0, 1)[None], k_LHd.transpose(0, 1)[None],
+                                                  v_LHd.transpose(0, 1)[None], is_causal=True,
+                                                  enable_gqa=enable_gqa)
+        out.append(out_1HLd[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_options(varlen_fn: Callable) -> tuple[dict, bool]:
+    """Keyword arguments that make ``varlen_fn`` causal, and whether it takes ``enable_gqa``:
+    torch 2.13 has ``window_size=(-1, 0)`` (a tuple: it compares with ==), earlier releases
+    ``is_causal=True``."""
+    params = inspect.signature(varlen_fn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return causal, "enable_gqa" in params
+
+
+def varlen_causal(q_NHd: torch.Tensor, k_NHd: torch.Tensor, v_NHd: torch.Tensor,
+                  docs: DocumentLayout, enable_gqa: bool) -> torch.Tensor:
+    """torch's variable-length flash attention (CUDA, bf16/fp16): one call for all documents."""
+    varlen_fn = varlen.varlen_attn  # looked up per call, so a test can stand in for the CUDA kernel
+    causal, takes_gqa = _varlen_options(varlen_fn)
+    if enable_gqa and not takes_gqa:
+        repeats = q_NHd.shape[1] // k_NHd.shape[1]
+        k_NHd, v_NHd = k_NHd.repeat_interleave(repeats, dim=1), v_NHd.repeat_interleave(repeats, dim=1)
+    elif enable_gqa:
+        causal = {**causal, "enable_gqa": True}
+    return varlen_fn(q_NHd, k_NHd, v_NHd, docs.cu_seqlens, docs.cu_seqlens, docs.max_len, docs.max_len,
+                     **causal)
+
+
+def document_kernel(q_NHd: torch.Tensor) -> Callable:
+    """The varlen kernel where it runs (CUDA, half precision, flash's head widths: multiples of 8 up
+    to 256), the per-document reference elsewhere."""
+    d = q_NHd.shape[-1]
+    if q_NHd.is_cuda and q_NHd.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and d <= 256:
+        return varlen_causal
+    return per_document_causal
+
+
+def document_attention(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor,
+                       docs: DocumentLayout, enable_gqa: bool = False) -> torch.Tensor:
+    """Causal attention within each document of ``docs``; q (B, H, T, d), k/v (B, Hkv, T, d) ->
+    (B, H, T, d). The rows are laid end to end as N = B * T tokens for the kernel and back."""
+    B, H, T, d = q_BHTd.shape
+    if (B, T) != (docs.batch, docs.seq_len):
+        raise ValueError(f"attention over {B} rows of {T} tokens got a document layout of "
+                         f"{docs.batch} rows of {docs.seq_len} tokens")
+    q_NHd, k_NHd, v_NHd = (x.transpose(1, 2).reshape(B * T, x.shape[1], d) for x in (q_BHTd, k_BHTd, v_BHTd))
+    out_NHd = document_kernel(q_NHd)(q_NHd, k_NHd, v_NHd, docs, enable_gqa)
+    return out_NHd.view(B, T, H, d).transpose(1, 2)
 
 
 def init_linear(module: nn.Linear, std: float) -> None:

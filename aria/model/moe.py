@@ -29,6 +29,11 @@ Design decisions:
   ``aux_loss_coeff * aux + z_loss_coeff * z`` and logs them. Padding tokens are excluded from their
   statistics. With ``balance_scope='global_batch'`` the expert counts (no gradient) are summed over
   the data-parallel group before the Switch loss, whose probability term stays local.
+- Long rows (``token_chunk``): the router sees every token at once (its statistics and losses are
+  unchanged), the routed experts run chunk by chunk, each chunk checkpointed in training, so the
+  dispatch buffers, the expert activations and the expert-parallel exchange hold one chunk at a
+  time (64K tokens x top-6 would be 393K expert rows). Every rank of an expert-parallel group has
+  the same number of tokens (fixed-length rows), hence the same number of chunks and exchanges.
 - Auxiliary-loss-free balancing keeps a per-expert bias used for selection only; the trainer sums
   ``tokens_per_expert`` over the step and calls ``update_expert_bias`` before the optimizer step.
 - LoRA on the routed experts (``aria.model.lora``) is per expert: A (E, in, R) and B (E, R, out)
@@ -62,7 +67,7 @@ class RouterStats(NamedTuple):
     z_loss: torch.Tensor
     """Mean squared log-sum-exp of the router logits (unscaled)."""
     tokens_per_expert: torch.Tensor
-    """(E,) assignments per expert among the non-padding tokens (globally summed if global scope)."""
+    """(E,) assignments per expert among this rank's non-padding tokens."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,12 +228,16 @@ def experts_loop(x_AD: torch.Tensor, w_fc1_ED2I: torch.Tensor, w_fc2_EID: torch.
 # ---------------------------------------------------------------------------------------------
 
 
-def router_z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None) -> torch.Tensor:
-    """ST-MoE z-loss: mean over (non-padding) tokens of logsumexp(logits)^2."""
+def router_z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None,
+                  num_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE z-loss: mean over (non-padding) tokens of logsumexp(logits)^2; with ``num_tokens``
+    the sum over these tokens divided by it (their share of a mean over more tokens)."""
     z_T = torch.logsumexp(logits_TE, dim=-1).square()
-    if valid_T is None:
-        return z_T.mean()
-    return (z_T * valid_T).sum() / valid_T.sum().clamp(min=1)
+    if valid_T is not None:
+        z_T = z_T * valid_T
+    if num_tokens is None:
+        num_tokens = torch.full((), float(z_T.shape[0]), device=z_T.device) if valid_T is None else valid_T.sum()
+    return z_T.sum() / num_tokens.clamp(min=1)
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, num_tokens: torch.Tensor,
@@ -366,6 +375,9 @@ class MoE(nn.Module):
         self.shared = SharedExperts(dim, cfg) if cfg.num_shared_experts > 0 else None
         # Data-parallel group for global-batch balance statistics (None = the default group).
         self.balance_group: dist.ProcessGroup | None = None
+        # Sequence parallelism (aria.parallel.sequence): the ranks sharing this micro-batch's rows.
+        self.sequence_group: dist.ProcessGroup | None = None
+        self.sequence_size = 1
 
     def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, RouterStats | None]:
@@ -373,9 +385,18 @@ class MoE(nn.Module):
         x_TD = x_BTD.reshape(-1, shape[-1])
         logits_TE, weights_TK, ids_TK = self.router(x_TD)
 
-        order_A, counts_E = permute(ids_TK, self.cfg.num_experts)
-        y_ND, rows_A = self.experts(x_TD, order_A // self.cfg.top_k, counts_E)
-        out_TD = unpermute(y_ND, order_A, weights_TK, rows_A)
+        C = self.cfg.token_chunk
+        if C and x_TD.shape[0] > C:
+            chunks = []
+            for start in range(0, x_TD.shape[0], C):
+                piece = (x_TD[start:start + C], weights_TK[start:start + C], ids_TK[start:start + C])
+                if self.training and torch.is_grad_enabled():  # keep only the chunk's inputs
+                    chunks.append(torch.utils.checkpoint.checkpoint(self.routed, *piece, use_reentrant=False))
+                else:
+                    chunks.append(self.routed(*piece))
+            out_TD = torch.cat(chunks)
+        else:
+            out_TD = self.routed(x_TD, weights_TK, ids_TK)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 
@@ -385,8 +406,19 @@ class MoE(nn.Module):
             stats = self.router_stats(logits_TE, ids_TK, valid_T)
         return out_TD.view(shape), stats
 
+    def routed(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        """The routed experts' combined output for tokens ``x_TD`` routed as given:
+        dispatch -> experts -> combine."""
+        order_A, counts_E = permute(ids_TK, self.cfg.num_experts)
+        y_ND, rows_A = self.experts(x_TD, order_A // self.cfg.top_k, counts_E)
+        return unpermute(y_ND, order_A, weights_TK, rows_A)
+
     def router_stats(self, logits_TE: torch.Tensor, ids_TK: torch.Tensor,
                      valid_T: torch.Tensor | None) -> RouterStats:
+        """Switch and z losses of this micro-batch and this rank's expert counts. Under sequence
+        parallelism a micro-batch's rows are spread over the SP group: its statistics are summed
+        over the group and each rank returns its own tokens' part of both losses (the parts add up
+        to the losses of the whole rows)."""
         E, K = self.cfg.num_experts, self.cfg.top_k
         with torch.no_grad():
             weight_A = None if valid_T is None else valid_T.repeat_interleave(K)
@@ -395,14 +427,19 @@ class MoE(nn.Module):
                                   if weight_A is None else weight_A)
             local_tokens = (torch.full((), float(ids_TK.shape[0]), device=ids_TK.device)
                             if valid_T is None else valid_T.sum())
-            num_tokens = local_tokens
+            batch_counts_E, batch_tokens = counts_E, local_tokens  # the micro-batch's
+            if self.sequence_size > 1:
+                packed = torch.cat([counts_E, local_tokens.reshape(1)])
+                dist.all_reduce(packed, group=self.sequence_group)
+                batch_counts_E, batch_tokens = packed[:E], packed[E]
+            share_counts_E, share_tokens = batch_counts_E, batch_tokens  # where the expert shares come from
             if self.cfg.balance_scope == "global_batch" and dist.is_available() and dist.is_initialized():
-                packed = torch.cat([counts_E, num_tokens.reshape(1)])
+                packed = torch.cat([counts_E, local_tokens.reshape(1)])
                 dist.all_reduce(packed, group=self.balance_group)
-                counts_E, num_tokens = packed[:E], packed[E]
+                share_counts_E, share_tokens = packed[:E], packed[E]
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        aux = load_balancing_loss(probs_TE, counts_E, num_tokens, K, valid_T, local_tokens)
-        return RouterStats(aux, router_z_loss(logits_TE, valid_T), counts_E)
+        aux = load_balancing_loss(probs_TE, share_counts_E, share_tokens, K, valid_T, batch_tokens)
+        return RouterStats(aux, router_z_loss(logits_TE, valid_T, batch_tokens), counts_E)
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.router.weight, std=std)

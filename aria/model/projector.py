@@ -9,6 +9,9 @@ Design decisions (each one is the reference's, kept so HF weights load unchanged
   standard multi-head attention (``in_proj``, rows q | k | v, with bias), then its out-projection,
   then one more linear. No residual. Both LayerNorms use eps 1e-5.
 - The FFN goes Dv -> D -> D with a tanh-GELU and no biases.
+- ``valid_NG`` None means every patch is valid: the cross-attention then runs without a mask. The
+  vision encoder returns None whenever every patch of every crop is valid (its one host check),
+  so the projector adds no check of its own.
 """
 
 from __future__ import annotations

@@ -4,7 +4,11 @@ Letters: N crops, C channels, P patch side, G patches per crop (h x w grid), Dv 
 
 Design decisions:
 - A crop is a square tensor (the processor pads bottom/right) plus a pixel mask. A patch is valid iff
-  any of its pixels is; padded patches are masked out as attention keys.
+  any of its pixels is; padded patches are masked out as attention keys. When every patch of every
+  crop is valid (most crops: the loader sends a mask regardless) the encoder drops the mask (one
+  host check per forward) and returns no patch validity, so its layers and the projector's
+  cross-attention run SDPA without a mask, which lets it pick the flash kernel. On fake tensors
+  (``aria.train.plan``) the check cannot run and the mask is kept.
 - Positions use fractional bucketing: the valid h x w grid is spread over the whole
   (image_size / P)^2 table, so 490 px and 980 px crops (and any aspect ratio) share one table.
   The arithmetic (``i * (1 / h)``, then bucketize) is the reference's, so bucket edges agree bit for
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aria.config import VisionConfig
-from aria.model.layers import ACT_FNS, key_padding_mask
+from aria.model.layers import ACT_FNS, holds_no_data, key_padding_mask
 
 
 def patch_mask_from_pixels(pixel_mask_NHW: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -131,7 +135,8 @@ class VisionEncoder(nn.Module):
     def forward(self, pixels_NCHW: torch.Tensor, pixel_mask_NHW: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Crops as normalised floats or raw uint8 (normalised here). Returns features (N, G, Dv) and
-        the patch validity (N, G), or None when all are valid."""
+        the patch validity (N, G), or None when every patch is valid (no pixel mask, or one that
+        covers every patch)."""
         P = self.cfg.patch_size
         N, C, H, W = pixels_NCHW.shape
         if C != self.cfg.num_channels or H % P or W % P:
@@ -153,6 +158,8 @@ class VisionEncoder(nn.Module):
         x_NGD = x_NGD + self.pos_embed(bucketed_position_ids(patch_mask_Nhw, self.grid))
 
         valid_NG = None if pixel_mask_NHW is None else patch_mask_Nhw.flatten(1)
+        if valid_NG is not None and not holds_no_data(valid_NG) and bool(valid_NG.all()):
+            valid_NG = None  # every patch valid: attention without a mask (the flash kernel)
         mask = None if valid_NG is None else key_padding_mask(valid_NG)
         for layer in self.layers[: self.cfg.layers_used]:
             if self.gradient_checkpointing and self.training:

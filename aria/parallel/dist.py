@@ -101,6 +101,22 @@ def expert_parallel_groups(ep_size: int) -> tuple[dist.ProcessGroup, str]:
     return groups._get_expert_parallel_group(name), name
 
 
+def sequence_parallel_group(sp_size: int) -> dist.ProcessGroup | None:
+    """This rank's sequence-parallel group: ``sp_size`` consecutive ranks (every rank creates every
+    group, in the same order, as torch requires). None for ``sp_size`` 1."""
+    if sp_size == 1:
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % sp_size:
+        raise ValueError(f"parallel.sp_size={sp_size} must divide the number of processes ({world})")
+    mine = None
+    for start in range(0, world, sp_size):
+        group = dist.new_group(list(range(start, start + sp_size)))
+        if start <= rank < start + sp_size:
+            mine = group
+    return mine
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(1 = perfectly balanced routing)")
     parser.add_argument("--suggest", action="store_true",
                         help="also search for the cheapest layout that fits")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come after the flags
     bad = [a for a in args.overrides if "=" not in a]
     if bad:
         parser.error(f"expected recipe=NAME or key=value, got {bad}")

@@ -152,6 +152,7 @@ def save_checkpoint(engine, model, cfg, trainer_state: dict, info: DistInfo, con
     io_barrier()
     weights.save_weights(model, model_cfg, tmp / MODEL, info.rank, info.world_size)
     meta = {"step": step, "world_size": info.world_size, "ep_size": cfg.parallel.ep_size,
+            "sp_size": cfg.parallel.sp_size,
             "zero_stage": cfg.parallel.zero_stage, "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum": cfg.train.grad_accum}
     optimizer_state.save(engine, model, tmp / OPTIMIZER, info.rank, meta)

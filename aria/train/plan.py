@@ -21,12 +21,11 @@ Design decisions:
   autograd has accumulated them (ZeRO moves them into its buckets) and their bytes are recorded,
   so one trace gives both "activations + transients" and "activations + gradients kept so far".
   A 25B model at 64K tokens traces in seconds and allocates nothing.
-- The trace runs on the CPU (fake CUDA tensors cannot hold modules in this torch). Device kernels
-  are accounted as follows: attention with a (B, 1, T, T) boolean segment mask goes through SDPA,
-  which on both devices converts the mask into an additive mask of the query dtype and keeps it for
-  backward (CPU flash attention; GPU memory-efficient or cuDNN attention), so the CPU trace in the
-  run's dtype holds the same T x T bytes per layer the GPU does; flash / memory-efficient kernels
-  never hold the T x T scores on either device. Whatever the attention code does, the plan follows.
+- The trace runs on the CPU (fake CUDA tensors cannot hold modules in this torch). Attention runs
+  by document (``aria.model.layers.document_attention``): on fake tensors a row counts as one
+  document (the worst case) and the per-document causal SDPA (flash on both devices, no T x T
+  buffer) stands in for the GPU's varlen kernel, whose memory is the same. Whatever the attention
+  code does, the plan follows.
   What a fake kernel does not show is added by hand (``_hidden_temporary``: logsumexp's temporary
   of its input's size), and fp32 ``grouped_mm``, whose meta kernel applies CUDA's bf16-only rule,
   is shaped in bf16 (CPU validation runs are fp32; on a GPU the model takes that path in bf16).
@@ -362,6 +361,10 @@ class FakeModel:
                 from aria.model.lora import add_adapters
 
                 add_adapters(model, cfg.lora)
+            if cfg.parallel.sp_size > 1:
+                from aria.parallel.sequence import simulate_sequence_parallel
+
+                simulate_sequence_parallel(model, cfg.parallel.sp_size)
             if ep_size > 1:
                 simulate_expert_parallel(model.moe_layers, ep_size, ep_imbalance)
                 for layer in model.moe_layers:  # DeepSpeed's MoE tags, as tag_expert_parameters sets them
@@ -701,8 +704,11 @@ def deepspeed_memory(fake: FakeModel, trace: Trace, world: int, dtype, device: s
                                             trace.peak(held=lambda k: trainable * b)}))
         step = 0
         for g in groups:
-            # flatten the partition's gradients (a copy unless already flat), cast to fp32, then step
-            flat = 0 if compact else g.partition * b
+            if compact:  # the fp32 partition buffer is the flat gradient already (no copy, no cast)
+                step = max(step, adam(g.partition))
+                continue
+            # flatten the partition's gradients (a copy), cast to fp32, then step
+            flat = g.partition * b
             step = max(step, flat + (g.partition * 4 if b != 4 else 0), g.partition * 4 + adam(g.partition))
         phases.append(Phase("optimizer step", {store_name: store, "flat fp32 gradient + AdamW": step}))
         name = f"DeepSpeedZeroOptimizer (ZeRO-{stage})"
@@ -748,13 +754,14 @@ def deepspeed_memory(fake: FakeModel, trace: Trace, world: int, dtype, device: s
 # ---------------------------------------------------------------------------------------------
 
 
-LAYOUT_FIELDS = ("parallel.zero_stage", "parallel.ep_size", "parallel.checkpoint_decoder",
+LAYOUT_FIELDS = ("parallel.zero_stage", "parallel.ep_size", "parallel.sp_size", "parallel.checkpoint_decoder",
                  "parallel.checkpoint_vision", "train.micro_batch_size", "train.grad_accum")
 """The config fields a layout is made of (what ``suggest_layout`` may change)."""
 
 
 def layout_of(cfg) -> dict:
     return {"parallel.zero_stage": cfg.parallel.zero_stage, "parallel.ep_size": cfg.parallel.ep_size,
+            "parallel.sp_size": cfg.parallel.sp_size,
             "parallel.checkpoint_decoder": cfg.parallel.checkpoint_decoder,
             "parallel.checkpoint_vision": cfg.parallel.checkpoint_vision,
             "train.micro_batch_size": cfg.train.micro_batch_size, "train.grad_accum": cfg.train.grad_accum}
@@ -858,7 +865,8 @@ class Plan:
             margin = self.gpu_memory - self.total
             lines.append(f"  {f'GPU memory: {verdict}':44} {_gib(self.gpu_memory)}   "
                          f"({'headroom' if margin >= 0 else 'short by'} {abs(margin) / GIB:.1f} GiB)")
-        tokens = self.workload.grad_accum * self.workload.rows * self.workload.seq_len
+        # a sequence-parallel group shares its rows' tokens
+        tokens = self.workload.grad_accum * self.workload.rows * self.workload.seq_len // self.layout["parallel.sp_size"]
         lines += ["",
                   f"time: {self.step_flops:.3g} FLOPs per GPU per step ({tokens} tokens) -> "
                   f"{self.step_seconds:.2f} s at {self.mfu:.0%} MFU of {self.peak_flops / 1e12:.0f} TFLOP/s "
@@ -892,7 +900,7 @@ class PlanCache:
         self.traces: dict = {}
 
     def model(self, cfg, dtype, ep_imbalance: float = 1.0) -> FakeModel:
-        key = (cfg.parallel.ep_size, dtype, ep_imbalance)
+        key = (cfg.parallel.ep_size, cfg.parallel.sp_size, dtype, ep_imbalance)
         if key not in self.models:
             self.models[key] = FakeModel(cfg, dtype, cfg.parallel.ep_size, ep_imbalance)
         fake = self.models[key]
@@ -903,7 +911,7 @@ class PlanCache:
 
     def trace(self, fake: FakeModel, work: Workload) -> Trace:
         par = fake.cfg.parallel
-        key = (fake.ep_size, fake.ep_imbalance, fake.dtype, par.checkpoint_decoder, par.checkpoint_vision, work.rows, work.seq_len,
+        key = (fake.ep_size, par.sp_size, fake.ep_imbalance, fake.dtype, par.checkpoint_decoder, par.checkpoint_vision, work.rows, work.seq_len,
                work.crops, work.crop_size, work.docs)
         if key not in self.traces:
             self.traces[key] = fake.trace(work)
@@ -911,8 +919,9 @@ class PlanCache:
 
 
 def resolved(cfg, gpus_per_node: int):
-    """``cfg`` with ``parallel.ep_size='node'`` made the number it is on nodes of ``gpus_per_node``."""
-    return dataclasses.replace(cfg, parallel=cfg.parallel.resolved(gpus_per_node, cfg.model.moe.num_experts))
+    """``cfg`` with ``parallel.ep_size`` / ``sp_size`` 'node' made the numbers they are on nodes of
+    ``gpus_per_node``."""
+    return dataclasses.replace(cfg, parallel=cfg.parallel.resolved(gpus_per_node, cfg.model, cfg.train.seq_len))
 
 
 def plan_run(cfg, world_size: int, gpus_per_node: int = 8, gpu_memory_bytes: int | None = None, *,
@@ -947,40 +956,56 @@ def plan_run(cfg, world_size: int, gpus_per_node: int = 8, gpu_memory_bytes: int
     ds = deepspeed_memory(fake, trace, world_size, dtype, device)
     counts = {"trainable": sum(p.numel for p in fake.params.values() if p.trainable),
               "frozen": sum(p.numel for p in fake.params.values() if not p.trainable)}
-    flops = micro_batch_flops(cfg.model, work) * work.grad_accum
+    # a sequence-parallel group shares its rows' FLOPs (the trainer's MFU counts them the same way;
+    # the vision encoder, which every rank of a group runs whole, is undercounted)
+    flops = micro_batch_flops(cfg.model, work) * work.grad_accum / par.sp_size
     return Plan(cfg.recipe, cfg.model.name, layout_of(cfg), world_size, gpus_per_node, gpu_memory_bytes,
                 str(dtype).split(".")[-1], work, counts, ds.wrapper, ds.persistent, ds.phases,
                 trace.largest_at_peak(), trace.seconds, flops, mfu, peak_flops)
 
 
+LONG_ROWS = 16384
+"""Rows at least this long also try sequence parallelism (it costs two all-to-alls per layer)."""
+
+
 def candidate_layouts(cfg, world_size: int, gpus_per_node: int) -> list[dict]:
     """Layouts to try, cheapest first: no recomputation before recomputation, ZeRO-1/2 before ZeRO-3
-    (which gathers every layer's weights twice a step), the run's micro-batch before smaller ones
-    (the global batch kept through gradient accumulation), fewer changed fields first."""
-    E = cfg.model.moe.num_experts
+    (which gathers every layer's weights twice a step), no sequence parallelism before it (long
+    rows only), the run's micro-batch before smaller ones (the global batch kept through gradient
+    accumulation), fewer changed fields first."""
+    E, text = cfg.model.moe.num_experts, cfg.model.text
     eps = [p for p in range(1, min(gpus_per_node, world_size) + 1) if E % p == 0 and world_size % p == 0]
+    sps = [1]
+    if cfg.train.seq_len >= LONG_ROWS:
+        sps += [p for p in range(2, min(gpus_per_node, world_size) + 1)
+                if world_size % p == 0 and text.num_heads % p == 0 and text.num_kv_heads % p == 0
+                and cfg.train.seq_len % p == 0]
     images = cfg.stage.name not in TEXT_ONLY_STAGES
     checkpoints = [(False, False), (True, False), (True, True)] if images else [(False, False), (True, False)]
-    rows = cfg.train.micro_batch_size * cfg.train.grad_accum
+    rows = cfg.train.micro_batch_size * cfg.train.grad_accum * (world_size // cfg.parallel.sp_size)
     mbs = []
     b = cfg.train.micro_batch_size
     while b >= 1:
-        if rows % b == 0:
-            mbs.append(b)
+        mbs.append(b)
         b //= 2
     current = layout_of(cfg)
     found = []
     for zero in (1, 2, 3):
         for ep in eps if zero < 3 else [1]:
-            for dec, vis in checkpoints:
-                for b in mbs:
-                    layout = {"parallel.zero_stage": zero, "parallel.ep_size": ep,
-                              "parallel.checkpoint_decoder": dec,
-                              "parallel.checkpoint_vision": vis or (cfg.parallel.checkpoint_vision and not images),
-                              "train.micro_batch_size": b, "train.grad_accum": rows // b}
-                    changed = sum(layout[k] != current[k] for k in LAYOUT_FIELDS)
-                    cost = (dec + 0.5 * vis, zero == 3, cfg.train.micro_batch_size // b, changed, zero, -ep)
-                    found.append((cost, layout))
+            for sp in sps:
+                for dec, vis in checkpoints:
+                    for b in mbs:
+                        readers = world_size // sp  # a sequence-parallel group reads one row
+                        if rows % (b * readers):
+                            continue
+                        layout = {"parallel.zero_stage": zero, "parallel.ep_size": ep, "parallel.sp_size": sp,
+                                  "parallel.checkpoint_decoder": dec,
+                                  "parallel.checkpoint_vision": vis or (cfg.parallel.checkpoint_vision and not images),
+                                  "train.micro_batch_size": b, "train.grad_accum": rows // (b * readers)}
+                        changed = sum(layout[k] != current[k] for k in LAYOUT_FIELDS)
+                        cost = (dec + 0.5 * vis, zero == 3, sp > 1, cfg.train.micro_batch_size // b, changed,
+                                zero, sp, -ep)
+                        found.append((cost, layout))
     found.sort(key=lambda cl: cl[0])
     return [layout for _, layout in found]
 

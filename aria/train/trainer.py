@@ -44,9 +44,11 @@ from aria.config import RunConfig, parse_mixture
 from aria.model.aria import Aria
 from aria.model.lora import add_adapters, init_adapters
 from aria.model.moe import update_expert_bias
-from aria.parallel.dist import DistInfo, barrier, expert_parallel_groups, init_distributed, placement
+from aria.parallel.dist import (DistInfo, barrier, expert_parallel_groups, init_distributed, placement,
+                                sequence_parallel_group)
 from aria.parallel.engine import build_engine, deepspeed_config, precision
 from aria.parallel.expert import shard_experts_over, tag_expert_parameters
+from aria.parallel.sequence import SequenceParallel, enable_sequence_parallel
 from aria.parallel.shards import local_parts, sum_over_parts
 from aria.train import checkpoint as ckpt
 from aria.train import weights
@@ -54,7 +56,7 @@ from aria.train.stages import apply_stage, stage_model_config
 
 EXIT_OK, EXIT_NONFINITE, EXIT_TERMINATED = 0, 3, 143
 TRAINING_ONLY_MOE_FIELDS = ("aux_loss_coeff", "z_loss_coeff", "balance_scope", "bias_balancing",
-                            "bias_update_rate")
+                            "bias_update_rate", "token_chunk")
 
 
 def resolve_model_config(cfg: RunConfig):
@@ -92,15 +94,18 @@ def gradient_norm(model) -> float:
 
 def keep_global_batch(cfg: RunConfig, saved: dict, world: int) -> RunConfig:
     """``cfg`` with ``train.grad_accum`` set so that a step holds the rows it held when ``saved``
-    (a checkpoint's layout) was written, on ``world`` processes."""
-    rows = saved["micro_batch_size"] * saved["grad_accum"] * saved["world_size"]
-    per_pass = cfg.train.micro_batch_size * world
+    (a checkpoint's layout) was written, on ``world`` processes (rows are read per group of
+    ``parallel.sp_size`` ranks)."""
+    old_rows = saved["world_size"] // saved.get("sp_size", 1)
+    rows = saved["micro_batch_size"] * saved["grad_accum"] * old_rows
+    readers = world // cfg.parallel.sp_size
+    per_pass = cfg.train.micro_batch_size * readers
     if rows % per_pass:
-        raise ValueError(f"the checkpoint's steps hold {rows} rows ({saved['world_size']} processes x "
+        raise ValueError(f"the checkpoint's steps hold {rows} rows ({old_rows} row readers x "
                          f"micro_batch_size {saved['micro_batch_size']} x grad_accum {saved['grad_accum']}); "
-                         f"{world} processes x train.micro_batch_size={cfg.train.micro_batch_size} do not "
-                         f"divide it. Resume with a number of processes and train.micro_batch_size whose "
-                         f"product divides {rows}")
+                         f"{readers} row readers ({world} processes / parallel.sp_size) x "
+                         f"train.micro_batch_size={cfg.train.micro_batch_size} do not divide it. Resume with "
+                         f"processes, parallel.sp_size and train.micro_batch_size that divide {rows}")
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=rows // per_pass))
 
 
@@ -120,17 +125,18 @@ class Trainer:
         self.model_cfg = resolve_model_config(cfg)
         rank, world, per_node = placement()
         cfg = dataclasses.replace(cfg, model=self.model_cfg,
-                                  parallel=cfg.parallel.resolved(per_node, self.model_cfg.moe.num_experts))
+                                  parallel=cfg.parallel.resolved(per_node, self.model_cfg, cfg.train.seq_len))
         self.resumed_layout = None
         if self.resume_from is not None:
             saved = ckpt.read_layout(self.resume_from)
-            layout = (world, cfg.parallel.ep_size, cfg.parallel.zero_stage)
-            if layout != (saved["world_size"], saved["ep_size"], saved["zero_stage"]):
+            layout = (world, cfg.parallel.ep_size, cfg.parallel.zero_stage, cfg.parallel.sp_size)
+            if layout != (saved["world_size"], saved["ep_size"], saved["zero_stage"], saved.get("sp_size", 1)):
                 self.resumed_layout = saved
                 cfg = keep_global_batch(cfg, saved, world)
         self.cfg = cfg
         self.stop_requested = False
-        self.loader = self.build_data(rank, world)  # forks the workers: before CUDA and NCCL
+        sp = cfg.parallel.sp_size  # the ranks of a sequence-parallel group read the same rows
+        self.loader = self.build_data(rank // sp, world // sp)  # forks the workers: before CUDA, NCCL
         self.info: DistInfo = init_distributed()
         self.check_memory(per_node)
 
@@ -191,6 +197,9 @@ class Trainer:
         if cfg.parallel.ep_size > 1:
             group, self.ep_group_name = expert_parallel_groups(cfg.parallel.ep_size)
             shard_experts_over(model.moe_layers, group, self.ep_group_name)
+        sp = cfg.parallel.sp_size
+        if sp > 1:
+            enable_sequence_parallel(model, SequenceParallel(sequence_parallel_group(sp), sp, info.rank % sp))
         if cfg.parallel.zero_stage != 3:
             model = model.to_empty(device=info.device)
         tag_expert_parameters(model.moe_layers)
@@ -230,7 +239,9 @@ class Trainer:
                                     self.cfg.train.micro_batch_size, rank, world, self.cfg.train.seed,
                                     data.prefetch_factor, data.loader_timeout)
         if self.resume_from is not None:
-            loader.load_state_dict(merge_states([s["data"] for s in ckpt.read_trainer_states(self.resume_from)]))
+            states = ckpt.read_trainer_states(self.resume_from)
+            old_sp = ckpt.read_layout(self.resume_from).get("sp_size", 1)  # a group's ranks hold one position
+            loader.load_state_dict(merge_states([s["data"] for s in states[::old_sp]]))
         loader.start()
         return loader
 
@@ -281,7 +292,7 @@ class Trainer:
                             "train (the adapters)")
         throughput = Throughput(peak_flops(info.device))
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        G, W = cfg.train.grad_accum, info.world_size
+        G, W, SP = cfg.train.grad_accum, info.world_size, cfg.parallel.sp_size
         batches = iter(loader)
         exit_code = EXIT_OK
         saved_at = step if self.resume_from is not None else None
@@ -294,7 +305,8 @@ class Trainer:
                                       dtype=torch.float64, device=info.device)
                 if W > 1:
                     dist.all_reduce(agreed)
-                n_global, stop = max(agreed[0].item(), 1.0), agreed[1].item() > 0
+                # the ranks of a sequence-parallel group hold the same rows: count them once
+                n_global, stop = max(agreed[0].item() / SP, 1.0), agreed[1].item() > 0
                 if stop:  # these micro-batches stay untrained: the checkpoint starts with them
                     metrics.message(f"SIGTERM: saving a checkpoint at step {step} and stopping")
                     if saved_at != step:
@@ -318,7 +330,8 @@ class Trainer:
                 grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
                 tokens_seen += tokens
-                throughput.update(time.perf_counter() - started, tokens, flops)
+                # tokens/s of the whole run; FLOP/s and MFU per device (the step's FLOPs are global)
+                throughput.update(time.perf_counter() - started, tokens, flops / W)
                 record = {**stats, "grad_norm": grad_norm, "lr": engine.get_lr()[0],
                           "tokens_seen": tokens_seen, "tokens_per_s": throughput.tokens_per_s(),
                           "tflops": throughput.tflops(), "mfu": throughput.mfu(),
@@ -351,7 +364,7 @@ class Trainer:
         """Forward + backward of the G micro-batches; the step's all-reduced statistics."""
         from aria.train.metrics import batch_flops
 
-        device = self.info.device
+        device, SP = self.info.device, self.cfg.parallel.sp_size
         ce = torch.zeros((), device=device, dtype=torch.float64)
         aux = torch.zeros((), device=device, dtype=torch.float64)
         z = torch.zeros((), device=device, dtype=torch.float64)
@@ -360,9 +373,11 @@ class Trainer:
             out = engine(**to_device(batch.model_inputs(), device))
             loss = out.loss_sum * (W / n_global)
             if out.router_loss is not None:
-                loss = loss + out.router_loss / G
-                aux += out.aux_loss_L.detach().sum() / G
-                z += out.z_loss_L.detach().sum() / G
+                # under sequence parallelism each rank holds its tokens' part of the rows' router
+                # losses; DeepSpeed averages over all W ranks, so the parts are scaled by SP
+                loss = loss + out.router_loss * (SP / G)
+                aux += out.aux_loss_L.detach().sum() * (SP / G)
+                z += out.z_loss_L.detach().sum() * (SP / G)
                 tpe = out.tokens_per_expert_LE.detach()
                 tokens_per_expert = tpe if tokens_per_expert is None else tokens_per_expert + tpe
             engine.backward(loss, scale_wrt_gas=False)
@@ -381,6 +396,7 @@ class Trainer:
             dist.all_reduce(totals)
         ce_sum, aux_sum, z_sum, all_tokens, all_flops = totals.tolist()
         stats = {"loss": ce_sum / n_global, "aux_loss": aux_sum / W, "z_loss": z_sum / W}
+        all_tokens, all_flops = all_tokens / SP, all_flops / SP  # every rank of a group counted its rows
         if tokens_per_expert is not None and W > 1:
             dist.all_reduce(tokens_per_expert)
         return stats, tokens_per_expert, all_flops, int(all_tokens)
@@ -405,8 +421,10 @@ class Trainer:
         results, total_ce, total_n = {}, 0.0, 0.0
         for entry in parse_mixture(cfg.data.eval, "data.eval"):
             sums = torch.zeros(2, dtype=torch.float64, device=info.device)
+            sp = cfg.parallel.sp_size  # a sequence-parallel group reads the same rows
             batches = eval_batches(entry.path, self.processor, cfg.train.seq_len, cfg.train.micro_batch_size,
-                                   info.rank, info.world_size, cfg.data.strict, cfg.data.allow_outside_media,
+                                   info.rank // sp, info.world_size // sp, cfg.data.strict,
+                                   cfg.data.allow_outside_media,
                                    entry.columns, most if info.world_size > 1 else None)
             for batch in itertools.islice(batches, cfg.train.eval_batches or None):
                 out = engine(**to_device(batch.model_inputs(), info.device))
