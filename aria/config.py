@@ -201,6 +201,11 @@ class VisionConfig:
     position_init_std: float | None = None
     """From-scratch init of the position table; null = SigLIP's 1/sqrt(hidden_size). Not part of the
     HF config (weights carry it)."""
+    crop_chunk: int = 0
+    """In training, run the vision encoder and projector over this many crops at a time, each chunk
+    recomputed in backward (0 = all at once): a long video row keeps only its pixels and image
+    features instead of every crop's activations. The result is the same. Not part of the HF
+    config."""
     _path: str = field(default="model.vision", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -222,6 +227,8 @@ class VisionConfig:
                f"an index into the {self.num_layers + 1} hidden states (embeddings + layers)")
         if self.position_init_std is not None:
             _non_negative_float(f"{p}.position_init_std", self.position_init_std)
+        _check(isinstance(self.crop_chunk, int) and not isinstance(self.crop_chunk, bool) and self.crop_chunk >= 0,
+               f"{p}.crop_chunk", self.crop_chunk, "an integer >= 0 (0 = off)")
 
     @property
     def num_positions(self) -> int:

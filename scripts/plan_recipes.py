@@ -2,8 +2,7 @@
 
     python scripts/plan_recipes.py [--model aria] [--gpu-memory 80] [--alternatives]
 
-First table: each recipe's default layout on nodes of 8 GPUs (the number of nodes the recipe needs,
-text rows for the 64K recipes). With ``--alternatives`` also the table of layouts against each
+First table: each recipe's default layout on nodes of 8 GPUs (the number of nodes the recipe needs). With ``--alternatives`` also the table of layouts against each
 other (1 node / 2 nodes per cell; about a quarter of an hour on 2 CPU cores: every cell is a trace
 of the full model on fake tensors).
 """
@@ -19,7 +18,7 @@ from aria.train.plan import GIB, plan_run
 RECIPES = {
     "stage1_language": (1, None), "stage2_multimodal": (1, None), "stage4_post_training": (1, None),
     "finetune": (1, None), "finetune_video": (1, 16), "finetune_lora": (1, None),
-    "stage3_long_context": (1, 0), "finetune_long_context": (1, 0),
+    "stage3_long_context": (1, None), "finetune_long_context": (1, None),
 }
 ALTERNATIVES = {  # column -> overrides
     "default": ["parallel=default"],
@@ -33,7 +32,7 @@ ALTERNATIVES = {  # column -> overrides
 ROWS = [  # recipe, crops per row (None = the plan's default)
     ("stage1_language", None), ("stage2_multimodal", None), ("finetune", None), ("finetune_video", 16),
     ("finetune_lora", None), ("stage3_long_context", 0), ("stage3_long_context", None),
-    ("finetune_long_context", 0),
+    ("finetune_long_context", 0), ("finetune_long_context", None),
 ]
 
 

@@ -188,6 +188,30 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(plain[n], checkpointed[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
+def test_crop_chunks_give_the_same_image_features_and_gradients():
+    """vision.crop_chunk runs the encoder and projector over 2 of the 5 crops at a time (the last
+    chunk uneven, one crop padded), each chunk recomputed in backward: same features, same grads."""
+    cfg = make_config(patch_to_query={16: 6, 4: 3})
+    torch.manual_seed(0)
+    whole = build_model(cfg).train()
+    perturb(whole)
+    chunked = build_model(make_config(patch_to_query={16: 6, 4: 3}, vision={"crop_chunk": 2})).train()
+    chunked.load_state_dict(whole.state_dict())
+    pixels = torch.randn(5, 3, 16, 16)
+    mask = torch.ones(5, 16, 16, dtype=torch.bool)
+    mask[3, :, 12:] = False  # a padded crop keeps its mask
+    features = []
+    for model in (whole, chunked):
+        out = model.image_features(pixels, mask)
+        out.square().sum().backward()
+        features.append(out)
+    torch.testing.assert_close(features[0], features[1], atol=1e-6, rtol=1e-6)
+    for (name, a), (_, b) in zip(whole.named_parameters(), chunked.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-6, msg=name)
+    assert whole.vision.patch_embed.weight.grad.abs().sum() > 0
+
+
 def test_bf16_model_tracks_fp32_and_keeps_router_state_fp32():
     cfg = make_config(moe=dict(bias_balancing=True))
     torch.manual_seed(0)

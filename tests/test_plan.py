@@ -70,9 +70,8 @@ def test_full_size_aria_plans_on_fake_tensors_with_the_true_parameter_counts():
 RECIPE_LAYOUTS = {
     "stage1_language": (1, 0), "stage2_multimodal": (1, None), "stage4_post_training": (1, None),
     "finetune": (1, None), "finetune_video": (1, 16), "finetune_lora": (1, None),
-    # 64K rows (text; a row's images would run the vision encoder whole on every rank of a
-    # sequence-parallel group)
-    "stage3_long_context": (1, 0), "finetune_long_context": (1, 0),
+    # 64K rows (sequence parallelism, token and crop chunks)
+    "stage3_long_context": (1, None), "finetune_long_context": (1, None),
 }
 
 

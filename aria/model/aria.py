@@ -144,7 +144,17 @@ class Aria(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
                        ) -> torch.Tensor:
-        """(N, C, H, W) crops [+ (N, H, W) pixel mask] -> (N, Q, D) image-token embeddings."""
+        """(N, C, H, W) crops [+ (N, H, W) pixel mask] -> (N, Q, D) image-token embeddings; in
+        training, ``vision.crop_chunk`` crops at a time, each chunk recomputed in backward."""
+        C = self.cfg.vision.crop_chunk
+        if C and pixel_values.shape[0] > C and self.training and torch.is_grad_enabled():
+            return torch.cat([torch.utils.checkpoint.checkpoint(
+                self._crop_features, pixel_values[start:start + C],
+                None if pixel_mask is None else pixel_mask[start:start + C], use_reentrant=False)
+                for start in range(0, pixel_values.shape[0], C)])
+        return self._crop_features(pixel_values, pixel_mask)
+
+    def _crop_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
         patches_NGD, valid_NG = self.vision(pixel_values, pixel_mask)
         return self.projector(patches_NGD, valid_NG)
 

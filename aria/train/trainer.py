@@ -55,19 +55,24 @@ from aria.train import weights
 from aria.train.stages import apply_stage, stage_model_config
 
 EXIT_OK, EXIT_NONFINITE, EXIT_TERMINATED = 0, 3, 143
-TRAINING_ONLY_MOE_FIELDS = ("aux_loss_coeff", "z_loss_coeff", "balance_scope", "bias_balancing",
-                            "bias_update_rate", "token_chunk")
+# Model fields that are options of a training run, not of the weights: they come from the run's
+# config even when the architecture comes from the weights' source.
+TRAINING_ONLY_FIELDS = {"moe": ("aux_loss_coeff", "z_loss_coeff", "balance_scope", "bias_balancing",
+                                "bias_update_rate", "token_chunk"),
+                        "vision": ("crop_chunk",)}
 
 
 def resolve_model_config(cfg: RunConfig):
-    """The architecture comes from the weights' source when there is one; the router-loss options
-    always come from this run's config; the stage may set the RoPE base."""
+    """The architecture comes from the weights' source when there is one; the training options
+    (``TRAINING_ONLY_FIELDS``) always come from this run's config; the stage may set the RoPE base."""
     model = cfg.model
     source = cfg.init.from_hf or cfg.init.from_checkpoint
     if source:
         model = ckpt.source_model_config(source, hf=bool(cfg.init.from_hf))
-        options = {f: getattr(cfg.model.moe, f) for f in TRAINING_ONLY_MOE_FIELDS}
-        model = dataclasses.replace(model, moe=dataclasses.replace(model.moe, **options))
+        model = dataclasses.replace(model, **{
+            node: dataclasses.replace(getattr(model, node), **{f: getattr(getattr(cfg.model, node), f)
+                                                               for f in fields})
+            for node, fields in TRAINING_ONLY_FIELDS.items()})
     return stage_model_config(model, cfg.stage)
 
 
