@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from aria.config import MoEConfig
-from aria.model.moe import (MoE, experts_grouped, experts_loop, load_balancing_loss, padded_groups,
-                            permute, route, router_z_loss, unpermute, update_expert_bias)
+from aria.model.moe import (MoE, exact_offsets, experts_grouped, experts_loop, grouped_mm,
+                            load_balancing_loss, padded_groups, permute, route, router_z_loss, unpermute,
+                            update_expert_bias)
 from aria.parallel.expert import regroup_order, simulate_expert_parallel
 from helpers import run_distributed
 
@@ -72,6 +74,32 @@ def test_grouped_gemm_equals_per_expert_loop_including_empty_experts(dtype):
     for a, b in zip(grads_fast, grads_slow):
         torch.testing.assert_close(a, b, **tol)
     assert grads_fast[1][1].abs().sum() == 0 and grads_fast[1][3].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_grouped_mm_on_the_cpu_runs_only_the_experts_that_have_rows(dtype):
+    """Without a backward the CPU path is one matmul per non-empty expert (the CPU kernel would
+    visit all E), equal to torch's grouped GEMM."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountMatmuls.calls += func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    counts = torch.tensor([0, 3, 0, 0, 1, 0, 0, 2])
+    x = torch.randn(6, 16, dtype=dtype)
+    w = torch.randn(8, 16, 24, dtype=dtype)
+    offsets = exact_offsets(counts)
+    with torch.no_grad(), CountMatmuls():
+        out = grouped_mm(x, w, offsets)
+    assert CountMatmuls.calls == 3
+    torch.testing.assert_close(out, F.grouped_mm(x, w, offs=offsets))
+    expected = torch.cat([x[0:3] @ w[1], x[3:4] @ w[4], x[4:6] @ w[7]])
+    torch.testing.assert_close(out, expected)
 
 
 def test_padded_groups_on_hand_derived_counts():

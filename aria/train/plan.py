@@ -29,6 +29,8 @@ Design decisions:
   What a fake kernel does not show is added by hand (``_hidden_temporary``: logsumexp's temporary
   of its input's size), and fp32 ``grouped_mm``, whose meta kernel applies CUDA's bf16-only rule,
   is shaped in bf16 (CPU validation runs are fp32; on a GPU the model takes that path in bf16).
+  Where the model code takes another path on the CPU, the trace takes the planned device's
+  (``aria.model.loss.FAKE_DEVICE``).
 - DeepSpeed's own memory is modelled from what DeepSpeed 0.19.8 allocates for the JSON
   ``aria.parallel.engine.deepspeed_config`` gives it, with the exact parameter groups of
   ``engine.param_groups`` (and DeepSpeed's MoE group split) and its partitioning arithmetic
@@ -404,8 +406,11 @@ class FakeModel:
             groups = split_params_into_different_moe_groups_for_optimizer(groups)
         return [([id(p) for p in g["params"]], bool(g.get("moe"))) for g in groups if g["params"]]
 
-    def trace(self, work: Workload) -> Trace:
-        """Forward + backward of one micro-batch as ``Trainer._accumulate`` runs it."""
+    def trace(self, work: Workload, device: str = "cuda") -> Trace:
+        """Forward + backward of one micro-batch as ``Trainer._accumulate`` runs it on ``device``
+        (where the code takes another path on the CPU)."""
+        from aria.model.loss import FAKE_DEVICE
+
         started = time.perf_counter()
         tracker = _storage_tracker([*self.model.parameters(), *self.model.buffers()])
 
@@ -416,6 +421,7 @@ class FakeModel:
 
         hooks = [p.register_post_accumulate_grad_hook(hand_over) for p in self.model.parameters()
                  if p.requires_grad]
+        planned = FAKE_DEVICE.set(device)
         try:
             with self.mode, tracker:
                 inputs = synthetic_batch(self.cfg.model, work.rows, work.seq_len, work.crops,
@@ -430,6 +436,7 @@ class FakeModel:
                     loss.backward()
                 del out, loss, inputs
         finally:
+            FAKE_DEVICE.reset(planned)
             for h in hooks:
                 h.remove()
         return Trace(tracker.log, time.perf_counter() - started)
@@ -909,12 +916,12 @@ class PlanCache:
                                               decoder=cfg.parallel.checkpoint_decoder)
         return fake
 
-    def trace(self, fake: FakeModel, work: Workload) -> Trace:
+    def trace(self, fake: FakeModel, work: Workload, device: str = "cuda") -> Trace:
         par = fake.cfg.parallel
         key = (fake.ep_size, par.sp_size, fake.ep_imbalance, fake.dtype, par.checkpoint_decoder, par.checkpoint_vision, work.rows, work.seq_len,
-               work.crops, work.crop_size, work.docs)
+               work.crops, work.crop_size, work.docs, device)
         if key not in self.traces:
-            self.traces[key] = fake.trace(work)
+            self.traces[key] = fake.trace(work, device)
         return self.traces[key]
 
 
@@ -952,7 +959,7 @@ def plan_run(cfg, world_size: int, gpus_per_node: int = 8, gpu_memory_bytes: int
     dtype = run_dtype(cfg, device)
     work = workload(cfg, crops, docs, crop_size)
     fake = cache.model(cfg, dtype, ep_imbalance)
-    trace = cache.trace(fake, work)
+    trace = cache.trace(fake, work, device)
     ds = deepspeed_memory(fake, trace, world_size, dtype, device)
     counts = {"trainable": sum(p.numel for p in fake.params.values() if p.trainable),
               "frozen": sum(p.numel for p in fake.params.values() if not p.trainable)}

@@ -1,0 +1,282 @@
+"""What the side-by-side benchmarks share (``bench_train.py``, ``bench_generate.py``,
+``bench_video.py``): the two implementations on the same weights, the device's measured matmul
+peak, interleaved timing, peak memory of one case in a fresh process, tables and JSON.
+
+- **Same weights.** Ours is built from scratch (``--seed``) or loaded from ``--weights`` (a Hugging
+  Face Aria directory, e.g. the released model); transformers' ``AriaForConditionalGeneration``
+  loads our model exported with ``aria.convert.checkpoint.write_hf_dir`` (or ``--weights``). Both
+  run in ``--dtype`` on ``--device``; transformers uses its SDPA attention.
+- **Time**: the cases of both implementations alternate in one process (``interleaved``), so a
+  machine's slow minute hits both; ``--warmup`` rounds are dropped, the median of ``--repeats``
+  rounds is reported. CUDA is synchronised around every timed call.
+- **Memory**: each (implementation, case) runs once in a fresh process (``in_fresh_process``):
+  on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the measured call;
+  on the CPU the process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs``)
+  above its resident set before the call. A case that runs out of memory is reported as such
+  (CPU: the child's address space is capped at ``--memory-cap`` GiB so that an allocation fails
+  cleanly instead of the kernel killing the machine's processes).
+- **Peak**: a square ``--dtype`` matmul measured on the device (2048 on the CPU, 8192 on CUDA);
+  MFU = model FLOPs per second / that peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # aria, where it is not installed
+    sys.path.insert(0, str(HERE.parent))
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+IMPLS = ("ours", "hf")
+OOM = "out of memory"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
+    parser.add_argument("--model", default=None,
+                        help="a config name (configs/model) or YAML; default: narrow on the CPU, proxy on CUDA")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a Hugging Face Aria directory both implementations load (default: from scratch)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
+    parser.add_argument("--impls", default="ours,hf", help="comma-separated: ours, hf")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the fresh-process memory runs")
+    parser.add_argument("--memory-cap", type=float, default=None,
+                        help="CPU: GiB of address space a memory run may take (default: 90%% of RAM)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    args.impls = args.impls.split(",")
+    if not args.impls or not set(args.impls) <= set(IMPLS):
+        parser.error(f"--impls takes {', '.join(IMPLS)}, got {','.join(args.impls)}")
+    if args.model is None:
+        args.model = "proxy" if args.device == "cuda" else "narrow"
+    if args.weights is not None and not (args.weights / "config.json").is_file():
+        parser.error(f"--weights {args.weights}: not a Hugging Face model directory (no config.json)")
+
+
+def model_config(args):
+    from aria.config import load_model_config
+    from aria.convert.checkpoint import read_hf_config
+
+    return read_hf_config(args.weights) if args.weights else load_model_config(args.model)
+
+
+def build_ours(args) -> torch.nn.Module:
+    """Our model in ``args.dtype`` on ``args.device``: from ``--weights``, or from scratch (built
+    on the meta device and initialised in place on the target device: no fp32 host copy)."""
+    from aria.convert.checkpoint import load_hf_dir
+    from aria.model import build_model
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.weights is not None:
+        return load_hf_dir(args.weights, device=device, dtype=dtype)
+    model = build_model(model_config(args), device="meta").to_empty(device=device).to(dtype)
+    for buffer in model.buffers():
+        buffer.zero_()
+    model.init_weights(seed=args.seed)
+    return model
+
+
+def build_hf(args, ours: torch.nn.Module | None = None) -> torch.nn.Module:
+    """transformers' model on the same weights: ``--weights``, or ``ours`` exported."""
+    from transformers import AriaForConditionalGeneration
+
+    from aria.convert.checkpoint import write_hf_dir
+
+    def load(directory) -> torch.nn.Module:
+        return AriaForConditionalGeneration.from_pretrained(
+            directory, torch_dtype=DTYPES[args.dtype], attn_implementation="sdpa").to(args.device)
+
+    if args.weights is not None:
+        return load(args.weights)
+    if ours is None:
+        ours = build_ours(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf_dir(((k, v.detach()) for k, v in ours.state_dict().items()), ours.cfg, Path(tmp))
+        return load(tmp)
+
+
+def build(args, impl: str, ours: torch.nn.Module | None = None) -> torch.nn.Module:
+    if impl == "ours":
+        return ours if ours is not None else build_ours(args)
+    return build_hf(args, ours)
+
+
+def describe_hf(models: dict) -> str:
+    """transformers' version and the attention and experts kernels its model runs."""
+    if "hf" not in models:
+        return ""
+    import transformers
+
+    text = models["hf"].config.text_config
+    return (f"; transformers {transformers.__version__} (attention {text._attn_implementation}, experts "
+            f"{getattr(text, '_experts_implementation', 'eager')})")
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of a square matmul in ``dtype`` on ``device`` (median of ``repeats``)."""
+    n = 8192 if torch.device(device).type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def interleaved(calls: dict[str, Callable[[], object]], device: str, warmup: int, repeats: int
+                ) -> dict[str, list[float]]:
+    """Seconds of every call in each of ``repeats`` rounds (after ``warmup`` rounds), the calls of a
+    round one after the other."""
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(warmup + repeats):
+        for name, call in calls.items():
+            synchronize(device)
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            if round_ >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+class PeakMemory:
+    """Peak bytes above the current use while the block runs (see the module docstring)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.bytes = 0
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            self.base = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.bytes = _status_kib("VmHWM") * 1024 - self.base
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in
+                                                ("out of memory", "DefaultCPUAllocator: can't allocate")))
+
+
+def _cap_address_space(gib: float | None) -> None:
+    limit = int((gib if gib is not None else 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
+                * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def in_fresh_process(func: Callable, *args, device: str = "cpu", memory_cap: float | None = None):
+    """``func(*args)`` in a new process (spawned: nothing of this one is inherited); returns its
+    result, or ``OOM`` when it ran out of memory (an allocation failed, or the child was killed)."""
+    context = multiprocessing.get_context("spawn")
+    initializer = None if torch.device(device).type == "cuda" else _cap_address_space
+    with ProcessPoolExecutor(1, mp_context=context, initializer=initializer,
+                             initargs=() if initializer is None else (memory_cap,)) as pool:
+        try:
+            return pool.submit(_guarded, func, *args).result()
+        except Exception as error:  # BrokenProcessPool: the child died (the kernel's OOM killer)
+            if type(error).__name__ == "BrokenProcessPool":
+                return OOM
+            raise
+
+
+def _guarded(func: Callable, *args):
+    try:
+        return func(*args)
+    except Exception as error:
+        if is_oom(error):
+            return OOM
+        raise
+
+
+def machine(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    model = platform.processor() or platform.machine()
+    try:
+        model = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M).group(1)
+    except (OSError, AttributeError):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def ratio(ours, theirs) -> str:
+    """``theirs / ours`` as '2.10x' (how many times better ours is for times and memory), or '-'."""
+    if not isinstance(ours, (int, float)) or not isinstance(theirs, (int, float)) or ours <= 0:
+        return "-"
+    return f"{theirs / ours:.2f}x"
+
+
+def print_table(header: list[str], rows: list[list[object]]) -> None:
+    cells = [[str(c) for c in row] for row in [header] + rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for i, row in enumerate(cells):
+        print(" | ".join(c.rjust(w) for c, w in zip(row, widths)), flush=True)
+        if i == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+def mib(value) -> object:
+    return f"{value / 2**20:.0f}" if isinstance(value, (int, float)) else value
+
+
+def progress(message: str) -> None:
+    """One line per finished case on stderr (the table comes at the end, on stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def write_json(path: Path | None, payload: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(payload, indent=1, default=str))

@@ -1,0 +1,172 @@
+"""Greedy generation, ours against transformers' AriaForConditionalGeneration on the same weights:
+prefill milliseconds and decode tokens/s at batch sizes 1 and 8, and whether the outputs agree.
+
+    python scripts/bench_generate.py                                 # CPU: model=narrow
+    python scripts/bench_generate.py --device cuda --model aria --batch-sizes 1 --json generate.json
+
+Each prompt is ``--prompt-len`` tokens holding one ``--image-size`` px image (its <|img|> tokens
+after the first token) and random text; every row of a batch has its own image and text, all
+of the same length (no padding). Both generate ``--new-tokens`` tokens greedily without stopping
+at an end token (ours: ``aria.model.generate``; transformers: ``generate(do_sample=False)``).
+Prefill = the time to the first new token (a generation of one token); decode tokens/s = the
+batch's further tokens over the rest of the time. Outputs: the number of rows whose tokens are
+all equal, and the first position where a row differs (bf16 rounding can flip a near-tie argmax
+between two correct implementations; fp32 should agree everywhere). Memory: peak of a whole
+generation in a fresh process above the loaded model (see ``bench_common``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # noqa: E402
+
+
+def make_prompts(cfg, batch: int, prompt_len: int, image_size: int, device, dtype, seed: int = 0,
+                 images_per_row: int = 1) -> dict:
+    """``batch`` rows of ``prompt_len`` tokens, each with ``images_per_row`` crops of
+    ``image_size`` px whose <|img|> tokens follow the first token."""
+    g = torch.Generator().manual_seed(seed)
+    patches = (image_size // cfg.vision.patch_size) ** 2
+    if patches not in cfg.projector.patch_to_query:
+        raise ValueError(f"--image-size {image_size}: {patches} patches per crop, but the model's "
+                         f"projector maps {sorted(cfg.projector.patch_to_query)}")
+    slots = images_per_row * cfg.projector.patch_to_query[patches]
+    if slots + 2 > prompt_len:
+        raise ValueError(f"a prompt of {prompt_len} tokens cannot hold {slots} image tokens and text")
+    ids = torch.randint(10, cfg.text.vocab_size, (batch, prompt_len), generator=g)
+    ids[ids == cfg.image_token_id] = 11
+    ids[:, 1:1 + slots] = cfg.image_token_id
+    pixels = torch.randn(batch * images_per_row, cfg.vision.num_channels, image_size, image_size, generator=g)
+    mask = torch.ones(batch * images_per_row, image_size, image_size, dtype=torch.bool)
+    return dict(ids=ids.to(device), pixels=pixels.to(device, dtype), mask=mask.to(device))
+
+
+def generate_fn(model, impl: str, prompts: dict, new_tokens: int):
+    """A closure generating ``new_tokens`` greedy tokens; returns them (B, new_tokens)."""
+    if impl == "ours":
+        from aria.model import generate
+
+        def run():
+            return generate(model, prompts["ids"], prompts["pixels"], prompts["mask"],
+                            max_new_tokens=new_tokens, eos_token_ids=[])
+    else:
+        def run():
+            with torch.no_grad():
+                out = model.generate(input_ids=prompts["ids"], pixel_values=prompts["pixels"],
+                                     pixel_mask=prompts["mask"], max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                     pad_token_id=model.config.text_config.pad_token_id)
+            return out[:, prompts["ids"].shape[1]:]
+    return run
+
+
+def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[int, int | None]:
+    """(rows whose tokens are all equal, the earliest position where some row differs or None)."""
+    n = min(ours.shape[1], theirs.shape[1])
+    differ = (ours[:, :n] != theirs[:, :n].to(ours.device)).cpu()
+    equal_rows = int((~differ.any(1)).sum()) if ours.shape[1] == theirs.shape[1] else 0
+    first = differ.any(0).nonzero()
+    return equal_rows, int(first[0]) if len(first) else None
+
+
+def batch_prompts(args: argparse.Namespace, cfg, batch: int) -> dict:
+    return make_prompts(cfg, batch, args.prompt_len, args.image_size, args.device, bc.DTYPES[args.dtype],
+                        seed=batch)
+
+
+def generation_peak(args: argparse.Namespace, impl: str, prompts_of, key: int) -> int:
+    """Peak bytes of one whole generation of ``impl`` on ``prompts_of(args, cfg, key)``, in this
+    (fresh) process."""
+    torch.manual_seed(args.seed)
+    model = bc.build(args, impl).eval()
+    run = generate_fn(model, impl, prompts_of(args, bc.model_config(args), key), args.new_tokens)
+    with bc.PeakMemory(args.device) as peak:
+        run()
+    return peak.bytes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    bc.add_arguments(parser)
+    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=490)
+    args = parser.parse_args(argv)
+    bc.check_arguments(parser, args)
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (decode speed needs tokens after the first)")
+
+    cfg = bc.model_config(args)
+    torch.manual_seed(args.seed)
+    ours = bc.build(args, "ours").eval()
+    models = {impl: bc.build(args, impl, ours).eval() for impl in args.impls}
+    print(f"{bc.machine(args.device)}{bc.describe_hf(models)}; model={args.model} ({cfg.name}), {args.dtype}; prompts of "
+          f"{args.prompt_len} tokens with one {args.image_size} px image, {args.new_tokens} new tokens, "
+          f"greedy; median of {args.repeats} after {args.warmup} warm-up")
+
+    results = []
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        prompts = batch_prompts(args, cfg, batch)
+        calls = {}
+        for impl, model in models.items():
+            calls[f"{impl} prefill"] = generate_fn(model, impl, prompts, 1)
+            calls[impl] = generate_fn(model, impl, prompts, args.new_tokens)
+        seconds = bc.interleaved(calls, args.device, args.warmup, args.repeats)
+        tokens = {impl: calls[impl]() for impl in models}
+        for impl in models:
+            prefill, total = statistics.median(seconds[f"{impl} prefill"]), statistics.median(seconds[impl])
+            memory = (bc.in_fresh_process(generation_peak, args, impl, batch_prompts, batch,
+                                          device=args.device, memory_cap=args.memory_cap)
+                      if args.memory else None)
+            result = dict(impl=impl, batch=batch, prefill_ms=1e3 * prefill, seconds=total,
+                          # None: the timings are too noisy to tell (more --warmup / --repeats)
+                          decode_tokens_per_s=(batch * (args.new_tokens - 1) / (total - prefill)
+                                               if total > prefill else None),
+                          peak_bytes=memory)
+            if impl != "ours" and "ours" in tokens:
+                result["equal_rows"], result["first_difference"] = agreement(tokens["ours"], tokens[impl])
+            results.append(result)
+            bc.progress(f"{impl} batch {batch}: prefill {result['prefill_ms']:.0f} ms, decode "
+                        f"{fixed(result['decode_tokens_per_s'])} tokens/s, peak {bc.mib(memory)} MiB")
+    report(results, args)
+    bc.write_json(args.json, dict(machine=bc.machine(args.device), model=args.model, dtype=args.dtype,
+                                  results=results))
+    return 0
+
+
+def fixed(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def report(results: list[dict], args) -> None:
+    by_key = {(r["impl"], r["batch"]): r for r in results}
+    rows = []
+    for r in results:
+        if r["impl"] != "ours":
+            continue
+        row = [r["batch"], f"{r['prefill_ms']:.0f}", fixed(r["decode_tokens_per_s"]), bc.mib(r["peak_bytes"])]
+        hf = by_key.get(("hf", r["batch"]))
+        if hf is not None:
+            same = f"{hf['equal_rows']}/{r['batch']}" + (
+                "" if hf["first_difference"] is None else f" (from token {hf['first_difference']})")
+            row += [f"{hf['prefill_ms']:.0f}", fixed(hf["decode_tokens_per_s"]), bc.mib(hf["peak_bytes"]),
+                    bc.ratio(r["prefill_ms"], hf["prefill_ms"]),
+                    bc.ratio(hf["decode_tokens_per_s"], r["decode_tokens_per_s"]), same]
+        rows.append(row)
+    header = ["batch", "prefill ms", "decode tok/s", "MiB"]
+    if "hf" in args.impls:
+        header += ["hf prefill ms", "hf decode tok/s", "hf MiB", "prefill speed-up", "decode speed-up",
+                   "equal rows"]
+    bc.print_table(header, rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The side-by-side benchmarks (scripts/bench_*.py) on the tiny model: they run both
+implementations on the same weights, their outputs agree where they must, and their memory
+measurement sees what a call allocates."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import bench_common as bc  # noqa: E402
+
+
+def _allocate(megabytes: int) -> int:
+    with bc.PeakMemory("cpu") as peak:
+        block = torch.ones(megabytes * 2**20, dtype=torch.uint8)
+        del block
+    return peak.bytes
+
+
+def test_peak_memory_sees_what_a_call_allocates_and_frees():
+    assert 190 * 2**20 <= _allocate(200) < 260 * 2**20  # pages freed earlier may be reused
+    assert _allocate(1) < 50 * 2**20
+
+
+def test_a_case_that_runs_out_of_memory_is_reported_not_raised():
+    assert bc.in_fresh_process(_allocate, 8192, memory_cap=4) == bc.OOM
+    assert bc.in_fresh_process(_allocate, 64, memory_cap=4) >= 64 * 2**20
+
+
+@pytest.mark.slow
+def test_bench_generate_fp32_agrees_with_transformers_token_for_token(tmp_path):
+    import bench_generate
+
+    out = tmp_path / "generate.json"
+    assert bench_generate.main(["--model", "tiny", "--dtype", "fp32", "--batch-sizes", "1,3", "--prompt-len", "40",
+                                "--new-tokens", "6", "--repeats", "1", "--warmup", "0", "--no-memory",
+                                "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    hf = [r for r in results if r["impl"] == "hf"]
+    assert [(r["batch"], r["equal_rows"], r["first_difference"]) for r in hf] == [(1, 1, None), (3, 3, None)]
+    # decode speed is None only where timing noise exceeds the decode time (one short repeat)
+    assert all(r["prefill_ms"] > 0 and (r["decode_tokens_per_s"] or 1) > 0 for r in results)
+
+
+@pytest.mark.slow
+def test_bench_train_runs_every_case_and_counts_the_same_flops_for_the_same_work(tmp_path):
+    import bench_train
+
+    out = tmp_path / "train.json"
+    assert bench_train.main(["--model", "tiny", "--seq-lens", "256", "--doc-len", "64", "--repeats", "1",
+                             "--warmup", "0", "--json", str(out)]) == 0
+    results = {(r["impl"], r["case"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {(i, c) for i in ("ours", "hf") for c in bench_train.CASES}
+    for case in ("text", "image"):  # the same work: the same model FLOPs per second times seconds
+        ours, hf = results["ours", case], results["hf", case]
+        assert ours["tflops"] * ours["seconds"] == pytest.approx(hf["tflops"] * hf["seconds"])
+    # packed: ours attends within 64-token documents, transformers over the whole row
+    assert results["ours", "packed"]["tflops"] * results["ours", "packed"]["seconds"] < \
+        results["hf", "packed"]["tflops"] * results["hf", "packed"]["seconds"]
+    assert all(isinstance(r["peak_bytes"], int) and r["peak_bytes"] > 0 for r in results.values())
+
+
+def test_train_inputs_supervise_the_same_tokens_on_both_sides():
+    """Our shifted targets and transformers' labels (shifted inside its loss) select the same next
+    tokens: every text token after the first, never an <|img|> token, never across documents."""
+    from aria.config import load_model_config
+    from aria.model import IGNORE_INDEX
+    from bench_train import make_inputs
+
+    cfg = load_model_config("tiny")
+    inputs = make_inputs(cfg, "image", 96, 32, 490, "cpu", torch.float32)
+    ours = inputs["targets"][0]
+    theirs = torch.cat([inputs["labels"][0, 1:], torch.tensor([IGNORE_INDEX])])
+    assert torch.equal(ours, theirs)
+    packed = make_inputs(cfg, "packed", 96, 32, 490, "cpu", torch.float32)
+    assert (packed["targets"][0, [31, 63, 95]] == IGNORE_INDEX).all()
+    assert packed["segments"][0].tolist() == [1] * 32 + [2] * 32 + [3] * 32
