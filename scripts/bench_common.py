@@ -22,6 +22,7 @@ peak, interleaved timing, peak memory of one case in a fresh process, tables and
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import multiprocessing
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
-    parser.add_argument("--impls", default="ours,hf", help="comma-separated: ours, hf")
+    parser.add_argument("--impls", default="ours,hf", help="ours,hf or ours (without transformers)")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the fresh-process memory runs")
     parser.add_argument("--memory-cap", type=float, default=None,
@@ -71,8 +72,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
     args.impls = args.impls.split(",")
-    if not args.impls or not set(args.impls) <= set(IMPLS):
-        parser.error(f"--impls takes {', '.join(IMPLS)}, got {','.join(args.impls)}")
+    if args.impls[0] != "ours" or not set(args.impls) <= set(IMPLS):
+        parser.error(f"--impls takes ours or ours,hf (the tables compare with ours), got {','.join(args.impls)}")
     if args.model is None:
         args.model = "proxy" if args.device == "cuda" else "narrow"
     if args.weights is not None and not (args.weights / "config.json").is_file():
@@ -95,7 +96,7 @@ def build_ours(args) -> torch.nn.Module:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.weights is not None:
         return load_hf_dir(args.weights, device=device, dtype=dtype)
-    model = build_model(model_config(args), device="meta").to_empty(device=device).to(dtype)
+    model = build_model(model_config(args), device="meta").to(dtype).to_empty(device=device)
     for buffer in model.buffers():
         buffer.zero_()
     model.init_weights(seed=args.seed)
@@ -109,8 +110,16 @@ def build_hf(args, ours: torch.nn.Module | None = None) -> torch.nn.Module:
     from aria.convert.checkpoint import write_hf_dir
 
     def load(directory) -> torch.nn.Module:
-        return AriaForConditionalGeneration.from_pretrained(
+        model = AriaForConditionalGeneration.from_pretrained(
             directory, torch_dtype=DTYPES[args.dtype], attn_implementation="sdpa").to(args.device)
+        if torch.device(args.device).type == "cpu":
+            # transformers leaves CPU weights as views of the memory-mapped safetensors file: pages
+            # the load did not touch would become resident (and an optimizer's in-place writes copy
+            # them) inside a measured call. Weights in ordinary memory, as ours are.
+            copies: dict[int, torch.Tensor] = {}
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.data = copies.setdefault(tensor.data_ptr(), tensor.data.clone())
+        return model
 
     if args.weights is not None:
         return load(args.weights)
@@ -125,6 +134,26 @@ def build(args, impl: str, ours: torch.nn.Module | None = None) -> torch.nn.Modu
     if impl == "ours":
         return ours if ours is not None else build_ours(args)
     return build_hf(args, ours)
+
+
+def build_models(args) -> dict[str, torch.nn.Module]:
+    """The implementations of ``--impls`` on the same weights (ours is built to be exported for
+    transformers even when only transformers runs, and then let go)."""
+    torch.manual_seed(args.seed)
+    ours = build_ours(args)
+    return {impl: build(args, impl, ours) for impl in args.impls}
+
+
+def peaks(args, cases: list[tuple], measure: Callable) -> dict[tuple, object]:
+    """``measure(args, impl, *case)`` in a fresh process for every implementation and case, before
+    the parent holds any model (on a GPU the children need all of it); {(impl, *case): bytes or
+    ``OOM``}, or None everywhere without ``--memory``."""
+    result = {}
+    for case in cases:
+        for impl in args.impls:
+            result[(impl, *case)] = (in_fresh_process(measure, args, impl, *case, device=args.device,
+                                                      memory_cap=args.memory_cap) if args.memory else None)
+    return result
 
 
 def describe_hf(models: dict) -> str:
@@ -188,6 +217,11 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         gc.collect()
+        if not self.cuda:  # give the C heap's free pages back, so the baseline holds only live memory
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -226,8 +260,10 @@ def in_fresh_process(func: Callable, *args, device: str = "cpu", memory_cap: flo
                              initargs=() if initializer is None else (memory_cap,)) as pool:
         try:
             return pool.submit(_guarded, func, *args).result()
-        except Exception as error:  # BrokenProcessPool: the child died (the kernel's OOM killer)
+        except Exception as error:  # BrokenProcessPool: the child died without a Python error
             if type(error).__name__ == "BrokenProcessPool":
+                progress(f"a memory run died without a Python error ({error}): taken as the kernel's "
+                         "out-of-memory kill")
                 return OOM
             raise
 

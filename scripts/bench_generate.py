@@ -84,8 +84,7 @@ def batch_prompts(args: argparse.Namespace, cfg, batch: int) -> dict:
 def generation_peak(args: argparse.Namespace, impl: str, prompts_of, key: int) -> int:
     """Peak bytes of one whole generation of ``impl`` on ``prompts_of(args, cfg, key)``, in this
     (fresh) process."""
-    torch.manual_seed(args.seed)
-    model = bc.build(args, impl).eval()
+    model = bc.build_models(argparse.Namespace(**{**vars(args), "impls": [impl]}))[impl].eval()
     run = generate_fn(model, impl, prompts_of(args, bc.model_config(args), key), args.new_tokens)
     with bc.PeakMemory(args.device) as peak:
         run()
@@ -105,15 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--new-tokens must be at least 2 (decode speed needs tokens after the first)")
 
     cfg = bc.model_config(args)
-    torch.manual_seed(args.seed)
-    ours = bc.build(args, "ours").eval()
-    models = {impl: bc.build(args, impl, ours).eval() for impl in args.impls}
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    memory = bc.peaks(args, [(batch_prompts, batch) for batch in batches], generation_peak)
+    models = {impl: m.eval() for impl, m in bc.build_models(args).items()}
     print(f"{bc.machine(args.device)}{bc.describe_hf(models)}; model={args.model} ({cfg.name}), {args.dtype}; prompts of "
           f"{args.prompt_len} tokens with one {args.image_size} px image, {args.new_tokens} new tokens, "
           f"greedy; median of {args.repeats} after {args.warmup} warm-up")
 
     results = []
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
+    for batch in batches:
         prompts = batch_prompts(args, cfg, batch)
         calls = {}
         for impl, model in models.items():
@@ -123,19 +122,17 @@ def main(argv: list[str] | None = None) -> int:
         tokens = {impl: calls[impl]() for impl in models}
         for impl in models:
             prefill, total = statistics.median(seconds[f"{impl} prefill"]), statistics.median(seconds[impl])
-            memory = (bc.in_fresh_process(generation_peak, args, impl, batch_prompts, batch,
-                                          device=args.device, memory_cap=args.memory_cap)
-                      if args.memory else None)
+            peak_bytes = memory[impl, batch_prompts, batch]
             result = dict(impl=impl, batch=batch, prefill_ms=1e3 * prefill, seconds=total,
                           # None: the timings are too noisy to tell (more --warmup / --repeats)
                           decode_tokens_per_s=(batch * (args.new_tokens - 1) / (total - prefill)
                                                if total > prefill else None),
-                          peak_bytes=memory)
+                          peak_bytes=peak_bytes)
             if impl != "ours" and "ours" in tokens:
                 result["equal_rows"], result["first_difference"] = agreement(tokens["ours"], tokens[impl])
             results.append(result)
             bc.progress(f"{impl} batch {batch}: prefill {result['prefill_ms']:.0f} ms, decode "
-                        f"{fixed(result['decode_tokens_per_s'])} tokens/s, peak {bc.mib(memory)} MiB")
+                        f"{fixed(result['decode_tokens_per_s'])} tokens/s, peak {bc.mib(peak_bytes)} MiB")
     report(results, args)
     bc.write_json(args.json, dict(machine=bc.machine(args.device), model=args.model, dtype=args.dtype,
                                   results=results))

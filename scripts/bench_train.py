@@ -109,8 +109,7 @@ def hf_case(case: str) -> str:
 
 def memory_case(args: argparse.Namespace, impl: str, case: str, seq_len: int) -> int:
     """Peak bytes of one step of ``impl`` on ``case``, in this (fresh) process."""
-    torch.manual_seed(args.seed)
-    model = bc.build(args, impl).train()
+    model = bc.build_models(argparse.Namespace(**{**vars(args), "impls": [impl]}))[impl].train()
     cfg = bc.model_config(args)
     inputs = make_inputs(cfg, case if impl == "ours" else hf_case(case), seq_len, args.doc_len,
                          args.image_size, args.device, bc.DTYPES[args.dtype])
@@ -137,9 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = bc.DTYPES[args.dtype]
     peak = bc.matmul_peak(args.device, dtype)
     cfg = bc.model_config(args)
-    torch.manual_seed(args.seed)
-    ours = bc.build(args, "ours").train()
-    models = {impl: bc.build(args, impl, ours).train() for impl in args.impls}
+    memory = bc.peaks(args, [(case, seq_len) for seq_len in seq_lens for case in cases], memory_case)
+    models = {impl: m.train() for impl, m in bc.build_models(args).items()}
     optimizers = {impl: adamw(m) for impl, m in models.items()}
     print(f"{bc.machine(args.device)}{bc.describe_hf(models)}; model={args.model} ({cfg.name}), {args.dtype}, "
           f"{args.dtype} matmul peak {peak / 1e12:.2f} TFLOP/s; fwd + bwd + fused AdamW of one row; "
@@ -156,14 +154,12 @@ def main(argv: list[str] | None = None) -> int:
                 flops[impl] = model_flops(cfg, c, seq_len, inputs["doc"], args.image_size)
             seconds = bc.interleaved(calls, args.device, args.warmup, args.repeats)
             for impl in models:
-                s = statistics.median(seconds[impl])
-                memory = (bc.in_fresh_process(memory_case, args, impl, case, seq_len, device=args.device,
-                                              memory_cap=args.memory_cap) if args.memory else None)
+                s, peak_bytes = statistics.median(seconds[impl]), memory[impl, case, seq_len]
                 results.append(dict(impl=impl, case=case, ran=hf_case(case) if impl == "hf" else case,
                                     seq_len=seq_len, seconds=s, all_seconds=seconds[impl],
                                     tokens_per_s=seq_len / s, tflops=flops[impl] / s / 1e12,
-                                    mfu=flops[impl] / s / peak, peak_bytes=memory))
-                bc.progress(f"{impl} {case} T={seq_len}: {s:.2f} s, peak {bc.mib(memory)} MiB")
+                                    mfu=flops[impl] / s / peak, peak_bytes=peak_bytes))
+                bc.progress(f"{impl} {case} T={seq_len}: {s:.2f} s, peak {bc.mib(peak_bytes)} MiB")
     report(results, args, peak)
     bc.write_json(args.json, dict(machine=bc.machine(args.device), model=args.model, dtype=args.dtype,
                                   matmul_peak_flops=peak, results=results))

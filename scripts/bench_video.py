@@ -47,33 +47,29 @@ def main(argv: list[str] | None = None) -> int:
     bc.check_arguments(parser, args)
 
     cfg = bc.model_config(args)
-    torch.manual_seed(args.seed)
-    ours = bc.build(args, "ours").eval()
-    models = {impl: bc.build(args, impl, ours).eval() for impl in args.impls}
+    frame_counts = [int(f) for f in args.frames.split(",")]
+    memory = bc.peaks(args, [(video_prompts, frames) for frames in frame_counts], generation_peak)
+    models = {impl: m.eval() for impl, m in bc.build_models(args).items()}
     print(f"{bc.machine(args.device)}{bc.describe_hf(models)}; model={args.model} ({cfg.name}), {args.dtype}; frames of "
           f"{args.frame_size} px + a {args.question_len}-token question -> {args.new_tokens} greedy tokens; "
           f"median of {args.repeats} after {args.warmup} warm-up")
 
     results = []
-    for frames in (int(f) for f in args.frames.split(",")):
+    for frames in frame_counts:
         prompts = video_prompts(args, cfg, frames)
-        memory = {impl: (bc.in_fresh_process(generation_peak, args, impl, video_prompts, frames,
-                                             device=args.device, memory_cap=args.memory_cap)
-                         if args.memory else None)
-                  for impl in models}
-        runnable = {impl: m for impl, m in models.items() if memory[impl] != bc.OOM}
+        runnable = {impl: m for impl, m in models.items() if memory[impl, video_prompts, frames] != bc.OOM}
         calls = {impl: generate_fn(m, impl, prompts, args.new_tokens) for impl, m in runnable.items()}
         seconds = bc.interleaved(calls, args.device, args.warmup, args.repeats)
         tokens = {impl: call() for impl, call in calls.items()}
         for impl in models:
             result = dict(impl=impl, frames=frames, prompt_tokens=prompts["ids"].shape[1],
                           seconds=statistics.median(seconds[impl]) if impl in seconds else bc.OOM,
-                          peak_bytes=memory[impl])
+                          peak_bytes=memory[impl, video_prompts, frames])
             if impl != "ours" and impl in tokens and "ours" in tokens:
                 result["equal_rows"], result["first_difference"] = agreement(tokens["ours"], tokens[impl])
             results.append(result)
-            seconds = result["seconds"] if isinstance(result["seconds"], str) else f"{result['seconds']:.2f}"
-            bc.progress(f"{impl} {frames} frames: {seconds} s, peak {bc.mib(memory[impl])} MiB")
+            shown = result["seconds"] if isinstance(result["seconds"], str) else f"{result['seconds']:.2f}"
+            bc.progress(f"{impl} {frames} frames: {shown} s, peak {bc.mib(result['peak_bytes'])} MiB")
     report(results, args)
     bc.write_json(args.json, dict(machine=bc.machine(args.device), model=args.model, dtype=args.dtype,
                                   results=results))

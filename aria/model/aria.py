@@ -180,7 +180,7 @@ class Aria(nn.Module):
                                  f"{self.cfg.text.vocab_size} tokens (model.text.vocab_size)")
         embeds_BTD = self.decoder.embed(input_ids_BT)
         if pixel_values is None:
-            if num_slots and input_ids_BT.shape[1] > 1:
+            if num_slots:
                 raise ValueError(f"input_ids hold {num_slots} <|img|> tokens (id "
                                  f"{self.cfg.image_token_id}) but no pixel_values were given")
             return embeds_BTD

@@ -6,21 +6,23 @@ Design decisions:
 - The loss is a *sum* over supervised tokens; the trainer divides by the number of supervised
   tokens of the global batch (all ranks, all micro-batches), so every token weighs the same.
 - Forward walks over token chunks: the chunk's logits in the model dtype, their log-softmax in fp32
-  (one fused kernel: the loss is exact for the logits the model computed, as transformers' upcast
-  loss), and, when gradients are needed, the chunk's gradient (softmax - one-hot) folded at once
-  into dL/dhidden and dL/dweight. Backward only rescales those by the incoming gradient (the loss
-  is linear in the chunk terms). Peak extra memory is one chunk of logits plus the two gradients,
-  so a 64K x 100K-vocab step never holds the 26 GB of fp32 logits.
+  (the loss is exact for the logits the model computed, as transformers' upcast loss), and, when
+  gradients are needed, the chunk's gradient (softmax - one-hot) folded at once into dL/dhidden
+  and dL/dweight. Backward only rescales those by the incoming gradient (the loss is linear in the
+  chunk terms). Peak extra memory is one chunk of logits in the model dtype, one row block's fp32
+  log-probabilities (and, from a bf16 chunk, their fp32 input) and the two gradients, so a 64K x
+  100K-vocab step never holds the 26 GB of fp32 logits.
 - The (chunk x V) buffers are where a step's time goes outside matmuls: every pass over them is
-  as many bytes as the LM head's weight times the chunk. A chunk makes one pass over its logits:
-  row block by row block, the fp32 log-softmax for the loss and the softmax in the model dtype
-  for the gradient, written over the logits (the gradient's target entries are then set from the
-  fp32 log-probabilities), instead of the nine passes of cast, log-sum-exp, subtract, exp,
+  as many bytes as the LM head's weight times the chunk. A chunk is walked row block by row
+  block: the fp32 log-softmax for the loss and the softmax in the model dtype for the gradient,
+  written over the logits (the gradient's target entries are then set from the fp32
+  log-probabilities), instead of the nine whole-chunk passes of cast, log-sum-exp, subtract, exp,
   one-hot and mask (unsupervised tokens are masked on the chunk x D side). On the CPU a row block
-  is a cache's worth (``CACHE_BLOCK`` fp32 elements): the blocks' passes run in cache, 1.5x
-  faster than whole-chunk passes at width 512 / 32K vocabulary; on a GPU a block is the whole
-  chunk (one kernel each). The gradient goes straight into its slice of dL/dhidden, and
-  dL/dweight accumulates in fp32 only from a second chunk on (one chunk: no fp32 copy).
+  is a cache's worth (``CACHE_BLOCK`` fp32 elements): its passes run in cache, 1.5-1.8x faster
+  than whole-chunk passes at width 512 / 32K vocabulary; on a GPU a block is a quarter of the
+  logits budget (``GPU_BLOCK``: a few kernels per block, fp32 temporaries of 128 MiB each). The
+  gradient goes straight into its slice of dL/dhidden, and dL/dweight accumulates in fp32 only
+  from a second chunk on (one chunk: no fp32 copy).
 - ``targets`` are already shifted (position t holds the id that should follow token t, or
   ``IGNORE_INDEX``), so packed documents never predict across their boundary.
 """
@@ -36,6 +38,7 @@ from aria.model.layers import holds_no_data
 IGNORE_INDEX = -100
 LOGITS_BUDGET = 2 ** 27  # fp32 logit elements per chunk (512 MiB)
 CACHE_BLOCK = 2 ** 21  # fp32 logit elements per row block on the CPU (8 MiB)
+GPU_BLOCK = LOGITS_BUDGET // 4  # fp32 logit elements per row block on a GPU (128 MiB)
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -47,11 +50,11 @@ FAKE_DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("fake_device",
 
 
 def _row_block(logits_nV: torch.Tensor) -> int:
-    """Rows of a chunk's logits processed at a time: a cache's worth on the CPU, the whole chunk
-    on a GPU."""
-    n, V = logits_nV.shape
+    """Rows of a chunk's logits processed at a time: a cache's worth on the CPU, a quarter of the
+    logits budget on a GPU."""
+    V = logits_nV.shape[1]
     device = FAKE_DEVICE.get() if holds_no_data(logits_nV) else logits_nV.device.type
-    return n if device != "cpu" else max(1, CACHE_BLOCK // V)
+    return max(1, (CACHE_BLOCK if device == "cpu" else GPU_BLOCK) // V)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

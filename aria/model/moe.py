@@ -117,7 +117,7 @@ def unpermute(y_ND: torch.Tensor, order_A: torch.Tensor, weights_TK: torch.Tenso
     T, K = weights_TK.shape
     rows_of_sorted_A = torch.arange(order_A.numel(), device=order_A.device) if rows_A is None else rows_A
     row_of_assignment_A = torch.empty_like(order_A).index_copy_(0, order_A, rows_of_sorted_A)
-    y_TKD = take_rows(y_ND, row_of_assignment_A).view(T, K, -1)
+    y_TKD = take_rows(y_ND, row_of_assignment_A).view(T, K, y_ND.shape[-1])
     return torch.bmm(weights_TK.unsqueeze(1).to(y_ND.dtype), y_TKD).squeeze(1)
 
 
