@@ -355,6 +355,10 @@ class VideoConfig:
 
 
 IMAGE_SIZES = (490, 980)
+"""Crop sides Aria's processor makes (``data.image_size``, ``data.video.image_size``)."""
+IGNORE_INDEX = -100
+"""Target of a position that takes no loss (padding, prompts, image slots, document ends): the
+convention of PyTorch's cross-entropy and of transformers."""
 
 
 @dataclass
@@ -498,7 +502,7 @@ class OptimConfig:
     over the last ``decay_ratio`` of the steps: the post-training annealing)."""
     warmup_steps: int = 0
     """Linear warmup steps; when 0, ``warmup_ratio`` of the run is used."""
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.01
     decay_ratio: float = 0.2
     """Fraction of the steps the 'anneal' schedule spends decaying."""
     lr_scale: dict = field(default_factory=dict)
@@ -609,7 +613,7 @@ class ParallelConfig:
 class StageConfig:
     """A training stage as data: which parts train (everything else is frozen) and its RoPE base."""
 
-    name: str = "custom"
+    name: str = "full"
     trainable: dict = field(default_factory=lambda: dict.fromkeys(MODULE_GROUPS, True))
     """vision / projector / language_model (embeddings, attention, norms, LM head) / experts
     (routed and shared) / router -> true or false."""
@@ -704,7 +708,8 @@ class LoggingConfig:
 # LoRA targets -> the stage group (``StageConfig.trainable``) whose modules they adapt.
 LORA_TARGET_GROUPS = {"q_proj": "language_model", "k_proj": "language_model", "v_proj": "language_model",
                       "o_proj": "language_model", "experts": "experts", "shared_experts": "experts",
-                      "vision": "vision", "projector": "projector", "lm_head": "language_model"}
+                      "vision": "vision", "projector": "projector", "projector_in_proj": "projector",
+                      "lm_head": "language_model"}
 
 
 @dataclass
@@ -726,7 +731,8 @@ class LoRAConfig:
                                                    "shared_experts"])
     """Among: q_proj / k_proj / v_proj / o_proj (decoder attention), experts (the routed experts'
     stacked fc1 and fc2, per expert), shared_experts (gate / up / down), vision (every ViT linear),
-    projector (every projector linear), lm_head."""
+    projector (every projector linear), projector_in_proj (the projector cross-attention's packed
+    q/k/v in-projection), lm_head."""
     _path: str = field(default="lora", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -830,6 +836,19 @@ class RunConfig:
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """The ``RunConfig`` of a resolved run config file (a run's or a checkpoint's ``config.yaml``);
+    a file that cannot be read or checked is named in the error."""
+    from omegaconf import OmegaConf
+
+    try:
+        return RunConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # YAML syntax, unknown keys, bad values: all the file's fault
+        raise ValueError(f"{path} is not a readable run config: {err}") from None
 
 
 def load_model_config(name_or_path: str, overrides: list[str] | None = None) -> ModelConfig:

@@ -1,5 +1,5 @@
-"""Answer accuracy on a JSONL dataset (exact match of greedy answers, or multiple choice by
-log-likelihood), and loading a model with its tokenizer and processor for the command-line tools.
+"""Answer accuracy on a dataset: exact match of greedy answers, or multiple choice by
+log-likelihood.
 
 Letters: B prompts in a batch, T prompt length, N new tokens, R option rows (every option of every
 prompt in the batch), O option length, V vocabulary.
@@ -32,20 +32,11 @@ Design decisions:
   row is copied once per option and one forward over all R option rows (right-padded as segment
   0) gives every option token's log-probability. Images and prompts are encoded once, not once per
   option; a test holds the scores against transformers' full forward of each prompt + option.
-- Prompts are batched with left padding, so every row generates exactly what it would alone
-  (``generate`` turns the padding into segment 0); a test holds batched against one-at-a-time.
-  Crops of several sizes (980 px images beside 490 px video frames, in one prompt or across the
-  batch) go to the model per size with ``image_feature_order``.
+- Prompts are batched as ``aria.inference`` batches them (left padding: every row generates exactly
+  what it would alone).
 - Bad records (malformed, no final assistant answer, bad options, unreadable media) are handled by
   ``BadInputPolicy`` like in training: skipped and counted by reason, or raised when ``strict``.
   Media are decoded per record before batching, so a bad file costs only its own record.
-- Loading (``load_inference``): MODEL is a Hugging Face directory (``config.json``) or our model,
-  checkpoint or run directory. The tokenizer is the one given, else ``data.tokenizer`` of the run's
-  ``config.yaml`` (in the run or checkpoint directory, or in the checkpoint holding a model
-  directory), else MODEL itself; the media settings not given default to that run's ``data``
-  config, else to the directory's processor files (``preprocessor_config.json`` /
-  ``processor_config.json``, as ``aria-convert`` writes them), else to Aria's (980 px images, 490 px
-  video frames, 8 frames).
 """
 
 from __future__ import annotations
@@ -56,16 +47,17 @@ import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from aria.data.errors import BadInputPolicy, DataError
 from aria.data.loader import read_record
-from aria.data.processor import IM_END, IM_START, Processor, group_crops
+from aria.data.processor import IM_END, IM_START, Processor
 from aria.data.records import Sample
 from aria.data.sources import open_source
-from aria.model.generation import generate
+from aria.inference import batch_model_inputs, generate_answers, prompt_inputs
+from aria.model.generation import left_padded_positions
 
 log = logging.getLogger("aria.evaluate")
 
@@ -164,105 +156,9 @@ def split_prompt(sample: Sample) -> tuple[Sample, str]:
     return Sample(sample.kind, sample.turns[:-1], sample.media, sample.where), answer
 
 
-def prompt_inputs(processor: Processor, prompt: Sample) -> dict[str, Any]:
-    """``processor.prompt_inputs`` with a generation header; media errors located at the record."""
-    try:
-        return processor.prompt_inputs(prompt, add_generation_prompt=True)
-    except DataError as err:
-        raise err.at(prompt.where) from None
-
-
 def prompt_text(processor: Processor, input_ids: torch.Tensor) -> str:
     text = processor.tokenizer.decode(input_ids.reshape(-1).tolist())
     return _IMAGE_BLOCK.sub("<image>", text)
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation
-# ---------------------------------------------------------------------------------------------
-
-
-def stop_ids(processor: Processor) -> list[int]:
-    """The tokens that end an answer: ``<|im_end|>`` and the end-of-text token."""
-    tok = processor.tokenizer
-    return list(dict.fromkeys([tok.im_end_id, tok.eos_id]))
-
-
-def batch_model_inputs(model: torch.nn.Module, processor: Processor, inputs: list[dict[str, Any]]
-                       ) -> dict[str, Any]:
-    """Left-padded ``input_ids`` (B, T) and ``attention_mask`` of prepared prompts plus their crops
-    (in <|img|> order, grouped per size), on the model's device; float pixels in its dtype."""
-    param = next(model.parameters())
-    lengths = [item["input_ids"].shape[-1] for item in inputs]
-    B, T = len(inputs), max(lengths)
-    input_ids_BT = torch.full((B, T), processor.tokenizer.pad_id, dtype=torch.long)
-    attention_mask_BT = torch.zeros((B, T), dtype=torch.long)
-    for b, (item, n) in enumerate(zip(inputs, lengths)):
-        input_ids_BT[b, T - n:] = item["input_ids"].reshape(-1)
-        attention_mask_BT[b, T - n:] = 1
-    # Crops in row order, each row's in its token order: the order of the <|img|> slots.
-    pixels = group_crops([crop for item in inputs for crop in item["crops"]], processor.tokens_per_crop)
-
-    def move(x):
-        if x is None:
-            return None
-        if isinstance(x, list):
-            return [move(t) for t in x]
-        if x.is_floating_point():
-            return x.to(param.device, param.dtype)
-        return x.to(param.device)  # uint8 pixels (normalised by the model), bool masks, indices
-
-    return {"input_ids": input_ids_BT.to(param.device),
-            "attention_mask": attention_mask_BT.to(param.device),
-            "pixel_values": move(pixels["pixel_values"]), "pixel_mask": move(pixels["pixel_mask"]),
-            "image_feature_order": move(pixels["image_feature_order"])}
-
-
-@dataclass
-class Generated:
-    text: str
-    """The answer decoded without special tokens, up to the first stop token."""
-    token_ids: list[int]
-    """The new tokens up to (not including) the first stop token."""
-    stopped: bool
-    """True if a stop token ended the answer, False if ``max_new_tokens`` did."""
-
-
-@torch.no_grad()
-def generate_batch(model: torch.nn.Module, processor: Processor, inputs: list[dict[str, Any]],
-                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                   generator: torch.Generator | None = None,
-                   on_token: Callable[[torch.Tensor], None] | None = None) -> list[Generated]:
-    """Answers to prepared ``prompt_inputs`` (one left-padded batch), in input order. Greedy when
-    ``temperature`` is 0; sampled rows draw from ``generator`` in turn, so a sampled answer depends
-    on the seed and on the batch it is in."""
-    tok = processor.tokenizer
-    batch = batch_model_inputs(model, processor, inputs)
-    stops = stop_ids(processor)
-    new_BN = generate(model, batch["input_ids"], batch["pixel_values"], batch["pixel_mask"],
-                      attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
-                      eos_token_ids=stops, pad_token_id=tok.pad_id, temperature=temperature,
-                      top_p=top_p, generator=generator, on_token=on_token,
-                      image_feature_order=batch["image_feature_order"])
-    results = []
-    for row in new_BN.tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), None)
-        ids = row if end is None else row[:end]
-        results.append(Generated(tok.decode(ids, skip_special_tokens=True), ids, end is not None))
-    return results
-
-
-def generate_answers(model: torch.nn.Module, processor: Processor, inputs: list[dict[str, Any]],
-                     max_new_tokens: int) -> list[str]:
-    """Greedy answers (text) for prepared ``prompt_inputs``, in input order."""
-    return [g.text for g in generate_batch(model, processor, inputs, max_new_tokens)]
-
-
-def answer_batch(model: torch.nn.Module, processor: Processor, samples: list[Sample],
-                 max_new_tokens: int) -> list[str]:
-    """Greedy answers to prompt conversations (as ``split_prompt`` returns them), in order."""
-    return generate_answers(model, processor, [prompt_inputs(processor, s) for s in samples],
-                            max_new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +218,7 @@ def score_options(model: torch.nn.Module, processor: Processor, inputs: list[dic
 
     # Prefill: positions count real tokens only, padding is segment 0 (as in ``generate``).
     segments_BT = batch["attention_mask"]
-    positions_BT = (segments_BT.cumsum(dim=1) - 1).clamp(min=0)
+    positions_BT = left_padded_positions(segments_BT)
     cache = KVCache(model.cfg.text, B, T + O, next(model.parameters()).dtype, device)
     out = model(batch["input_ids"], batch["pixel_values"], batch["pixel_mask"], position_ids=positions_BT,
                 segment_ids=segments_BT, cache=cache, logits_to_keep=1,
@@ -467,135 +363,3 @@ def multiple_choice(model: torch.nn.Module, processor: Processor, dataset: str |
 
 def _optional_str(value: Any) -> str | None:
     return None if value is None else str(value)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a model, its tokenizer and processor
-# ---------------------------------------------------------------------------------------------
-
-
-def is_hf_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / "config.json").is_file() and not (path / "model_config.json").is_file()
-
-
-def resolve_model(path: str | Path) -> tuple[bool, Path]:
-    """(is a Hugging Face directory, the directory holding the weights) for MODEL, or
-    ``FileNotFoundError`` saying what MODEL should have been."""
-    from aria.train.checkpoint import resolve_model_dir
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
-    if is_hf_dir(path):
-        return True, path
-    try:
-        return False, resolve_model_dir(path)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err}; nor is it a Hugging Face directory (config.json)") from None
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Our model from a model / checkpoint / run directory, or from a Hugging Face directory."""
-    from aria.convert.checkpoint import load_hf_dir, load_model_dir
-
-    hf, directory = resolve_model(path)
-    if hf:
-        return load_hf_dir(directory, device=device, dtype=dtype)
-    return load_model_dir(directory, device=device, dtype=dtype)
-
-
-def run_config_file(path: str | Path) -> Path | None:
-    """The ``config.yaml`` of the run that MODEL (a run, checkpoint or model directory) comes from."""
-    path = Path(path)
-    if (path / "config.yaml").is_file():  # a run or a checkpoint directory
-        return path / "config.yaml"
-    if (path / "model_config.json").is_file() and (path.parent / "config.yaml").is_file():
-        return path.parent / "config.yaml"  # the model directory of a checkpoint
-    return None
-
-
-def run_data_config(path: str | Path):
-    """The ``DataConfig`` of the run MODEL comes from, or None (a Hugging Face or bare model dir)."""
-    config = run_config_file(path)
-    if config is None:
-        return None
-    from aria.train.compose import load_resolved
-
-    try:
-        return load_resolved(config).data
-    except Exception as err:  # YAML syntax, unknown keys, bad values: all the file's fault
-        raise ValueError(f"{config} is not a readable run config: {err}") from None
-
-
-def find_tokenizer(model_path: str | Path, tokenizer: str | Path | None = None) -> Path:
-    """The tokenizer to use for MODEL: ``tokenizer`` if given, else the run config's
-    ``data.tokenizer``, else MODEL itself (or its resolved model directory) if it holds one."""
-    resolve_model(model_path)  # MODEL itself is the first thing to be wrong about
-    if tokenizer is not None:
-        return Path(tokenizer)
-    data = run_data_config(model_path)
-    if data is not None and data.tokenizer:
-        found = Path(data.tokenizer)
-        if not found.exists():
-            raise FileNotFoundError(f"{run_config_file(model_path)} names data.tokenizer={found}, which "
-                                    "does not exist; pass --tokenizer DIR")
-        return found
-    for candidate in dict.fromkeys([Path(model_path), resolve_model(model_path)[1]]):
-        if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer.model").is_file():
-            return candidate
-    raise FileNotFoundError(f"no tokenizer for {model_path}: it holds no tokenizer.json or "
-                            "tokenizer.model and no run config.yaml names data.tokenizer; pass "
-                            "--tokenizer DIR")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_inference(model_path: str | Path, tokenizer: str | Path | None = None,
-                   image_size: int | None = None, num_frames: int | None = None,
-                   device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """(model in eval mode, processor) for MODEL, as the module docstring says. ``dtype`` defaults
-    to bf16 on a GPU and fp32 on the CPU."""
-    from dataclasses import replace
-
-    from aria.config import VideoConfig
-    from aria.convert.checkpoint import read_hf_config, read_model_config
-    from aria.data.tokenizer import Tokenizer
-
-    device = torch.device(device or default_device())
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # Every cheap check (configs, tokenizer, media settings) before the weights are read.
-    hf, directory = resolve_model(model_path)
-    model_cfg = read_hf_config(directory) if hf else read_model_config(directory)
-    tok_path = find_tokenizer(model_path, tokenizer)
-    data = run_data_config(model_path)
-    video = data.video if data is not None else VideoConfig()
-    if num_frames is not None:
-        video = replace(video, num_frames=num_frames, fps=None)
-    settings = dict(video=video)
-    if data is not None:  # a run: the settings it trained with
-        settings.update(image_size=data.image_size, min_image_size=data.min_image_size,
-                        split_image=data.split_image)
-    else:  # an HF / model directory: its processor files, else transformers' default of 980 px
-        from aria.convert.hf_processor import image_settings_from_files
-
-        found = image_settings_from_files(directory)
-        settings["image_size"] = 980
-        if found is not None:
-            settings.update(image_size=found.image_size, min_image_size=found.min_image_size,
-                            split_image=found.split_image)
-    if image_size is not None:
-        settings["image_size"] = image_size
-    processor = Processor.for_model(Tokenizer.load(tok_path), model_cfg, **settings)
-    model = load_model(model_path, device=device, dtype=dtype).eval()
-    return model, processor
-
-
-if __name__ == "__main__":
-    from aria.cli.eval import main
-
-    raise SystemExit(main())

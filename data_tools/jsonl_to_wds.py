@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from aria.commands import run_command
 from aria.data.errors import BadInputPolicy, DataError
 from aria.data.loader import read_record
 from aria.data.sources import JsonlSource, open_source
@@ -94,13 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
     parser.add_argument("--allow-outside-media", action="store_true")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         convert(args.dataset, args.out, args.prefix, args.split, args.samples_per_shard, args.strict,
                 args.allow_outside_media)
-    except (DataError, ValueError, FileNotFoundError) as err:
-        print(f"jsonl_to_wds: error: {err}")
-        return 1
-    return 0
+
+    return run_command("jsonl_to_wds", run)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from aria.commands import run_command
+
 
 def documents(path: Path, mode: str) -> Iterator[str]:
     text = path.read_text(encoding="utf-8")
@@ -71,12 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--min-chars", type=int, default=1)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         convert(args.files, args.out, args.prefix, args.documents, args.samples_per_shard, args.min_chars)
-    except ValueError as err:
-        print(f"text_to_wds: error: {err}")
-        return 1
-    return 0
+
+    return run_command("text_to_wds", run)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ reason, and per-kind statistics.
 
     python -m data_tools.validate DATASET --tokenizer DIR [--model tiny] [--split train]
            [--image-size 980] [--min-image-size 336] [--split-image]
-           [--video-frames 8 | --video-fps F] [--max-frames 128] [--video-size 490] [--timestamps]
+           [--num-frames 8 | --video-fps F] [--max-frames 128] [--video-size 490] [--timestamps]
            [--seq-len N] [--allow-outside-media] [--columns FIELD=COLUMN ...]
     python -m data_tools.validate DATASET --config RUN_DIR/config.yaml [--split train] [--seq-len N]
 
@@ -23,14 +23,15 @@ allowed. Exits 1 if any record is bad, 2 if the dataset cannot be read at all.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 
-from aria.config import VideoConfig, load_model_config, parse_columns, parse_mixture
+from aria.config import (IGNORE_INDEX, VideoConfig, load_model_config, load_run_config, parse_columns,
+                         parse_mixture)
 from aria.data.errors import BadInputPolicy, DataError
 from aria.data.loader import iterate_samples
 from aria.data.processor import Processor
 from aria.data.tokenizer import Tokenizer
-from aria.model.loss import IGNORE_INDEX
 
 COLUMNS = ("samples", "tokens", "supervised", "max_tokens", "images", "frames", "crops")
 
@@ -82,7 +83,7 @@ def report(stats: dict, errors: list[DataError], dataset: str) -> str:
 
 
 PROCESSING_FLAGS = {"model": "tiny", "image_size": 980, "min_image_size": 336, "split_image": False,
-                    "video_frames": 8, "video_fps": None, "max_frames": 128, "video_size": 490,
+                    "num_frames": 8, "video_fps": None, "max_frames": 128, "video_size": 490,
                     "timestamps": False}
 
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-image-size", type=int, default=None,
                         help="shortest side after resizing (default: 336)")
     parser.add_argument("--split-image", action="store_true", default=None)
-    parser.add_argument("--video-frames", type=int, default=None,
+    parser.add_argument("--num-frames", type=int, default=None,
                         help="frames sampled uniformly when a record gives none (default: 8)")
     parser.add_argument("--video-fps", type=float, default=None,
                         help="sample this many frames per second instead")
@@ -127,11 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--columns takes FIELD=COLUMN pairs, got {args.columns}")
             columns = parse_columns({f: c for f, _, c in pairs}, "--columns")
         if args.config:
-            from aria.train.compose import load_resolved
-
             if given:
                 parser.error(f"{', '.join(given)} cannot be combined with --config (it sets them)")
-            cfg = load_resolved(args.config)
+            cfg = load_run_config(args.config)
             tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
             processor = Processor.from_config(cfg.data, cfg.model, tokenizer)
             seq_len = args.seq_len if args.seq_len is not None else cfg.train.seq_len
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.tokenizer:
                 parser.error("give --tokenizer (or --config)")
             opt = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in PROCESSING_FLAGS.items()}
-            video = VideoConfig(num_frames=opt["video_frames"], fps=opt["video_fps"],
+            video = VideoConfig(num_frames=opt["num_frames"], fps=opt["video_fps"],
                                 max_frames=opt["max_frames"], image_size=opt["video_size"],
                                 timestamps=opt["timestamps"])
             processor = Processor.for_model(
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             seq_len = args.seq_len
         stats, errors = validate(args.dataset, processor, args.split, seq_len, allow_outside, columns)
     except (ValueError, FileNotFoundError) as err:
-        print(f"validate: error: {err}")
+        print(f"validate: error: {err}", file=sys.stderr)
         return 2
     print(report(stats, errors, args.dataset))
     return 1 if errors else 0

@@ -256,6 +256,7 @@ def _measure(case: Case, rank: int, world: int) -> dict:
 
     from aria.data.packing import PackedBatch
     from aria.parallel.engine import build_engine
+    from aria.train.schedule import lr_multiplier
     from aria.train.plan import synthetic_batch, workload
     from aria.train.compose import compose_run
     from aria.train.trainer import Trainer, gradient_norm
@@ -272,7 +273,8 @@ def _measure(case: Case, rank: int, world: int) -> dict:
     with record_function("check::build"):
         trainer = SyntheticDataTrainer(cfg)
         model = trainer.build_model()
-        engine, _, _ = build_engine(model, cfg, trainer.ep_group_name)
+        engine, _, _ = build_engine(model, cfg, lr_multiplier(cfg.optim, cfg.train.max_steps),
+                                    trainer.ep_group_name)
     for name in ("forward", "backward", "step"):  # mark the phases in the profile
         setattr(engine, name, _marked(getattr(engine, name), f"check::phase::{name}"))
     started = time.perf_counter()

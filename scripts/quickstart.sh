@@ -2,7 +2,8 @@
 # The quickstart, on the CPU: set up .venv, show the model (counts, a forward pass with an image,
 # KV-cache generation, the same logits from transformers), then the whole workflow on the shapes
 # world: make the data, train a tokenizer, train model=tiny (recipe=quickstart), measure its answer
-# accuracy on the test split, export it to a Hugging Face directory and ask it about an image.
+# accuracy on the test split, export it to a Hugging Face directory and ask it about an image;
+# last, its training curves (curves.png).
 #
 #   bash scripts/quickstart.sh [key=value ...]      # overrides go to the training run
 #
@@ -48,3 +49,4 @@ for record, answer in zip(asked, answers):
     question = record["messages"][0]["content"][1]["text"]
     print(f"{question:32s} model: {answer['answer'].strip():14s} truth: {answer['reference']}")
 PY
+python -m aria.tools.plot "$OUT/run" --out "$OUT/curves.png" --smooth 20   # the training curves

@@ -7,7 +7,9 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import traceback
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 
 import torch
@@ -90,7 +92,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn, args, errors) -> None:
+def _worker(rank: int, world: int, port: int, fn, args, error_dir: str) -> None:
     # The parent's OpenMP pool does not survive fork: a forked child that enters a parallel region
     # can hang. One intra-op thread per rank avoids it (and 2 ranks fill 2 cores anyway).
     torch.set_num_threads(1)
@@ -100,27 +102,47 @@ def _worker(rank: int, world: int, port: int, fn, args, errors) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         fn(rank, world, *args)
     except BaseException:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        # A file, not a queue: a rank killed later cannot leave a half-written message or a held
+        # lock behind, and a long traceback cannot block on a full pipe.
+        Path(error_dir, f"rank{rank}.txt").write_text(f"rank {rank}:\n{traceback.format_exc()}")
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+FAILURE_GRACE_S = 5.0
+"""After one rank fails, how long the others get to finish or report before they are killed (they
+are often blocked in a collective that the failed rank will never join)."""
+
+
 def run_distributed(fn, world: int = 2, args: tuple = (), timeout: float = 120) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` forked gloo processes; re-raise any failure
-    (a process still running after ``timeout`` seconds is one)."""
+    """Run ``fn(rank, world, *args)`` in ``world`` forked gloo processes; re-raise any failure.
+    ``timeout`` bounds the whole run: ranks still running then are killed and reported as hung."""
     ctx = mp.get_context("fork")
-    errors = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, errors)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=timeout)
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
+    with tempfile.TemporaryDirectory() as error_dir:
+        procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, error_dir))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline, why = time.monotonic() + timeout, f"after the {timeout:g} s timeout"
+        running = list(procs)
+        while running and time.monotonic() < deadline:
+            mp_connection.wait([p.sentinel for p in running], timeout=deadline - time.monotonic())
+            running = [p for p in running if p.exitcode is None]
+            failed = [rank for rank, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed and running and time.monotonic() + FAILURE_GRACE_S < deadline:
+                deadline = time.monotonic() + FAILURE_GRACE_S
+                why = f"{FAILURE_GRACE_S:g} s after rank {failed[0]} failed"
+        hung = [rank for rank, p in enumerate(procs) if p.exitcode is None]
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+            p.join()
+        failures = [Path(error_dir, name).read_text() for name in sorted(os.listdir(error_dir))]
+    if hung:
+        failures.append(f"rank(s) {hung} still running {why}: killed")
     if failures or any(p.exitcode != 0 for p in procs):
         raise AssertionError("distributed run failed:\n" + "\n".join(failures or
                              [f"exit codes {[p.exitcode for p in procs]}"]))

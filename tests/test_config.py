@@ -97,3 +97,69 @@ def test_every_activation_name_has_an_implementation():
     from aria.model.layers import ACT_FNS
 
     assert set(ACTIVATIONS) == set(ACT_FNS)
+
+
+def _differences(yaml_value, default, path: str) -> list[str]:
+    if dataclasses.is_dataclass(default):
+        return [d for f in dataclasses.fields(default) if f.compare
+                for d in _differences(getattr(yaml_value, f.name), getattr(default, f.name), f"{path}.{f.name}")]
+    return [] if yaml_value == default else [f"{path}: YAML {yaml_value!r}, dataclass {default!r}"]
+
+
+def test_the_default_groups_and_the_dataclass_defaults_agree():
+    """One source of truth: what a run gets from ``configs/`` when it overrides nothing is what the
+    dataclasses give a config built in code (required paths: unset in both)."""
+    from aria.config import RUN_NODES, _from_mapping
+    from aria.train.compose import compose_dict
+
+    tree = compose_dict("config", [], inputs=False)
+    assert tree["data"]["train"] is None and tree["data"]["tokenizer"] is None  # ??? in the YAML
+    differences = [d for name, cls in RUN_NODES.items()
+                   for d in _differences(_from_mapping(cls, tree[name] or {}, name), cls(), name)]
+    assert not differences, differences
+
+
+def test_required_fields_are_named_when_a_run_is_composed():
+    from aria.train.compose import compose_dict
+
+    with pytest.raises(ValueError, match=r"required config field\(s\) \['data.tokenizer', 'data.train', 'run_dir'\]"):
+        compose_dict("config", [])
+
+
+# The layers of the package, top to bottom (docs/DESIGN: lower parts never import higher ones).
+LAYERS = [{"config", "rundir", "commands"}, {"data"}, {"model"}, {"parallel"}, {"convert"}, {"train"},
+          {"inference", "evaluate"}, {"tools"}, {"cli"}]
+
+
+def _imports(path) -> set[str]:
+    """The ``aria.X`` parts a module imports (at any depth of the file: lazy imports count)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        found |= {n.split(".")[1] for n in names if n.startswith("aria.")}
+    return found
+
+
+def test_lower_parts_never_import_higher_ones():
+    """data knows no model, the model no trainer or file format, parallel no loop, the library no CLI
+    (``python -m aria.train``'s ``__main__`` is a command line itself)."""
+    from pathlib import Path
+
+    import aria
+
+    level = {part: i for i, layer in enumerate(LAYERS) for part in layer}
+    root = Path(aria.__file__).parent
+    files = [p for p in root.rglob("*.py") if p.name != "__main__.py"]
+    assert len(files) > 40
+    wrong = []
+    for path in files:
+        part = path.relative_to(root).parts[0].removesuffix(".py")
+        if part == "__init__":
+            continue
+        assert part in level, f"{path}: add its part to LAYERS"
+        wrong += [f"{path.relative_to(root)} imports aria.{imported}" for imported in _imports(path)
+                  if level[imported] > level[part]]
+    assert not wrong, wrong

@@ -27,7 +27,7 @@ from aria.data.tokenizer import Tokenizer
 from aria.train.checkpoint import resolve_model_dir, source_model_config
 from aria.train.weights import load_weights
 from helpers import perturb
-from test_train import overrides, run, setup  # noqa: F401  (``setup``: the module-scoped tokenizer/data/init fixture)
+from test_train import overrides, run
 
 TINY = load_model_config("tiny")
 MESSAGES = [{"role": "user", "content": [{"type": "text", "text": "Which shape is red? "},

@@ -246,10 +246,16 @@ LLAVA_BAD = [  # (name, record, kind, message)
 ]
 
 
-def test_bad_llava_records_are_skipped_with_location_or_raised(world):
+def write_bad_llava(world) -> Path:
+    """A LLaVA list: a good record, every record of ``LLAVA_BAD``, a good record."""
     good = world["llava"][0]
     path = world["data"] / "bad_llava.json"
     write_json_list(path, [good] + [r for _, r, _, _ in LLAVA_BAD] + [good], indent=1)
+    return path
+
+
+def test_bad_llava_records_are_skipped_with_location_or_raised(world):
+    path = write_bad_llava(world)
     starts = [i + 1 for i, line in enumerate(path.read_text().splitlines()) if line.startswith(" {")]
     policy = BadInputPolicy(keep=True)
     assert len(encodings(path, world, policy=policy)) == 2
@@ -449,7 +455,7 @@ def test_validate_reads_llava_and_hugging_face_datasets(world, hf_sets, capsys):
     from data_tools.validate import main
 
     tok = str(world["tok_dir"])
-    code = main([str(world["data"] / "bad_llava.json"), "--tokenizer", tok, "--image-size", "490"])
+    code = main([str(write_bad_llava(world)), "--tokenizer", tok, "--image-size", "490"])
     out = capsys.readouterr().out
     assert code == 1 and f"{len(LLAVA_BAD)} bad record(s)" in out
     assert "bad_llava.json:" in out and "(element 1): 2 '<image>' placeholder(s)" in out
@@ -461,8 +467,8 @@ def test_validate_reads_llava_and_hugging_face_datasets(world, hf_sets, capsys):
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if line[:1].isalpha()}
     assert rows["total"][0] == str(len(world["aria"])) and "chat:image+video" in rows
     assert main([str(path), "--tokenizer", tok, "--columns", "image=pictures"]) == 2  # no such column
-    assert "which it does not have" in capsys.readouterr().out
+    assert "which it does not have" in capsys.readouterr().err
     broken = world["data"] / "broken.json"
     broken.write_text('[{"kind": "text", "text": "a"},\n oops]')
     assert main([str(broken), "--tokenizer", tok]) == 2
-    assert "broken.json:2: malformed JSON" in capsys.readouterr().out
+    assert "broken.json:2: malformed JSON" in capsys.readouterr().err

@@ -1,10 +1,14 @@
 """aria-generate: greedy answers token for token those of transformers' generate (text, image and
 video prompts) on an HF export, batch mode equal to single prompts, our model / run directories,
-seeded sampling, incremental decoding of multi-byte text, and clean errors for bad input."""
+seeded sampling and its distribution (softmax(logits / T) over the top-p nucleus), incremental
+decoding of multi-byte text, and clean errors for bad input."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -190,6 +194,70 @@ def test_sampling_is_reproducible_with_a_seed(world, capsys):
     first = cli(capsys, *argv, "--seed", 3)[1]
     assert cli(capsys, *argv, "--seed", 3)[1] == first
     assert cli(capsys, *argv, "--seed", 4)[1] != first  # another seed, another answer
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model for ``generate`` whose next-token logits are always ``logits_V``."""
+
+    def __init__(self, logits_V: torch.Tensor) -> None:
+        super().__init__()
+        self.cfg = load_model_config("tiny")  # for the KV cache generate allocates
+        self.logits_V = torch.nn.Parameter(logits_V, requires_grad=False)
+
+    def forward(self, input_ids, *args, **kwargs) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.logits_V.expand(input_ids.shape[0], 1, -1))
+
+
+# Unsorted logits; softmax at T = 0.7 gives the sorted masses .392 .192 .125 .108 .061 ..., whose
+# running sums .392 .583 .708 .817 reach top-p 0.8 at the 4th token, clear of float32 rounding.
+LOGITS = [0.3, 1.8, -0.5, 0.0, -2.0, 1.3, 0.9, -1.0, 0.5, -0.2, 1.0, -3.0]
+
+
+def nucleus_probs(logits: list[float], temperature: float, top_p: float) -> dict[int, float]:
+    """softmax(logits / T) over the smallest set of most likely tokens whose mass reaches top_p,
+    renormalised; in float64, independently of the code under test."""
+    weights = [math.exp(x / temperature) for x in logits]
+    probs = sorted(((w / sum(weights), i) for i, w in enumerate(weights)), reverse=True)
+    kept, mass = [], 0.0
+    for p, i in probs:
+        if mass >= top_p:
+            break
+        kept.append((i, p))
+        mass += p
+    return {i: p / mass for i, p in kept}
+
+
+def chi_square_p_value(counts: dict[int, int], probs: dict[int, float]) -> float:
+    n = sum(counts.values())
+    stat = sum((counts.get(i, 0) - n * p) ** 2 / (n * p) for i, p in probs.items())
+    dof = len(probs) - 1  # P(chi2_dof > stat) is the regularised upper incomplete gamma
+    return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                   torch.tensor(stat / 2, dtype=torch.float64)).item()
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 0.8), (1.5, 1.0)])
+def test_sampling_draws_from_the_tempered_nucleus(temperature, top_p):
+    """aria-generate's sampler settings through ``generate``: 20000 draws (2000 rows x 10 steps)
+    follow softmax(logits / T) renormalised over the top-p nucleus; tokens outside it never come.
+    A 20% error in the temperature is rejected by the same test."""
+    from argparse import Namespace
+
+    from aria.cli.generate import sampling_settings
+    from aria.model.generation import generate
+
+    args = Namespace(greedy=False, temperature=temperature, top_p=top_p, seed=0)
+    rows, steps = 2000, 10
+    tokens = generate(FixedLogits(torch.tensor(LOGITS)), torch.zeros(rows, 1, dtype=torch.long),
+                      max_new_tokens=steps, **sampling_settings(args, "cpu"))
+    assert tokens.shape == (rows, steps)
+    counts = Counter(tokens.flatten().tolist())
+    expected = nucleus_probs(LOGITS, temperature, top_p)
+    assert set(counts) <= set(expected), f"tokens outside the nucleus {sorted(expected)}: {counts}"
+    if top_p < 1:
+        assert 1 < len(expected) < len(LOGITS)  # the nucleus really cuts
+    assert chi_square_p_value(counts, expected) > 1e-3, (counts, expected)
+    for wrong in (temperature * 1.2, temperature / 1.2):
+        assert chi_square_p_value(counts, nucleus_probs(LOGITS, wrong, top_p)) < 1e-6, wrong
 
 
 @pytest.mark.parametrize("backend", ["tokenizer.json", "tokenizer.model"])

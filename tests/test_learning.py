@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aria.evaluate import load_inference, multiple_choice
+from aria.evaluate import multiple_choice
+from aria.inference import load_inference
 from aria.train.compose import compose_run
 from aria.train.trainer import train
 from data_tools.make_shapes import ANSWERS

@@ -19,13 +19,14 @@ import torch
 
 from aria.config import LoRAConfig, StageConfig, load_model_config
 from aria.convert.checkpoint import iter_tensors
+from aria.convert.lora_base import merge_transform
 from aria.model import build_model
 from aria.model.lora import (ADAPTERS_FILE, LORA_JSON, LoRAMerger, adapter_parameters, add_adapters,
-                             init_adapters, is_adapter, merge_lora, merge_transform, read_adapters)
+                             init_adapters, is_adapter, merge_lora, read_adapters)
 from aria.model.moe import ExpertAdapters, experts_grouped, experts_loop
 from aria.train.compose import compose_run
 from helpers import make_config, run_distributed
-from test_train import overrides, records, run, setup  # noqa: F401 (setup is a fixture)
+from test_train import overrides, records, run
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "experts", "shared_experts", "vision", "projector",
                "lm_head"]
@@ -295,7 +296,7 @@ def test_expert_parallel_adapters_consolidate_and_resume(setup, lora_one, tmp_pa
                      *RUN_LORA)
     run(2, args)
     assert_same_lora_training(lora_one, run_dir)
-    assert len(list(model_dir(run_dir).glob("experts-ep*.safetensors"))) == 2
+    assert not list(model_dir(run_dir).glob("experts-ep*.safetensors"))  # adapters only: no base weights
     assert not list(model_dir(run_dir).glob("adapters-*"))  # one file, all experts
     assert_resumes_exactly(run_dir, args)  # rank 1 reloads its own expert adapters, not rank 0's
 
@@ -352,12 +353,26 @@ def test_a_lora_checkpoint_starts_another_run(setup, lora_one, tmp_path):  # noq
     run_distributed(_build_from, 1, (args, tmp_path / "again.pt"))
     state = torch.load(tmp_path / "again.pt")
     assert all(torch.equal(state[k], saved[k]) for k in saved)
-    # no LoRA: the run starts from the merged weights
+    # no LoRA: the run starts from plain weights that compute what the adapted model computed. The
+    # reference runs the adapters themselves (LoRALinear, the experts' low-rank GEMMs), not a merge.
     plain = [a for a in args if not a.startswith("lora")]
     run_distributed(_build_from, 1, (plain, tmp_path / "plain.pt"))
     state = torch.load(tmp_path / "plain.pt")
-    merged = dict(merge_lora(iter_tensors(model_dir(lora_one)), saved, lora))
-    assert state.keys() == merged.keys() and all(torch.equal(state[k], merged[k]) for k in merged)
+    cfg = load_model_config("tiny")
+    started = build_model(cfg).eval()
+    started.load_state_dict(state)  # strict: every weight, no adapter left
+    adapted = build_model(cfg).eval()
+    add_adapters(adapted, lora)
+    base_weights = dict(iter_tensors(setup / "init"))  # what LoRA trained on, unchanged
+    adapted.load_state_dict({**base_weights, **saved})
+    base = build_model(cfg).eval()
+    base.load_state_dict(base_weights)
+    inputs = image_inputs(cfg)
+    with torch.no_grad():
+        logits = adapted(*inputs).logits
+        delta = (started(*inputs).logits - logits).abs().max().item()
+        moved = (base(*inputs).logits - logits).abs().max().item()
+    assert delta <= 1e-5 < 1e-3 < moved, (delta, moved)  # the same model, which the adapters moved
     # other adapter settings: refused, naming the field
     with pytest.raises(AssertionError, match=r"config field 'lora.rank' = 16 differs .*rank = 8"):
         run_distributed(_build_from, 1, (args + ["lora.rank=16"], tmp_path / "bad.pt"))

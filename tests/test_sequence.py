@@ -12,7 +12,7 @@ from aria.model import build_model
 from aria.parallel.sequence import SequenceParallel, enable_sequence_parallel
 from aria.train.compose import compose_run
 from helpers import make_config, perturb, run_distributed
-from test_train import assert_same_training, overrides, records, rewind, run, setup  # noqa: F401
+from test_train import assert_same_training, overrides, records, rewind, run
 
 
 def _exchange_worker(rank: int, world: int) -> None:

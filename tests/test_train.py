@@ -38,13 +38,12 @@ SEQ_LEN = 60
 WORDS = ["red", "blue", "green", "circle", "square", "left", "right", "top", "bottom", "shape"]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Tokenizer, a text dataset of one-row documents, and an initial model directory."""
+def make_setup(root: Path) -> Path:
+    """Tokenizer, a text dataset of one-row documents, and an initial model directory in ``root``
+    (the ``setup`` fixture of conftest.py)."""
     from aria.data.tokenizer import Tokenizer
     from data_tools.train_tokenizer import train as train_tokenizer
 
-    root = tmp_path_factory.mktemp("train")
     corpus = root / "corpus.txt"
     rng = random.Random(0)
     corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)) + "\n")
@@ -105,13 +104,6 @@ def assert_same_training(a: Path, b: Path, tol: float = 1e-5) -> None:
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= tol
-
-
-@pytest.fixture(scope="module")
-def one_process(setup, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("one") / "run"
-    run(1, overrides(setup, run_dir, "train.micro_batch_size=2"))
-    return run_dir
 
 
 @pytest.mark.parametrize("zero", [1, 2])

@@ -1,6 +1,6 @@
 """aria-convert: training runs and our model directories <-> Hugging Face Aria directories.
 
-    aria-convert to-hf SOURCE OUT_DIR [--tokenizer DIR] [--weights-only] [--merge-lora]
+    aria-convert to-hf SOURCE OUT_DIR [--tokenizer DIR] [--weights-only] [--merge-lora | --adapters-only]
                        [--dtype bf16|fp32|fp16] [--max-shard-size 5GB]
     aria-convert from-hf HF_DIR OUT_DIR [--dtype bf16|fp32|fp16] [--max-shard-size 5GB]
 
@@ -14,7 +14,11 @@ with ``model.safetensors.index.json`` above ``--max-shard-size``), ``config.json
 ``chat_template.jinja``. The tokenizer is ``--tokenizer``, else the run's ``data.tokenizer``, else the
 one beside the weights; without one it stops and says so (``--weights-only`` skips tokenizer and
 processor files). A LoRA run's checkpoint needs ``--merge-lora``: its adapters are merged into the
-exported weights (a LoRA source without the flag is refused, never exported as its frozen base).
+exported weights (a LoRA source without the flag is refused, never exported as its frozen base); a
+LoRA checkpoint holds adapters and a reference to its base, which must be where it was and unchanged
+(same fingerprint). ``--adapters-only`` writes the adapters instead, as a PEFT adapter directory
+(``adapter_config.json`` + ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained``
+applies to the base in the HF format (the released weights, or the base exported with ``to-hf``).
 
 ``from-hf``: HF_DIR in any of the four key layouts transformers reads or the original rhymes-ai
 custom-code layout. OUT_DIR is our model directory (``model_config.json`` + safetensors) plus the
@@ -56,26 +60,29 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--merge-lora", action="store_true",
                            help="merge a LoRA run's adapters (model/adapters.safetensors) into the "
                                 "exported weights")
+            p.add_argument("--adapters-only", action="store_true",
+                           help="write a LoRA run's adapters as a PEFT adapter directory "
+                                "(adapter_config.json + adapter_model.safetensors) for "
+                                "peft.PeftModel.from_pretrained on the base, instead of weights")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from aria.convert.checkpoint import DTYPES, parse_size
+    from aria.commands import run_command
     from aria.convert.export import from_hf, to_hf
 
-    try:
+    def run() -> None:
         options = dict(dtype=DTYPES[args.dtype] if args.dtype else None,
                        max_shard_bytes=parse_size(args.max_shard_size))
         if args.direction == "to-hf":
             to_hf(args.source, args.output, tokenizer=args.tokenizer, weights_only=args.weights_only,
-                  merge_lora=args.merge_lora, **options)
+                  merge_lora=args.merge_lora, adapters_only=args.adapters_only, **options)
         else:
             from_hf(args.source, args.output, **options)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"aria-convert: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_command("aria-convert", run)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from aria.cli.generate import ERRORS
+from aria.commands import run_command
+from aria.inference import add_model_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aria-eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("model", help="Hugging Face directory, or our model / checkpoint / run directory")
+    add_model_arguments(parser)
     parser.add_argument("data", help="JSONL file, directory with {split}.jsonl, or webdataset shards")
     parser.add_argument("--metric", choices=("exact", "choice"), default="exact")
     parser.add_argument("--out", default=None, metavar="RESULTS.jsonl", help="write per-sample results here")
@@ -44,32 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
     parser.add_argument("--allow-outside-media", action="store_true",
                         help="allow media paths outside the dataset directory")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or .model file")
-    parser.add_argument("--image-size", type=int, default=None, choices=(490, 980),
-                        help="crop side of images (default: the run's, else the processor files', else 980)")
-    parser.add_argument("--num-frames", type=int, default=None,
-                        help="frames per video when the record does not say (default: the run's, else 8)")
-    parser.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=("bf16", "fp32", "fp16"),
-                        help="weights' dtype (default: bf16 on a GPU, fp32 on the CPU)")
     return parser
 
 
 def run(args: argparse.Namespace) -> None:
     for flag, value, low in (("--limit", args.limit, 0), ("--batch-size", args.batch_size, 1),
-                             ("--max-new-tokens", args.max_new_tokens, 1),
-                             ("--num-frames", args.num_frames, 1)):
+                             ("--max-new-tokens", args.max_new_tokens, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if args.out is not None and not Path(args.out).parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: directory {Path(args.out).parent} does not exist")
-    from aria.convert.checkpoint import DTYPES
     from aria.data.sources import open_source
-    from aria.evaluate import evaluate, load_inference
+    from aria.evaluate import evaluate
+    from aria.inference import load_from_args
 
     open_source(args.data, args.split)  # a missing dataset fails before the model loads
-    model, processor = load_inference(args.model, args.tokenizer, args.image_size, args.num_frames,
-                                      args.device, DTYPES[args.dtype] if args.dtype else None)
+    model, processor = load_from_args(args)
     result = evaluate(model, processor, args.data, args.metric, args.split, args.max_new_tokens,
                       args.batch_size, args.limit, args.strict,
                       allow_outside_media=args.allow_outside_media)
@@ -81,12 +72,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except ERRORS as err:
-        print(f"aria-eval: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command("aria-eval", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ answer a JSONL file of prompts.
 MODEL is a Hugging Face directory or our model, checkpoint or run directory. The tokenizer is
 ``--tokenizer``, else the run config's ``data.tokenizer``, else MODEL itself; image size and video
 sampling not given default to the run's data config, else to the directory's processor files,
-else to 980 px images; 8 video frames at 490 px (``aria.evaluate.load_inference``).
+else to 980 px images; 8 video frames at 490 px (``aria.inference.load_inference``).
 
 One prompt is one user turn holding the images, then the videos, then the text (after a system
 turn with ``--system``). The answer streams to stdout; the token count and speed go to stderr.
@@ -54,23 +54,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-ERRORS = (ValueError, OSError)
-"""What a user can cause (``DataError`` is a ``ValueError``; a missing, unreadable or unwritable
-file an ``OSError``): one line, no traceback."""
+from aria.commands import run_command
+from aria.inference import add_model_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aria-generate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1].split("\nDesign decisions")[0])
-    parser.add_argument("model", help="Hugging Face directory, or our model / checkpoint / run directory")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", help="the question (one prompt)")
     parser.add_argument("--image", action="extend", nargs="+", default=[], metavar="PATH",
                         help="image file(s), in order (repeatable)")
     parser.add_argument("--video", action="extend", nargs="+", default=[], metavar="PATH",
                         help="video file(s), in order (repeatable)")
-    parser.add_argument("--num-frames", type=int, default=None,
-                        help="frames sampled uniformly from each video (default: the run's, else 8)")
     parser.add_argument("--system", default=None, help="a system turn before the prompt")
     parser.add_argument("--batch", default=None, metavar="FILE.jsonl",
                         help="answer every prompt of this file")
@@ -83,12 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
                           help="sampling temperature (default 0.9)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 1.0)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible answers)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or .model file")
-    parser.add_argument("--image-size", type=int, default=None, choices=(490, 980),
-                        help="crop side of images (default: the run's, else the processor files', else 980)")
-    parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=("bf16", "fp32", "fp16"),
-                        help="weights' dtype (default: bf16 on a GPU, fp32 on the CPU)")
     return parser
 
 
@@ -285,7 +276,7 @@ def sampling_settings(args: argparse.Namespace, device) -> dict[str, Any]:
 
 
 def answer_one(args: argparse.Namespace, model, processor, sample) -> None:
-    from aria.evaluate import generate_batch, prompt_inputs, stop_ids
+    from aria.inference import generate_batch, prompt_inputs, stop_ids
 
     inputs = prompt_inputs(processor, sample)
     decoder, stops = StreamDecoder(processor.tokenizer), set(stop_ids(processor))
@@ -312,7 +303,7 @@ def answer_one(args: argparse.Namespace, model, processor, sample) -> None:
 
 
 def answer_batch_file(args: argparse.Namespace, model, processor, prompts) -> None:
-    from aria.evaluate import generate_batch, prompt_inputs
+    from aria.inference import generate_batch, prompt_inputs
 
     sampling = sampling_settings(args, next(model.parameters()).device)
     out = Path(args.out)
@@ -346,11 +337,9 @@ def run(args: argparse.Namespace) -> None:
         prompts = read_batch_file(args.batch)
     else:
         sample = command_line_sample(args)
-    from aria.convert.checkpoint import DTYPES
-    from aria.evaluate import load_inference
+    from aria.inference import load_from_args
 
-    model, processor = load_inference(args.model, args.tokenizer, args.image_size, args.num_frames,
-                                      args.device, DTYPES[args.dtype] if args.dtype else None)
+    model, processor = load_from_args(args)
     if args.batch is not None:
         answer_batch_file(args, model, processor, prompts)
     else:
@@ -359,16 +348,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except ERRORS as err:
-        sys.stdout.flush()
-        print(f"aria-generate: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
+    return run_command("aria-generate", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -49,9 +49,9 @@ from safetensors.torch import save_file
 
 from aria.config import ModelConfig
 from aria.convert import keymap
-from aria.convert.hf_config import from_hf_config, generation_config, to_hf_config
+from aria.convert.hf_config import from_hf_config, generation_config, read_json, to_hf_config
+from aria.rundir import MODEL_CONFIG
 
-MODEL_CONFIG = "model_config.json"
 LAYOUT = "layout.json"
 EXPERT_PARAM = re.compile(r"\.moe\.experts\.w_fc[12]$")
 INDEX = "model.safetensors.index.json"
@@ -169,9 +169,16 @@ class TensorStore:
     our names. Shapes and dtypes come from the safetensors headers; ``read`` returns any flat range
     of a whole tensor reading exactly its bytes (a rank loads only what it keeps), and
     ``bytes_read`` counts them. The layout is checked when the store opens: an index naming absent
-    files or keys, expert files of mixed or incomplete layouts, a tensor stored twice."""
+    files or keys, expert files of mixed or incomplete layouts, a tensor stored twice. A LoRA
+    checkpoint that holds adapters only (``base.json``) reads as its base, once that is checked to
+    be the base the adapters were trained on (``aria.convert.lora_base``)."""
 
     def __init__(self, directory: str | Path, hf: bool = False) -> None:
+        from aria.convert.lora_base import checked_base, read_base
+
+        ref = None if hf else read_base(directory)
+        if ref is not None:  # adapters only: the weights are the base's
+            directory, hf = checked_base(directory, ref), ref.hf
         directory = self.directory = Path(directory)
         self._handles: dict[str, object] = {}
         self.pieces: dict[str, list[_Piece]] = {}
@@ -368,10 +375,7 @@ def read_model_config(directory: Path) -> ModelConfig:
                 "an HF directory has config.json; use aria-convert from-hf")
         raise FileNotFoundError(f"{directory} is not an Aria model directory: {MODEL_CONFIG} is "
                                 f"missing ({hint})")
-    try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    return ModelConfig.from_dict(read_json(path))
 
 
 def save_model_dir(state: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
@@ -391,7 +395,8 @@ def load_model_dir(directory: Path, device: torch.device | str = "cpu",
     adapters saved beside the weights (a LoRA run's checkpoint) are merged in: this is the model
     the run trained."""
     from aria.model import build_model
-    from aria.model.lora import ADAPTERS_FILE, merge_transform
+    from aria.convert.lora_base import merge_transform
+    from aria.model.lora import ADAPTERS_FILE
 
     cfg = read_model_config(directory)
     model = build_model(cfg, device="meta")
@@ -425,9 +430,7 @@ def check_state(shapes: dict[str, tuple], expected: dict[str, torch.Tensor], sou
     """Every expected key present, no other key, every shape right: one error naming them."""
     keymap.check_keys(shapes, expected, source, tied_lm_head)
     for key, shape in shapes.items():
-        if tuple(shape) != tuple(expected[key].shape):
-            raise ValueError(f"{source}: tensor '{key}' has shape {tuple(shape)} but the model "
-                             f"config expects {tuple(expected[key].shape)}")
+        keymap.check_shape(source, key, shape, expected[key].shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,11 +445,7 @@ def read_hf_config(directory: Path) -> ModelConfig:
                 "exports)" if (Path(directory) / MODEL_CONFIG).is_file() else "")
         raise FileNotFoundError(f"{directory} is not a Hugging Face model directory: config.json "
                                 f"is missing{hint}")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    return from_hf_config(hf, source=str(path))
+    return from_hf_config(read_json(path), source=str(path))
 
 
 def rename_hf(items: Iterable[tuple[str, object]], source: str,
@@ -586,9 +585,7 @@ def _checked(tensors: Iterable[tuple[str, torch.Tensor]], expected: dict[str, to
             raise ValueError(f"{source}: tensor '{key}' is not a parameter of the model config")
         if key in seen:
             raise ValueError(f"{source}: tensor '{key}' appears twice")
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{source}: tensor '{key}' has shape {tuple(tensor.shape)} but the model "
-                             f"config expects {tuple(expected[key].shape)}")
+        keymap.check_shape(source, key, tensor.shape, expected[key].shape)
         seen.add(key)
         yield key, tensor
     keymap.check_keys(seen, expected, source, tied_lm_head)

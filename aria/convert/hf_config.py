@@ -15,6 +15,8 @@ Mapping notes:
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Sequence
 
 from aria.config import ModelConfig, MoEConfig, ProjectorConfig, TextConfig, VisionConfig
@@ -146,3 +148,14 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
                        projector=ProjectorConfig(patch_to_query=dict(table)),
                        image_token_id=hf.get("image_token_index", hf.get("image_token_id", 9)),
                        name="hf")
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path``; ``ValueError`` naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, expected a JSON object")
+    return data

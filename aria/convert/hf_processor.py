@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aria.config import ModelConfig, VideoConfig
+from aria.convert.hf_config import read_json
 from aria.data.processor import CHAT_TEMPLATE, Processor, tokenizer_mismatch
 from aria.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -47,11 +48,6 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # What transformers' fast tokenizer and AriaProcessor need from a tokenizer directory.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def has_tokenizer(directory: Path) -> bool:
-    directory = Path(directory)
-    return (directory / "tokenizer.json").is_file() or (directory / "tokenizer.model").is_file()
 
 
 def load_tokenizer(directory: Path, origin: str) -> Tokenizer:
@@ -90,7 +86,7 @@ def image_settings_from_files(directory: Path) -> ImageSettings | None:
         path = Path(directory) / name
         if not path.is_file():
             continue
-        data = _read_json(path)
+        data = read_json(path)
         data = data.get("image_processor", data)
         if isinstance(data, dict) and "max_image_size" in data:
             return ImageSettings(data["max_image_size"], data.get("min_image_size", 336),
@@ -108,6 +104,15 @@ def default_image_settings(cfg: ModelConfig) -> ImageSettings:
                      f"queries, patch size {cfg.vision.patch_size}) has no 490 or 980 px crop, the only "
                      "sizes transformers' AriaImageProcessor makes; export the weights alone with "
                      "--weights-only")
+
+
+def image_settings(cfg: ModelConfig, run_config: Path | None, directory: Path, run=None) -> ImageSettings:
+    """How MODEL's images become crops: the ``data.*`` of its run config (``run``, read from
+    ``run_config``), else the HF processor files in ``directory``, else ``default_image_settings``."""
+    if run is not None:
+        return ImageSettings(run.data.image_size, run.data.min_image_size, run.data.split_image,
+                             f"data.* in {run_config}")
+    return image_settings_from_files(directory) or default_image_settings(cfg)
 
 
 def hf_processor(tokenizer: Tokenizer, cfg: ModelConfig, settings: ImageSettings) -> Processor:
@@ -128,7 +133,7 @@ def check_hf_tokenizer_files(directory: Path, origin: str) -> None:
         raise FileNotFoundError(f"tokenizer directory {directory} ({origin}) lacks {absent}, which "
                                 "transformers' AriaProcessor loads; python -m data_tools.train_tokenizer "
                                 "writes them next to tokenizer.model")
-    _read_json(Path(directory) / "tokenizer_config.json")
+    read_json(Path(directory) / "tokenizer_config.json")
 
 
 def write_processor_files(out: Path, tokenizer_dir: Path, processor: Processor) -> list[str]:
@@ -139,7 +144,7 @@ def write_processor_files(out: Path, tokenizer_dir: Path, processor: Processor) 
         if (tokenizer_dir / name).is_file() and name != "tokenizer_config.json":
             shutil.copyfile(tokenizer_dir / name, out / name)
             written.append(name)
-    config = _read_json(tokenizer_dir / "tokenizer_config.json")
+    config = read_json(tokenizer_dir / "tokenizer_config.json")
     images = processor.images
     config.pop("auto_map", None)
     config.update(image_token=SPECIAL_TOKENS["image"], processor_class="AriaProcessor",
@@ -169,13 +174,3 @@ def copy_processor_files(source: Path, out: Path) -> list[str]:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a {type(data).__name__}, expected a JSON object")
-    return data

@@ -16,7 +16,7 @@ checkpoint names of rhymes-ai/Aria (``vision_tower.vision_model.``, ``ln_ffn``, 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
 # (ours, HF on-disk). {i} = vision layer, {l} = decoder layer.
 KEY_TABLE: list[tuple[str, str]] = [
@@ -119,6 +119,13 @@ def hf_to_ours(key: str) -> str | None:
         raise ValueError(f"unexpected tensor '{key}' in the Hugging Face checkpoint: it is not part of "
                        "the Aria architecture")
     return ours
+
+
+def check_shape(source: str, key: str, found: Sequence[int], expected: Sequence[int]) -> None:
+    """Raise naming ``source``, ``key`` and both shapes unless they agree."""
+    if tuple(found) != tuple(expected):
+        raise ValueError(f"{source}: tensor '{key}' has shape {tuple(found)} but the model config "
+                         f"expects {tuple(expected)}")
 
 
 def check_keys(found: Iterable[str], expected: Iterable[str], source: str, tied_lm_head: bool) -> None:

@@ -42,9 +42,9 @@ from typing import BinaryIO, Sequence
 import torch
 from PIL import ExifTags, Image, ImageOps
 
+from aria.config import IMAGE_SIZES
 from aria.data.errors import MediaError
 
-VALID_MAX_IMAGE_SIZES = (490, 980)
 DEFAULT_SPLIT_GRID = ((1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (2, 4), (2, 3),
                       (2, 2), (2, 1), (3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (6, 1), (7, 1),
                       (8, 1))  # (rows, columns) of 490 px
@@ -212,7 +212,7 @@ class ImageProcessor:
         """``raw_pixels``: return uint8 pixels (padding 0) instead of normalised floats, for the data
         loader: 4x less to move between processes; the model normalises uint8 input itself, which
         is only right for Aria's mean = std = 0.5 (checked)."""
-        if not isinstance(max_image_size, int) or max_image_size not in VALID_MAX_IMAGE_SIZES:
+        if not isinstance(max_image_size, int) or max_image_size not in IMAGE_SIZES:
             raise ValueError(f"max_image_size must be 490 or 980 (the crop sizes Aria's projector "
                              f"has query counts for), got {max_image_size!r}")
         if not isinstance(min_image_size, int) or not 1 <= min_image_size <= max_image_size:

@@ -25,8 +25,8 @@ from typing import Any, Iterator
 
 import torch
 
+from aria.config import IGNORE_INDEX
 from aria.data.processor import EncodedSample, group_crops, too_long
-from aria.model.loss import IGNORE_INDEX
 
 
 @dataclass
@@ -155,6 +155,19 @@ class RowBatcher:
         rows = self.rows + ([self.packer.row] if self.packer.row.pieces else [])
         self.rows, self.packer.row = [], Row()
         return rows
+
+
+def to_device(value: Any, device: torch.device | str, float_dtype: torch.dtype | None = None) -> Any:
+    """``value`` (a tensor, or a dict / list of them, or None) on ``device``; floating tensors also
+    in ``float_dtype`` when given (integer ids, uint8 pixels and bool masks keep theirs)."""
+    if isinstance(value, torch.Tensor):
+        dtype = float_dtype if float_dtype is not None and value.is_floating_point() else None
+        return value.to(device, dtype, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: to_device(v, device, float_dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device, float_dtype) for v in value)
+    return value
 
 
 def collate(rows: list[Row], seq_len: int, pad_id: int, tokens_per_crop: dict[int, int]) -> PackedBatch:

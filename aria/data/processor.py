@@ -39,13 +39,12 @@ from typing import Any, Callable
 
 import torch
 
-from aria.config import VideoConfig
+from aria.config import IGNORE_INDEX, VideoConfig
 from aria.data.errors import DataError, MediaError
 from aria.data.image import ImageProcessor, ProcessedImage, image_size, load_image
 from aria.data.records import MediaRef, Part, Sample, Turn
 from aria.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from aria.data.video import format_timestamp, open_video, sample_indices
-from aria.model.loss import IGNORE_INDEX
 
 # transformers' Aria chat template, character for character (the two line breaks are literal).
 CHAT_TEMPLATE = (

@@ -63,6 +63,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
+from aria.config import DataConfig, parse_mixture
 from aria.data.errors import DataError
 from aria.data.records import MediaResolver, apply_columns, parse_json_line
 
@@ -139,14 +140,32 @@ class IndexedSource:
                 yield self.read(i, handle)
 
 
-class JsonlSource(IndexedSource):
-    """One JSONL file; media paths are relative to its directory."""
+class FileSource(IndexedSource):
+    """Records indexed in one local file; media paths are relative to its directory."""
+
+    def __init__(self, path: str | Path, kind: str, allow_outside_media: bool,
+                 columns: Mapping[str, str] | None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{kind} dataset file not found: {self.path}")
+        self.resolver = MediaResolver(self.path.parent, allow_outside=allow_outside_media)
+        self.columns = columns
+        self.name = str(self.path)
+
+    def check_not_empty(self) -> None:
+        if not len(self):
+            raise ValueError(f"dataset {self.path} is empty: no records")
+
+    def opened(self):
+        return open(self.path, "rb")
+
+
+class JsonlSource(FileSource):
+    """One JSONL file."""
 
     def __init__(self, path: str | Path, allow_outside_media: bool = False,
                  columns: Mapping[str, str] | None = None) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"JSONL dataset file not found: {self.path}")
+        super().__init__(path, "JSONL", allow_outside_media, columns)
         offsets, line_numbers = array("q"), array("q")
         with open(self.path, "rb") as f:
             pos = 0
@@ -155,24 +174,17 @@ class JsonlSource(IndexedSource):
                     offsets.append(pos)
                     line_numbers.append(number)
                 pos += len(line)
-        if not offsets:
-            raise ValueError(f"dataset {self.path} is empty: no records")
         self.offsets = np.frombuffer(offsets, dtype=np.int64)
+        self.check_not_empty()
         self.line_numbers = None  # record i is on line i + 1 unless the file has blank lines
         if line_numbers[-1] != len(line_numbers):
             self.line_numbers = np.frombuffer(line_numbers, dtype=np.int64)
-        self.resolver = MediaResolver(self.path.parent, allow_outside=allow_outside_media)
-        self.columns = columns
-        self.name = str(self.path)
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def line_number(self, index: int) -> int:
         return index + 1 if self.line_numbers is None else int(self.line_numbers[index])
-
-    def opened(self):
-        return open(self.path, "rb")
 
     def read(self, index: int, handle) -> RawRecord:
         handle.seek(int(self.offsets[index]))
@@ -286,27 +298,18 @@ def index_json_list(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                  for a in (starts, ends, lines))
 
 
-class JsonListSource(IndexedSource):
-    """One ``.json`` file holding a list of records (LLaVA's format); media paths are relative to its
-    directory. Records are located as ``file:line (element i)``."""
+class JsonListSource(FileSource):
+    """One ``.json`` file holding a list of records (LLaVA's format). Records are located as
+    ``file:line (element i)``."""
 
     def __init__(self, path: str | Path, allow_outside_media: bool = False,
                  columns: Mapping[str, str] | None = None) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"JSON dataset file not found: {self.path}")
+        super().__init__(path, "JSON", allow_outside_media, columns)
         self.starts, self.ends, self.lines = index_json_list(self.path)
-        if not len(self.starts):
-            raise ValueError(f"dataset {self.path} is empty: no records")
-        self.resolver = MediaResolver(self.path.parent, allow_outside=allow_outside_media)
-        self.columns = columns
-        self.name = str(self.path)
+        self.check_not_empty()
 
     def __len__(self) -> int:
         return len(self.starts)
-
-    def opened(self):
-        return open(self.path, "rb")
 
     def read(self, index: int, handle) -> RawRecord:
         start = int(self.starts[index])
@@ -630,6 +633,24 @@ def _json_kind(path: Path) -> type[IndexedSource]:
     return JsonListSource if head[:1] == b"[" else JsonlSource
 
 
+def is_glob(path: str) -> bool:
+    """A pattern of webdataset shards (``glob`` syntax), not one path."""
+    return any(c in path for c in "*?[")
+
+
+def check_datasets(data: DataConfig) -> None:
+    """Every dataset path of ``data.train`` and ``data.eval`` exists (a file, a directory, or a glob
+    of shards that matches); raises ``FileNotFoundError`` naming the config field and the path."""
+    for name in ("train", "eval"):
+        entries = parse_mixture(getattr(data, name), f"data.{name}")
+        for i, entry in enumerate(entries):
+            pattern = is_glob(entry.path)
+            if not (glob.glob(entry.path) if pattern else Path(entry.path).exists()):
+                field = f"data.{name}" + (f"[{i}]" if len(entries) > 1 else "")
+                raise FileNotFoundError(f"config field '{field}': dataset not found: {entry.path}"
+                                        + (" (the pattern matches no file)" if pattern else ""))
+
+
 def open_source(path: str | Path, split: str = "train", allow_outside_media: bool = False,
                 columns: Mapping[str, str] | None = None, shuffle_buffer: int = 0):
     """A dataset path -> its source: a ``.jsonl`` file, a ``.json`` file (a list of records, or JSON
@@ -651,7 +672,7 @@ def open_source(path: str | Path, split: str = "train", allow_outside_media: boo
             return _json_kind(p / f"{split}.json")(p / f"{split}.json", allow_outside_media, columns)
         if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
             return HFSource(p, split, allow_outside_media, columns)
-    if p.suffix == ".tar" or any(c in str(path) for c in "*?[") or (p.is_dir() and any(p.glob("*.tar"))):
+    if p.suffix == ".tar" or is_glob(str(path)) or (p.is_dir() and any(p.glob("*.tar"))):
         return ShardSource(path, columns, shuffle_buffer)
     if p.is_dir():
         if any(q.suffix in HF_SUFFIXES for q in p.rglob("*")):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aria.config import ModelConfig
+from aria.config import MODULE_GROUPS, ModelConfig
 from aria.model.decoder import KVCache, TextDecoder
 from aria.model.layers import holds_no_data
 from aria.model.loss import IGNORE_INDEX, chunked_cross_entropy
@@ -251,3 +251,25 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None,
     if init and str(device) != "meta":
         model.init_weights()
     return model.to(dtype)
+
+
+def module_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Every parameter of ``model`` (an ``Aria``) in exactly one of the five groups."""
+    groups: dict[str, list[nn.Parameter]] = {g: [] for g in MODULE_GROUPS}
+    groups["vision"] += list(model.vision.parameters())
+    groups["projector"] += list(model.projector.parameters())
+    decoder = model.decoder
+    for layer in decoder.layers:
+        groups["router"] += list(layer.moe.router.parameters())
+        groups["experts"] += list(layer.moe.experts.parameters())
+        if layer.moe.shared is not None:
+            groups["experts"] += list(layer.moe.shared.parameters())
+        for module in (layer.attn_norm, layer.attn, layer.mlp_norm):
+            groups["language_model"] += list(module.parameters())
+    groups["language_model"] += list(decoder.embed.parameters()) + list(decoder.norm.parameters())
+    if model.lm_head.weight is not decoder.embed.weight:
+        groups["language_model"] += list(model.lm_head.parameters())
+    seen = {id(p) for ps in groups.values() for p in ps}
+    stray = [n for n, p in model.named_parameters() if id(p) not in seen]
+    assert not stray and len(seen) == sum(map(len, groups.values())), f"ungrouped parameters {stray}"
+    return groups

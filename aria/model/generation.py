@@ -22,6 +22,11 @@ from aria.model.aria import Aria
 from aria.model.decoder import KVCache
 
 
+def left_padded_positions(attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded rows: real tokens count from 0, padding sits at 0."""
+    return (attention_mask_BT.cumsum(dim=1) - 1).clamp(min=0)
+
+
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     if temperature <= 0:
@@ -58,7 +63,7 @@ def generate(model: Aria, input_ids: torch.Tensor, pixel_values: torch.Tensor | 
                          "(every prompt's last token in the last column)")
     if attention_mask is not None and not bool(attention_mask.all()):
         segments_BT = attention_mask.long()
-        positions_BT = (segments_BT.cumsum(dim=1) - 1).clamp(min=0)
+        positions_BT = left_padded_positions(segments_BT)
     out = model(input_ids, pixel_values, pixel_mask, position_ids=positions_BT,
                 segment_ids=segments_BT, cache=cache, logits_to_keep=1,
                 image_feature_order=image_feature_order)

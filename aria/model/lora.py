@@ -17,8 +17,11 @@ Design decisions:
   offsets (``aria.model.moe``). Their first dimension is the expert, so expert parallelism shards
   and tags them exactly like the weights.
 - Targets are chosen by module (the same modules the stage groups are made of), never by
-  parameter-name substrings. The projector's packed in-projection is a raw parameter applied in
-  three slices and gets no adapter; its q/k/v/out/linear layers and FFN do.
+  parameter-name substrings. ``projector`` adapts the projector's Linears (q/k/v/out/linear and the
+  FFN); its packed in-projection, a raw (3 Dv, Dv) parameter applied in three slices, is the target
+  ``projector_in_proj``: ``lora_in_proj_A`` (R, Dv) and ``lora_in_proj_B`` (3 Dv, R) on the
+  cross-attention (``aria.model.projector``), one adapter for the packed weight, merged like a
+  Linear's.
 - B starts at zero, so a fresh adapter adds exactly nothing: the model starts as the base model.
   A is uniform(+-1/sqrt(N)) (nn.Linear's own init scale) from a generator seeded by the run's
   seed, drawn for all E experts and then sliced to the local ones, so expert parallelism does not
@@ -52,9 +55,10 @@ from aria.config import LoRAConfig
 from aria.model.aria import Aria, LMHead
 from aria.model.loss import chunked_cross_entropy
 from aria.model.moe import Experts
+from aria.model.projector import CrossAttention
 
 ADAPTERS_FILE, LORA_JSON = "adapters.safetensors", "lora.json"
-ADAPTER_KEY = re.compile(r"(^|\.)lora_(fc[12]_)?[AB]$")
+ADAPTER_KEY = re.compile(r"(^|\.)lora_(fc[12]_|in_proj_)?[AB]$")
 EXPERT_ADAPTER_KEY = re.compile(r"\.moe\.experts\.lora_fc[12]_[AB]$")
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -137,6 +141,8 @@ def add_adapters(model: Aria, cfg: LoRAConfig) -> None:
         if target == "experts":
             for layer in model.moe_layers:
                 layer.experts.add_adapters(cfg.rank, cfg.scale, cfg.dropout)
+        elif target == "projector_in_proj":
+            model.projector.cross_attn.add_in_proj_adapter(cfg.rank, cfg.scale, cfg.dropout)
         elif target == "lm_head":
             if model.cfg.text.tie_word_embeddings:
                 raise ValueError("config field 'lora.targets' names 'lm_head' but the LM head is tied to "
@@ -157,6 +163,8 @@ def init_adapters(model: Aria, seed: int) -> None:
     for module in model.modules():
         if isinstance(module, (LoRALinear, LoRALMHead)):
             pairs = [(module.lora_A, module.lora_B, module.lora_A.shape[1], None)]
+        elif isinstance(module, CrossAttention) and module.lora_scale is not None:
+            pairs = [(module.lora_in_proj_A, module.lora_in_proj_B, module.lora_in_proj_A.shape[1], None)]
         elif isinstance(module, Experts) and module.lora_scale is not None:
             local = module.lora_fc1_A.shape[0]  # this rank's experts (adapters are not partitioned yet)
             rows = slice(module.ep_rank * local, (module.ep_rank + 1) * local)
@@ -174,26 +182,6 @@ def init_adapters(model: Aria, seed: int) -> None:
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if is_adapter(name)}
-
-
-@torch.no_grad()
-def load_adapters(model: Aria, adapters: dict[str, torch.Tensor], source: str) -> None:
-    """Copy saved adapters (all experts) into the model's (this rank's expert slice)."""
-    params = adapter_parameters(model)
-    missing, unexpected = sorted(set(params) - set(adapters)), sorted(set(adapters) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"{source}: the saved adapters do not fit this model: missing {missing[:10]}, "
-                         f"unexpected {unexpected[:10]}")
-    for key, param in params.items():
-        tensor = adapters[key]
-        if EXPERT_ADAPTER_KEY.search(key):
-            experts = model.get_submodule(key.rsplit(".", 1)[0])
-            local = param.shape[0]
-            tensor = tensor[experts.ep_rank * local:(experts.ep_rank + 1) * local]
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"{source}: adapter '{key}' has shape {tuple(tensor.shape)} but the model "
-                             f"expects {tuple(param.shape)}")
-        param.copy_(tensor.to(param.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +214,15 @@ def read_adapters(directory: str | Path) -> tuple[dict[str, torch.Tensor], LoRAC
     return load_file(weights), cfg
 
 
+def required_adapters(directory: str | Path, flag: str) -> tuple[dict[str, torch.Tensor], LoRAConfig]:
+    """``read_adapters``, or ``FileNotFoundError`` saying that ``flag`` needs a LoRA run's checkpoint."""
+    saved = read_adapters(directory)
+    if saved is None:
+        raise FileNotFoundError(f"{directory} holds no LoRA adapters ({ADAPTERS_FILE} + {LORA_JSON}): "
+                                f"{flag} needs a checkpoint of a run with lora.enabled=true")
+    return saved
+
+
 class AdapterPair(NamedTuple):
     a_key: str
     b_key: str
@@ -235,7 +232,8 @@ class AdapterPair(NamedTuple):
 
 def adapter_pairs(keys: Iterable[str]) -> dict[str, AdapterPair]:
     """Base tensor name -> its adapter pair, e.g. 'decoder.layers.0.attn.q_proj.weight' ->
-    ('...q_proj.lora_A', '...q_proj.lora_B'), '...moe.experts.w_fc1' -> ('...lora_fc1_A', ...)."""
+    ('...q_proj.lora_A', '...q_proj.lora_B'), '...moe.experts.w_fc1' -> ('...lora_fc1_A', ...),
+    'projector.cross_attn.in_proj_weight' -> ('...lora_in_proj_A', ...)."""
     keys = set(keys)
     pairs = {}
     for key in sorted(keys):
@@ -249,9 +247,12 @@ def adapter_pairs(keys: Iterable[str]) -> dict[str, AdapterPair]:
         if b_key not in keys:
             raise ValueError(f"adapter '{key}' has no '{b_key}'")
         module = key[: match.start()]
-        fc = match.group(2)
-        base = f"{module}.w_{fc[:-1]}" if fc else (f"{module}.weight" if module else "weight")
-        pairs[base] = AdapterPair(key, b_key, stacked=bool(fc))
+        kind = match.group(2)
+        if kind == "in_proj_":
+            base = f"{module}.in_proj_weight"
+        else:
+            base = f"{module}.w_{kind[:-1]}" if kind else (f"{module}.weight" if module else "weight")
+        pairs[base] = AdapterPair(key, b_key, stacked=kind is not None and kind.startswith("fc"))
     orphans = sorted(k for k in keys if k.endswith("B") and k[:-1] + "A" not in keys)
     if orphans:
         raise ValueError(f"adapter(s) {orphans[:10]} have no matching A")
@@ -323,19 +324,3 @@ def merge_lora(tensors: Iterable[tuple[str, torch.Tensor]], adapters: dict[str, 
     for key, tensor in tensors:
         yield key, merger(key, tensor)
     merger.check_complete()
-
-
-def merge_transform(directory: str | Path):
-    """The ``transform`` that ``aria.convert`` applies to the (our name, tensor) stream of model
-    directory ``directory``: its LoRA adapters merged into the weights (``--merge-lora``)."""
-    saved = read_adapters(directory)
-    if saved is None:
-        raise FileNotFoundError(f"{directory} holds no LoRA adapters ({ADAPTERS_FILE} + {LORA_JSON}): "
-                                "--merge-lora needs a checkpoint of a run with lora.enabled=true")
-    adapters, cfg = saved
-
-    def merge_lora_adapters(tensors: Iterable[tuple[str, torch.Tensor]]
-                            ) -> Iterator[tuple[str, torch.Tensor]]:
-        return merge_lora(tensors, adapters, cfg)
-
-    return merge_lora_adapters

@@ -33,9 +33,9 @@ import contextvars
 
 import torch
 
+from aria.config import IGNORE_INDEX
 from aria.model.layers import holds_no_data
 
-IGNORE_INDEX = -100
 LOGITS_BUDGET = 2 ** 27  # fp32 logit elements per chunk (512 MiB)
 CACHE_BLOCK = 2 ** 21  # fp32 logit elements per row block on the CPU (8 MiB)
 GPU_BLOCK = LOGITS_BUDGET // 4  # fp32 logit elements per row block on a GPU (128 MiB)

@@ -9,6 +9,10 @@ Design decisions (each one is the reference's, kept so HF weights load unchanged
   standard multi-head attention (``in_proj``, rows q | k | v, with bias), then its out-projection,
   then one more linear. No residual. Both LayerNorms use eps 1e-5.
 - The FFN goes Dv -> D -> D with a tanh-GELU and no biases.
+- LoRA on the packed in-projection (``add_in_proj_adapter``) is one adapter on the whole (3 Dv, Dv)
+  weight, A (R, Dv) and B (3 Dv, R), as ``nn.MultiheadAttention`` adapters are elsewhere (PEFT): q,
+  k and v share A, and each of the three slices uses its rows of B. It is added in the slices' own
+  matmuls, x w_i^T + b_i + s * drop(x) A^T B_i^T, so dropout applies to the adapter path only.
 - ``valid_NG`` None means every patch is valid: the cross-attention then runs without a mask. The
   vision encoder returns None whenever every patch of every crop is valid (its one host check),
   so the projector adds no check of its own.
@@ -41,17 +45,38 @@ class CrossAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
         self.linear = nn.Linear(dim, dim)
+        self.lora_scale: float | None = None  # set by add_in_proj_adapter
+        self.lora_dropout = 0.0
+
+    def add_in_proj_adapter(self, rank: int, scale: float, dropout: float) -> None:
+        """A LoRA adapter A (R, Dv), B (3 Dv, R) on the packed in-projection, on its device and
+        dtype, uninitialised (``aria.model.lora.init_adapters``)."""
+        w = self.in_proj_weight
+        M, N = getattr(w, "ds_shape", w.shape)  # a ZeRO-3 parameter keeps its shape there
+        like = dict(device=w.device, dtype=w.dtype)
+        self.lora_in_proj_A = nn.Parameter(torch.empty(rank, N, **like))
+        self.lora_in_proj_B = nn.Parameter(torch.empty(M, rank, **like))
+        self.lora_scale, self.lora_dropout = scale, dropout
+
+    def in_proj(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Slice i (0 q, 1 k, 2 v) of the packed in-projection, with its adapter if there is one."""
+        D = x.shape[-1]
+        rows = slice(i * D, (i + 1) * D)
+        out = F.linear(x, self.in_proj_weight[rows], self.in_proj_bias[rows])
+        if self.lora_scale is None:
+            return out
+        dropped = F.dropout(x, self.lora_dropout, self.training)
+        low = F.linear(dropped, self.lora_in_proj_A)
+        return out + self.lora_scale * F.linear(low, self.lora_in_proj_B[rows])
 
     def forward(self, queries_NQD: torch.Tensor, patches_NGD: torch.Tensor,
                 valid_NG: torch.Tensor | None) -> torch.Tensor:
         N, Q, D = queries_NQD.shape
         G = patches_NGD.shape[1]
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         kv_NGD = self.norm_kv(patches_NGD)
-        q = F.linear(self.q_proj(self.norm_q(queries_NQD)), w_q, b_q)
-        k = F.linear(self.k_proj(kv_NGD), w_k, b_k)
-        v = F.linear(self.v_proj(kv_NGD), w_v, b_v)
+        q = self.in_proj(self.q_proj(self.norm_q(queries_NQD)), 0)
+        k = self.in_proj(self.k_proj(kv_NGD), 1)
+        v = self.in_proj(self.v_proj(kv_NGD), 2)
         d = D // self.num_heads
         q = q.view(N, Q, self.num_heads, d).transpose(1, 2)
         k = k.view(N, G, self.num_heads, d).transpose(1, 2)

@@ -20,18 +20,18 @@ Design decisions:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from aria.config import ModelConfig, RunConfig
-from aria.train.schedule import lr_multiplier
+from aria.model.aria import module_groups
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_scale: dict[str, float]) -> list[dict]:
     """Optimizer groups: decayed (>= 2-D) and not decayed parameters, split further by the module
     groups (and the patch projection) whose learning rate ``optim.lr_scale`` changes."""
-    from aria.train.stages import module_groups
-
     scale_of = {}
     for group, params in module_groups(model).items():
         for p in params:
@@ -122,8 +122,10 @@ def deepspeed_config(cfg: RunConfig, dtype: torch.dtype) -> dict:
     return config
 
 
-def build_engine(model: nn.Module, cfg: RunConfig, ep_group_name: str | None = None):
-    """(engine, optimizer, lr_scheduler); ``model`` already has its stage applied and experts sharded."""
+def build_engine(model: nn.Module, cfg: RunConfig, lr_multiplier: Callable[[int], float],
+                 ep_group_name: str | None = None):
+    """(engine, optimizer, lr_scheduler); ``model`` already has its stage applied and experts sharded;
+    ``lr_multiplier(step)`` scales every group's peak LR (``aria.train.schedule``)."""
     import deepspeed
 
     if cfg.parallel.zero_stage == 3:
@@ -140,7 +142,7 @@ def build_engine(model: nn.Module, cfg: RunConfig, ep_group_name: str | None = N
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.optim, cfg.train.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, precision(cfg)), dist_init_required=False)

@@ -1,7 +1,7 @@
 """Expert specialisation report (paper §4.2): which routed experts text, image and video tokens use.
 
     python -m aria.tools.experts MODEL DATA [--out DIR] [--limit N] [--tokenizer DIR]
-        [--image-size 490|980] [--batch-size B] [--split test] [--video-frames N] [--device DEV]
+        [--image-size 490|980] [--batch-size B] [--split test] [--num-frames N] [--device DEV] [--dtype bf16|fp32]
 
 writes to ``--out``: ``experts.csv`` and ``experts.json`` (per layer and routed expert: the text,
 image and video tokens routed to it, their shares and the specialisation ratios),
@@ -45,7 +45,6 @@ import csv
 import json
 import logging
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -53,10 +52,12 @@ from typing import Any
 
 import torch
 
+from aria.commands import run_command
 from aria.data.errors import BadInputPolicy
 from aria.data.loader import iterate_samples
-from aria.data.packing import PackedBatch, Piece, Row, collate
+from aria.data.packing import PackedBatch, Piece, Row, collate, to_device
 from aria.data.processor import EncodedSample, Processor
+from aria.inference import add_model_arguments, load_from_args
 
 log = logging.getLogger("aria.tools.experts")
 
@@ -218,21 +219,15 @@ def collate_samples(encoded: list[EncodedSample], kinds: list[torch.Tensor], pro
     return batch, kinds_BT
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, list):
-        return [v.to(device) for v in value]
-    return None if value is None else value.to(device)
-
-
 @torch.no_grad()
 def route_batch(model: torch.nn.Module, counter: RoutingCounter, batch: PackedBatch,
                 kinds_BT: torch.Tensor) -> None:
     """One teacher-forced forward of ``batch``; ``counter`` adds up its routing."""
     device = counter.counts_LME.device
     counter.kinds_T = kinds_BT.reshape(-1).to(device)
-    model(batch.input_ids.to(device), _to(batch.pixel_values, device), _to(batch.pixel_mask, device),
+    model(batch.input_ids.to(device), to_device(batch.pixel_values, device), to_device(batch.pixel_mask, device),
           position_ids=batch.position_ids.to(device), segment_ids=batch.segment_ids.to(device),
-          image_feature_order=_to(batch.image_feature_order, device), logits_to_keep=1)
+          image_feature_order=to_device(batch.image_feature_order, device), logits_to_keep=1)
     counter.kinds_T = None
 
 
@@ -508,44 +503,31 @@ def write_report(counts: ExpertCounts, out: str | Path, meta: dict[str, Any] | N
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aria.tools.experts",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="run, checkpoint or model directory, or a Hugging Face directory")
+    add_model_arguments(parser)
     parser.add_argument("data", help="JSONL dataset (file, or directory with {split}.jsonl) or "
                                      "webdataset shards")
     parser.add_argument("--out", default="expert_report", help="output directory (default %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many samples")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer directory (default: the run's data.tokenizer, or MODEL itself)")
-    parser.add_argument("--image-size", type=int, default=None, choices=(490, 980),
-                        help="crop size of images (default: the run's data.image_size, else 980)")
-    parser.add_argument("--video-frames", type=int, default=None,
-                        help="frames per video when the record does not say (default: the run's, else 8)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward (default 8)")
     parser.add_argument("--split", default="test", help="which {split}.jsonl of a dataset directory")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aria.evaluate import load_inference
-
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if not Path(args.model).is_dir():  # before the tokenizer is looked for in it
-            raise FileNotFoundError(f"model directory not found: {args.model}")
-        model, processor = load_inference(args.model, args.tokenizer, args.image_size, args.video_frames,
-                                          args.device)
+
+    def run() -> None:
+        model, processor = load_from_args(args)
         counts = count_routing(model, processor, args.data, args.split, args.limit, args.batch_size)
         video = {k: v for k, v in asdict(processor.video).items() if not k.startswith("_")}
         paths = write_report(counts, args.out, {
             "model": str(args.model), "data": str(args.data), "tokenizer": processor.tokenizer.source,
             "image_size": processor.images.max_image_size, "video": video})
-    except (ValueError, FileNotFoundError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 1
-    print(summary(counts))
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+        print(summary(counts))
+        print("wrote " + ", ".join(str(p) for p in paths))
+
+    return run_command(parser.prog, run)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.nodes < 1 or args.gpus_per_node < 1:
         parser.error("--nodes and --gpus-per-node must be at least 1")
 
+    from aria.commands import run_command
     from aria.train.compose import compose_run, split_recipe
 
-    try:
+    def run() -> int:
         recipe, rest = split_recipe(args.overrides)
         cfg = compose_run(recipe, rest, inputs=False)
         gib = args.gpu_memory or cfg.parallel.gpu_memory_gb or 80
@@ -70,10 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                                 _cache=cache, **kwargs)
                 print(f"\ncheapest layout that fits: {overrides(layout)} -> {best.total / GIB:.1f} GiB per GPU, "
                       f"{best.step_seconds:.2f} s per step")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0 if plan.fits else 1
+        return 0 if plan.fits else 1
+
+    return run_command(parser.prog, run, error_code=2)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,14 @@ Layout of a run directory::
       step_00000100/
         model/                       our weights (``aria.train.weights``): a sharded model directory
                                      (index + one file per writing rank; expert-parallel runs add
-                                     layout.json and one experts file per EP rank; LoRA runs add
-                                     adapters.safetensors + lora.json), the directory conversion and
-                                     the next stage read
+                                     layout.json and one experts file per EP rank), the directory
+                                     conversion and the next stage read. A LoRA run's holds
+                                     adapters.safetensors + lora.json + base.json (the frozen
+                                     base's path and fingerprint) and no base weights
+                                     (``aria.convert.lora_base``)
         optimizer/                   fp32 master weights and Adam moments by parameter and global
-                                     offset, one file per rank, + state.json (step, layout)
+                                     offset, one file per rank, + state.json (step, layout); of the
+                                     trained parameters only (a LoRA run: the adapters)
                                      (``aria.parallel.optimizer_state``)
         trainer/rank00000.pt ...     per rank: step, tokens seen, data-loader position, RNG states
         config.yaml                  the resolved config at that step
@@ -48,42 +51,12 @@ import numpy as np
 import torch
 
 from aria.config import ModelConfig
-from aria.convert.checkpoint import MODEL_CONFIG, read_hf_config, read_model_config
+from aria.convert.checkpoint import read_hf_config, read_model_config
 from aria.parallel import optimizer_state
 from aria.parallel.dist import DistInfo, io_barrier
+from aria.rundir import (CHECKPOINTS, LATEST, MODEL, OPTIMIZER, RUN_CONFIG, TRAINER, resolve_model_dir,
+                         step_name)
 from aria.train import weights
-
-CHECKPOINTS, LATEST = "checkpoints", "latest"
-MODEL, OPTIMIZER, TRAINER = "model", "optimizer", "trainer"
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    root = Path(run_dir) / CHECKPOINTS
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    ckpt = root / pointer.read_text().strip()
-    if not (ckpt / MODEL / MODEL_CONFIG).is_file():
-        raise FileNotFoundError(f"{pointer} names {ckpt.name}, which is incomplete or missing")
-    return ckpt
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory, a checkpoint directory or a run directory -> the model directory."""
-    path = Path(path)
-    if (path / MODEL_CONFIG).is_file():
-        return path
-    if (path / MODEL / MODEL_CONFIG).is_file():
-        return path / MODEL
-    ckpt = latest_checkpoint(path) if path.is_dir() else None
-    if ckpt is not None:
-        return ckpt / MODEL
-    raise FileNotFoundError(f"{path} is not a model directory ({MODEL_CONFIG}), a checkpoint "
-                            f"({MODEL}/{MODEL_CONFIG}) or a run directory with {CHECKPOINTS}/{LATEST}")
 
 
 def source_model_config(path: str | Path, hf: bool) -> ModelConfig:
@@ -159,7 +132,7 @@ def save_checkpoint(engine, model, cfg, trainer_state: dict, info: DistInfo, con
     torch.save({**trainer_state, "rng": rng_state()}, trainer_file(tmp, info.rank))
     io_barrier()
     if info.is_main:
-        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / RUN_CONFIG).write_text(config_yaml)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer = root / LATEST

@@ -19,8 +19,6 @@ Design decisions:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from aria.config import CONFIG_DIR, RunConfig
 
 RECIPE_DIR = CONFIG_DIR.parent / "recipes"
@@ -86,9 +84,3 @@ def resolved_yaml(cfg: RunConfig) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict()))
-
-
-def load_resolved(path: str | Path) -> RunConfig:
-    from omegaconf import OmegaConf
-
-    return RunConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))

@@ -39,6 +39,7 @@ import torch
 
 from aria.config import LoggingConfig, ModelConfig
 from aria.model.flops import count_parameters, vision_flops_per_crop
+from aria.rundir import METRICS
 
 # Dense bf16 tensor-core peak per device, matched as whole words in torch.cuda.get_device_name().
 # Order matters only for readability: word boundaries keep "A10" from matching "A100" or "A10G".
@@ -206,7 +207,7 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS
         if self.path.exists():
             _truncate_jsonl(self.path, start_step)
         self._file = self.path.open("a")

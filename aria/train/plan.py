@@ -149,7 +149,7 @@ def synthetic_batch(model_cfg, rows: int, seq_len: int, crops: int, crop_size: i
     row. Works inside ``FakeTensorMode`` (shapes only) and for real runs."""
     import torch
 
-    from aria.model.loss import IGNORE_INDEX
+    from aria.config import IGNORE_INDEX
 
     g = torch.Generator().manual_seed(seed)
     text = model_cfg.text

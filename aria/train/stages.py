@@ -1,10 +1,10 @@
 """Stages as data: which module groups train, and the RoPE base, applied by one function.
 
 Design decisions:
-- The model is cut into five named groups once, by module, never by matching parameter-name
-  substrings: ``vision`` (the ViT), ``projector``, ``language_model`` (embeddings, attention, norms,
-  LM head), ``experts`` (routed and shared) and ``router``. Every parameter belongs to exactly one
-  group (checked).
+- The model is cut into five named groups once, by module (``aria.model.aria.module_groups``),
+  never by matching parameter-name substrings: ``vision`` (the ViT), ``projector``,
+  ``language_model`` (embeddings, attention, norms, LM head), ``experts`` (routed and shared) and
+  ``router``. Every parameter belongs to exactly one group (checked).
 - A stage sets ``requires_grad`` per group; frozen parameters never reach the optimizer. The RoPE
   base is part of the model config, so a stage that changes it changes the config the model is
   built from (``stage_model_config``), and checkpoints record the new value.
@@ -20,29 +20,8 @@ import dataclasses
 
 from torch import nn
 
-from aria.config import MODULE_GROUPS, LoRAConfig, ModelConfig, StageConfig
-
-
-def module_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Every parameter of ``model`` (an ``Aria``) in exactly one of the five groups."""
-    groups: dict[str, list[nn.Parameter]] = {g: [] for g in MODULE_GROUPS}
-    groups["vision"] += list(model.vision.parameters())
-    groups["projector"] += list(model.projector.parameters())
-    decoder = model.decoder
-    for layer in decoder.layers:
-        groups["router"] += list(layer.moe.router.parameters())
-        groups["experts"] += list(layer.moe.experts.parameters())
-        if layer.moe.shared is not None:
-            groups["experts"] += list(layer.moe.shared.parameters())
-        for module in (layer.attn_norm, layer.attn, layer.mlp_norm):
-            groups["language_model"] += list(module.parameters())
-    groups["language_model"] += list(decoder.embed.parameters()) + list(decoder.norm.parameters())
-    if model.lm_head.weight is not decoder.embed.weight:
-        groups["language_model"] += list(model.lm_head.parameters())
-    seen = {id(p) for ps in groups.values() for p in ps}
-    stray = [n for n, p in model.named_parameters() if id(p) not in seen]
-    assert not stray and len(seen) == sum(map(len, groups.values())), f"ungrouped parameters {stray}"
-    return groups
+from aria.config import LoRAConfig, ModelConfig, StageConfig
+from aria.model.aria import module_groups
 
 
 def apply_stage(model: nn.Module, stage: StageConfig, lora: LoRAConfig | None = None) -> dict[str, int]:

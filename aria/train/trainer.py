@@ -23,9 +23,16 @@ Design decisions:
   micro-batches. Router losses are averaged over micro-batches.
 - One host sync per step: the all-reduce of token counts and, after backward, of the step's loss
   statistics, which also decides the non-finite check *before* the optimizer applies anything.
-- Extras are hooks around the step, not branches inside the model: auxiliary-loss-free bias
-  updates before the optimizer step, evaluation and checkpoints after it, SIGTERM turning into a
-  checkpoint at the next step boundary (agreed by all ranks through the same all-reduce).
+- Extras are hooks around the step, each a small method of ``Trainer``, not branches inside the
+  model: auxiliary-loss-free bias updates before the optimizer step, evaluation and checkpoints
+  after it, SIGTERM turning into a checkpoint at the next step boundary (agreed by all ranks
+  through the same all-reduce).
+- A non-finite loss or gradient norm stops the run with nothing of the step applied (without ZeRO
+  the norm is taken before the optimizer step; under ZeRO DeepSpeed skips the update of a
+  non-finite norm) and saves the weights before the step with the data position after it: the
+  rerun skips the step's data instead of failing on it again.
+- The paths a run reads (datasets, tokenizer, starting weights) are checked before anything starts
+  (``check_inputs``): a missing one is one line naming its config field, not a traceback per rank.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +50,8 @@ import torch
 import torch.distributed as dist
 
 from aria.config import RunConfig, parse_mixture
+from aria.data.packing import to_device
+from aria.data.sources import check_datasets
 from aria.model.aria import Aria
 from aria.model.lora import add_adapters, init_adapters
 from aria.model.moe import update_expert_bias
@@ -50,11 +61,13 @@ from aria.parallel.engine import build_engine, deepspeed_config, precision
 from aria.parallel.expert import shard_experts_over, tag_expert_parameters
 from aria.parallel.sequence import SequenceParallel, enable_sequence_parallel
 from aria.parallel.shards import local_parts, sum_over_parts
+from aria.rundir import RUN_CONFIG, latest_checkpoint, resolve_model_dir
 from aria.train import checkpoint as ckpt
 from aria.train import weights
+from aria.train.schedule import lr_multiplier
 from aria.train.stages import apply_stage, stage_model_config
 
-EXIT_OK, EXIT_NONFINITE, EXIT_TERMINATED = 0, 3, 143
+EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_TERMINATED = 0, 2, 3, 143
 # Model fields that are options of a training run, not of the weights: they come from the run's
 # config even when the architecture comes from the weights' source.
 TRAINING_ONLY_FIELDS = {"moe": ("aux_loss_coeff", "z_loss_coeff", "balance_scope", "bias_balancing",
@@ -74,17 +87,6 @@ def resolve_model_config(cfg: RunConfig):
                                                                for f in fields})
             for node, fields in TRAINING_ONLY_FIELDS.items()})
     return stage_model_config(model, cfg.stage)
-
-
-def to_device(inputs: dict, device: torch.device) -> dict:
-    def move(x):
-        if isinstance(x, torch.Tensor):
-            return x.to(device, non_blocking=True)
-        if isinstance(x, list):
-            return [move(v) for v in x]
-        return x
-
-    return {k: move(v) for k, v in inputs.items()}
 
 
 @torch.no_grad()
@@ -126,7 +128,7 @@ def attention_pairs(segment_ids_BT: torch.Tensor) -> int:
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.run_dir = Path(cfg.run_dir)
-        self.resume_from = ckpt.latest_checkpoint(self.run_dir)
+        self.resume_from = latest_checkpoint(self.run_dir)
         self.model_cfg = resolve_model_config(cfg)
         rank, world, per_node = placement()
         cfg = dataclasses.replace(cfg, model=self.model_cfg,
@@ -215,7 +217,7 @@ class Trainer:
             elif cfg.init.from_hf:
                 source = Path(cfg.init.from_hf)
             elif cfg.init.from_checkpoint:
-                source = ckpt.resolve_model_dir(cfg.init.from_checkpoint)
+                source = resolve_model_dir(cfg.init.from_checkpoint)
             else:
                 source = None
                 weights.init_weights(model, cfg.train.seed)
@@ -253,34 +255,49 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Train to ``train.max_steps`` or to a stop; returns the process exit code."""
+        self._start()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            code = self._loop()
+            if code == EXIT_OK:
+                self._finish()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.metrics.close()
+        return code
+
+    def _start(self) -> None:
+        """Model and engine; the resumed checkpoint's state, or (rank 0) the run's config and
+        starting point written; the metrics logger, with what was loaded reported."""
         from aria.train.compose import resolved_yaml
-        from aria.train.metrics import MetricsLogger, Throughput, expert_load, peak_flops
+        from aria.train.metrics import MetricsLogger, Throughput, peak_flops
 
         cfg, info = self.cfg, self.info
         torch.manual_seed(cfg.train.seed)
         self.load_message = None
-        model = self.build_model()
-        engine, _, self.scheduler = build_engine(model, cfg, self.ep_group_name)
-        loader = self.loader
-        config_yaml = resolved_yaml(cfg)
-        step, tokens_seen = 0, 0
+        self.model = model = self.build_model()
+        self.engine, _, self.scheduler = build_engine(model, cfg, lr_multiplier(cfg.optim, cfg.train.max_steps),
+                                                      self.ep_group_name)
+        self.config_yaml = resolved_yaml(cfg)
+        self.step, self.tokens_seen, self.saved_at = 0, 0, None
         if self.resume_from is not None:
-            state = ckpt.load_checkpoint(engine, model, self.resume_from, info, self.scheduler)
-            step, tokens_seen = state["step"], state["tokens_seen"]
+            state = ckpt.load_checkpoint(self.engine, model, self.resume_from, info, self.scheduler)
+            self.step, self.tokens_seen, self.saved_at = state["step"], state["tokens_seen"], state["step"]
         else:
             fingerprint = weights.weights_fingerprint(model)
             if info.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "config.yaml").write_text(config_yaml)
+                (self.run_dir / RUN_CONFIG).write_text(self.config_yaml)
                 source = cfg.init.from_hf or cfg.init.from_checkpoint
                 (self.run_dir / "init.json").write_text(json.dumps(
                     {"source": str(source) if source else f"random (seed {cfg.train.seed})",
                      "fingerprint": fingerprint}) + "\n")
         barrier()
-        metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.to_dict(), cfg.train.max_steps, step,
-                                info.is_main, info.world_size)
+        self.metrics = metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.to_dict(), cfg.train.max_steps,
+                                               self.step, info.is_main, info.world_size)
         if self.resume_from is not None:
-            metrics.message(f"resumed from {self.resume_from} at step {step}")
+            metrics.message(f"resumed from {self.resume_from} at step {self.step}")
         if self.resumed_layout is not None:
             saved = self.resumed_layout
             metrics.message(f"the checkpoint was written by {saved['world_size']} processes with "
@@ -295,75 +312,122 @@ class Trainer:
             metrics.message(f"LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: "
                             f"{sum(self.trainable.values()):,} of the {total:,} parameters on rank 0 "
                             "train (the adapters)")
-        throughput = Throughput(peak_flops(info.device))
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        G, W, SP = cfg.train.grad_accum, info.world_size, cfg.parallel.sp_size
-        batches = iter(loader)
-        exit_code = EXIT_OK
-        saved_at = step if self.resume_from is not None else None
-        try:
-            while step < cfg.train.max_steps:
-                started = time.perf_counter()
-                before = loader.state_dict()  # the data position of a stop agreed below
-                micro = [next(batches) for _ in range(G)]
-                agreed = torch.tensor([float(sum(b.num_targets for b in micro)), float(self.stop_requested)],
-                                      dtype=torch.float64, device=info.device)
-                if W > 1:
-                    dist.all_reduce(agreed)
-                # the ranks of a sequence-parallel group hold the same rows: count them once
-                n_global, stop = max(agreed[0].item() / SP, 1.0), agreed[1].item() > 0
-                if stop:  # these micro-batches stay untrained: the checkpoint starts with them
-                    metrics.message(f"SIGTERM: saving a checkpoint at step {step} and stopping")
-                    if saved_at != step:
-                        self._save(engine, model, step, tokens_seen, before, config_yaml, metrics)
-                        saved_at = step
-                    exit_code = EXIT_TERMINATED
-                    break
-                stats, tokens_per_expert, flops, tokens = self._accumulate(engine, micro, n_global, W, G)
-                if not math.isfinite(stats["loss"]):
-                    metrics.message(f"non-finite loss {stats['loss']} at step {step + 1}: the update was "
-                                    f"not applied; saving the step-{step} weights and stopping (a "
-                                    f"resumed run skips this step's data)")
-                    exit_code = EXIT_NONFINITE
-                    break
-                if tokens_per_expert is not None and self.model_cfg.moe.bias_balancing:
-                    update_expert_bias(model.moe_layers, tokens_per_expert, reduce=False)  # summed already
-                # without ZeRO DeepSpeed keeps no global norm: take it from the reduced gradients
-                own_norm = gradient_norm(model) if cfg.parallel.zero_stage == 0 else None
-                engine.step()
-                step += 1
-                grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
-                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                tokens_seen += tokens
-                # tokens/s of the whole run; FLOP/s and MFU per device (the step's FLOPs are global)
-                throughput.update(time.perf_counter() - started, tokens, flops / W)
-                record = {**stats, "grad_norm": grad_norm, "lr": engine.get_lr()[0],
-                          "tokens_seen": tokens_seen, "tokens_per_s": throughput.tokens_per_s(),
-                          "tflops": throughput.tflops(), "mfu": throughput.mfu(),
-                          "skipped_samples": dict(loader.skipped())}
-                if tokens_per_expert is not None:
-                    record.update(expert_load(tokens_per_expert))
-                if not math.isfinite(grad_norm) and cfg.optim.grad_clip > 0:
-                    metrics.log(step, record)
-                    metrics.message(f"non-finite gradient norm at step {step}: stopping; the last good "
-                                    f"checkpoint is {ckpt.latest_checkpoint(self.run_dir)}")
-                    saved_at, exit_code = step, EXIT_NONFINITE  # these weights are not worth saving
-                    break
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and cfg.data.eval:
-                    record.update(self.evaluate(engine))
-                metrics.log(step, record)
-                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                    self._save(engine, model, step, tokens_seen, loader.state_dict(), config_yaml, metrics)
-                    saved_at = step
-            if exit_code == EXIT_OK and cfg.data.eval and not (cfg.train.eval_every and
-                                                                step % cfg.train.eval_every == 0):
-                metrics.log(step, self.evaluate(engine))
-            if saved_at != step:
-                self._save(engine, model, step, tokens_seen, loader.state_dict(), config_yaml, metrics)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            metrics.close()
-        return exit_code
+        self.throughput = Throughput(peak_flops(info.device))
+
+    def _loop(self) -> int:
+        """The steps, each followed by its hooks; returns the exit code (a stop has saved its
+        checkpoint)."""
+        cfg, batches = self.cfg, iter(self.loader)
+        G, W = cfg.train.grad_accum, self.info.world_size
+        while self.step < cfg.train.max_steps:
+            started = time.perf_counter()
+            before = self.loader.state_dict()  # the data position of a stop agreed below
+            micro = [next(batches) for _ in range(G)]
+            n_global, stop = self._agree(micro)
+            if stop:
+                return self._stop_on_sigterm(before)
+            stats, tokens_per_expert, flops, tokens = self._accumulate(self.engine, micro, n_global, W, G)
+            if not math.isfinite(stats["loss"]):
+                return self._stop_non_finite(f"loss {stats['loss']}")
+            self._balance_experts(tokens_per_expert)
+            grad_norm, applied = self._optimizer_step()
+            if not applied:
+                return self._stop_non_finite(f"gradient norm {grad_norm}")
+            self.step += 1
+            self.tokens_seen += tokens
+            # tokens/s of the whole run; FLOP/s and MFU per device (the step's FLOPs are global)
+            self.throughput.update(time.perf_counter() - started, tokens, flops / W)
+            self._after_step(self._record(stats, grad_norm, tokens_per_expert))
+        return EXIT_OK
+
+    def _agree(self, micro) -> tuple[float, bool]:
+        """(supervised tokens of the step on all ranks, whether any rank was asked to stop): one
+        all-reduce, before any backward."""
+        info, SP = self.info, self.cfg.parallel.sp_size
+        agreed = torch.tensor([float(sum(b.num_targets for b in micro)), float(self.stop_requested)],
+                              dtype=torch.float64, device=info.device)
+        if info.world_size > 1:
+            dist.all_reduce(agreed)
+        # the ranks of a sequence-parallel group hold the same rows: count them once
+        return max(agreed[0].item() / SP, 1.0), agreed[1].item() > 0
+
+    def _balance_experts(self, tokens_per_expert_LE: torch.Tensor | None) -> None:
+        """Auxiliary-loss-free balancing: nudge the routers' selection bias by the step's expert
+        load, between backward and the optimizer step."""
+        if tokens_per_expert_LE is not None and self.model_cfg.moe.bias_balancing:
+            update_expert_bias(self.model.moe_layers, tokens_per_expert_LE, reduce=False)  # summed already
+
+    def _optimizer_step(self) -> tuple[float | None, bool]:
+        """Apply the accumulated gradients unless their global norm is non-finite; returns (norm,
+        whether the update was applied). The norm is None where nobody computes it."""
+        engine = self.engine
+        if self.cfg.parallel.zero_stage == 0:
+            # without ZeRO DeepSpeed keeps no global norm: take it from the reduced gradients,
+            # before anything is applied
+            norm = gradient_norm(self.model)
+            if not math.isfinite(norm):
+                return norm, False
+            engine.step()
+            return norm, True
+        # under ZeRO DeepSpeed takes the norm and skips the update of a non-finite one
+        engine.step()
+        norm, applied = engine.get_global_grad_norm(), engine.was_step_applied()
+        norm = float(norm) if norm is not None else None
+        assert norm is None or applied == math.isfinite(norm), f"DeepSpeed: norm {norm}, applied {applied}"
+        return norm, applied
+
+    def _record(self, stats: dict, grad_norm: float | None, tokens_per_expert_LE: torch.Tensor | None
+                ) -> dict:
+        """The metrics of the step just taken (a norm nobody computed is logged as NaN)."""
+        from aria.train.metrics import expert_load
+
+        throughput = self.throughput
+        record = {**stats, "grad_norm": float("nan") if grad_norm is None else grad_norm, "lr": self.engine.get_lr()[0],
+                  "tokens_seen": self.tokens_seen, "tokens_per_s": throughput.tokens_per_s(),
+                  "tflops": throughput.tflops(), "mfu": throughput.mfu(),
+                  "skipped_samples": dict(self.loader.skipped())}
+        if tokens_per_expert_LE is not None:
+            record.update(expert_load(tokens_per_expert_LE))
+        return record
+
+    def _evaluation_due(self) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(self.cfg.data.eval and every and self.step % every == 0)
+
+    def _after_step(self, record: dict) -> None:
+        """Held-out loss every ``train.eval_every`` steps, the step's metrics, a checkpoint every
+        ``checkpoint.every_steps``."""
+        if self._evaluation_due():
+            record.update(self.evaluate(self.engine))
+        self.metrics.log(self.step, record)
+        every = self.cfg.checkpoint.every_steps
+        if every and self.step % every == 0:
+            self._save(self.loader.state_dict())
+
+    def _finish(self) -> None:
+        """The end of a run that reached ``train.max_steps``: the held-out loss (unless the last step
+        just took it) and a checkpoint (unless the last step just wrote one)."""
+        if self.cfg.data.eval and not self._evaluation_due():
+            self.metrics.log(self.step, self.evaluate(self.engine))
+        if self.saved_at != self.step:
+            self._save(self.loader.state_dict())
+
+    def _stop_on_sigterm(self, before: dict) -> int:
+        """The step's micro-batches stay untrained: the checkpoint starts with them (``before``)."""
+        self.metrics.message(f"SIGTERM: saving a checkpoint at step {self.step} and stopping")
+        if self.saved_at != self.step:
+            self._save(before)
+        return EXIT_TERMINATED
+
+    def _stop_non_finite(self, what: str) -> int:
+        """Nothing of the step was applied: the checkpoint holds the weights before it and the data
+        position after it, so a resumed run skips its micro-batches (even where a checkpoint of
+        this step exists already: it holds the position before them)."""
+        self.metrics.message(f"non-finite {what} at step {self.step + 1}: the update was not applied; "
+                             f"saving the step-{self.step} weights and stopping (a resumed run skips "
+                             "this step's data)")
+        self._save(self.loader.state_dict())
+        return EXIT_NONFINITE
 
     def _accumulate(self, engine, micro, n_global: float, W: int, G: int):
         """Forward + backward of the G micro-batches; the step's all-reduced statistics."""
@@ -443,18 +507,36 @@ class Trainer:
         results["eval_loss"] = total_ce / max(total_n, 1.0)
         return results
 
-    def _save(self, engine, model, step, tokens_seen, data: dict, config_yaml, metrics) -> None:
-        path = ckpt.save_checkpoint(engine, model, self.cfg, {"step": step, "tokens_seen": tokens_seen,
-                                                             "data": data},
-                                    self.info, config_yaml, self.model_cfg)
-        metrics.message(f"saved checkpoint {path}")
+    def _save(self, data: dict) -> None:
+        """A checkpoint of the current step with the data position ``data``."""
+        path = ckpt.save_checkpoint(self.engine, self.model, self.cfg,
+                                    {"step": self.step, "tokens_seen": self.tokens_seen, "data": data},
+                                    self.info, self.config_yaml, self.model_cfg)
+        self.saved_at = self.step
+        self.metrics.message(f"saved checkpoint {path}")
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
 
 
+def check_inputs(cfg: RunConfig) -> None:
+    """Every path the run reads exists (datasets, tokenizer, starting weights); else
+    ``FileNotFoundError`` naming the config field and the path."""
+    check_datasets(cfg.data)
+    for field, path in (("data.tokenizer", cfg.data.tokenizer), ("init.from_hf", cfg.init.from_hf),
+                        ("init.from_checkpoint", cfg.init.from_checkpoint)):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"config field '{field}': not found: {path}")
+
+
 def train(cfg: RunConfig) -> int:
     """Run ``cfg`` to completion (or a clean stop); returns the process exit code."""
+    try:
+        check_inputs(cfg)
+    except FileNotFoundError as err:  # before any rank starts work; one line per node, no traceback
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"aria-train: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     trainer = Trainer(cfg)
     code = trainer.run()
     if dist.is_initialized():

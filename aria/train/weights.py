@@ -23,6 +23,10 @@ Design decisions:
   are all-gathered over the expert-parallel group into all E experts. A directory with adapters
   stands for base + adapters: a run that trains the same adapters loads them, a run without LoRA
   starts from the merged weights.
+- A LoRA run whose base came from a directory saves no base weights at all: its model directory
+  holds the adapters and ``base.json``, the base's path and fingerprint
+  (``aria.convert.lora_base``), checked whenever the directory is read. Only a LoRA run on a random
+  initialisation (no base on disk) writes its base weights beside the adapters.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ from safetensors.torch import save_file
 
 from aria.config import LoRAConfig, ModelConfig
 from aria.convert import keymap
-from aria.convert.checkpoint import INDEX, LAYOUT, MODEL_CONFIG, TensorStore, expert_file
+from aria.convert.checkpoint import INDEX, LAYOUT, TensorStore, expert_file
+from aria.convert.lora_base import read_base, reference, write_base
 from aria.model.aria import Aria, seeded
-from aria.model.lora import (ADAPTERS_FILE, EXPERT_ADAPTER_KEY, LORA_JSON, LoRAMerger, is_adapter,
-                             load_adapters, lora_json, read_adapters)
+from aria.model.lora import (ADAPTERS_FILE, EXPERT_ADAPTER_KEY, LORA_JSON, LoRAMerger, is_adapter, lora_json,
+                             read_adapters)
 from aria.parallel.shards import EXPERTS, PARTITIONED, Part, local_parts, sum_over_parts
+from aria.rundir import MODEL_CONFIG
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,9 +92,13 @@ def load_weights(model: Aria, source: Path, hf: bool = False) -> Loaded:
     A directory with LoRA adapters: when ``model`` has the same adapters (rank, alpha, targets)
     they are loaded too; a model without adapters gets the base weights merged with them; other
     adapter settings are refused. A router balancing bias the source lacks starts at zero.
+
+    A model with adapters keeps, as ``model.lora_base``, the reference to the base weights it reads
+    (the source, or the base an adapters-only source names): ``save_weights`` then writes adapters
+    and that reference only.
     """
     source = Path(source)
-    store = TensorStore(source, hf=hf)
+    store = TensorStore(source, hf=hf)  # an adapters-only source: its base, checked
     parts = {k: v for k, v in local_parts(model).items() if not is_adapter(k)}
     saved = None if hf else read_adapters(source)
     lora = getattr(model, "lora_config", None)
@@ -105,9 +115,7 @@ def load_weights(model: Aria, source: Path, hf: bool = False) -> Loaded:
         if key in optional:
             part.local.zero_()
             continue
-        if store.shape(key) != part.shape:
-            raise ValueError(f"{source}: '{key}' has shape {store.shape(key)} but the model expects "
-                             f"{part.shape}")
+        keymap.check_shape(str(source), key, store.shape(key), part.shape)
         values = store.read(key, part.start, part.end)
         if merger is not None:
             values = merger.merge_range(key, values, part.shape, part.start, part.end)
@@ -117,7 +125,19 @@ def load_weights(model: Aria, source: Path, hf: bool = False) -> Loaded:
     stored = sum(store.nbytes(k) for k in store.keys())
     if saved is not None and lora is not None:
         load_adapters(model, saved[0], str(source / ADAPTERS_FILE))
+    if lora is not None:
+        model.lora_base = (None if hf else read_base(source)) or reference(source, hf)
     return Loaded(saved is not None and lora is not None, store.bytes_read, stored)
+
+
+def load_adapters(model: Aria, adapters: dict[str, torch.Tensor], source: str) -> None:
+    """Copy saved (whole, as saved) adapters into this rank's part of every adapter of ``model``:
+    the same parts as the weights (expert slices, ZeRO-3 partitions)."""
+    parts = {k: p for k, p in local_parts(model).items() if is_adapter(k)}
+    keymap.check_keys(adapters, parts, source, tied_lm_head=False)
+    for key, part in parts.items():
+        keymap.check_shape(source, key, adapters[key].shape, part.shape)
+        part.local.copy_(adapters[key].reshape(-1)[part.start:part.end].to(part.local.dtype))
 
 
 def _check_same_adapters(saved: LoRAConfig, lora: LoRAConfig, source: Path) -> None:
@@ -175,6 +195,14 @@ def save_weights(model: Aria, cfg: ModelConfig, directory: Path, rank: int, worl
     import deepspeed
 
     directory.mkdir(parents=True, exist_ok=True)
+    base_ref = getattr(model, "lora_base", None) if getattr(model, "lora_config", None) else None
+    if base_ref is not None:  # a LoRA run on a base on disk: adapters + the reference, no base copy
+        adapters = _gather_adapters(model, local_parts(model), rank)
+        if rank == 0:
+            _write_adapters(model, adapters, directory)
+            write_base(directory, base_ref)
+            (directory / MODEL_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        return
     experts = model.moe_layers[0].experts
     P = experts.ep_size
     parts = local_parts(model)
@@ -213,13 +241,16 @@ def save_weights(model: Aria, cfg: ModelConfig, directory: Path, rank: int, worl
         (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if expert_keys:
             (directory / LAYOUT).write_text(json.dumps({"ep_size": P}) + "\n")
-        lora = getattr(model, "lora_config", None)
-        if lora is not None:
-            if not adapters or any(t.numel() == 0 for t in adapters.values()):
-                raise RuntimeError(f"LoRA is enabled but the adapters gathered for {directory} are empty")
-            _save_atomic(adapters, directory / ADAPTERS_FILE)
-            (directory / LORA_JSON).write_text(lora_json(lora))
+        if getattr(model, "lora_config", None) is not None:
+            _write_adapters(model, adapters, directory)
         (directory / MODEL_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def _write_adapters(model: Aria, adapters: dict[str, torch.Tensor], directory: Path) -> None:
+    if not adapters or any(t.numel() == 0 for t in adapters.values()):
+        raise RuntimeError(f"LoRA is enabled but the adapters gathered for {directory} are empty")
+    _save_atomic(adapters, directory / ADAPTERS_FILE)
+    (directory / LORA_JSON).write_text(lora_json(model.lora_config))
 
 
 def _gather_adapters(model: Aria, parts: dict[str, Part], rank: int) -> dict[str, torch.Tensor]:
