@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from aria.config import IMAGE_SIZES, VideoConfig, load_run_config
-from aria.convert.checkpoint import DTYPES
+from aria.convert.store import DTYPES
 from aria.data.errors import DataError
 from aria.data.packing import to_device
 from aria.data.processor import Processor, group_crops

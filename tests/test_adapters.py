@@ -120,7 +120,7 @@ def test_peft_applies_the_exported_adapters_to_the_hf_base_as_we_do(tmp_path, ta
     from transformers import AriaForConditionalGeneration
 
     from aria.cli.convert import main
-    from aria.convert.checkpoint import iter_tensors
+    from aria.convert.store import iter_tensors
 
     directory, logits, cfg = lora_model_dir(tmp_path, targets, drop)
     base_hf = tmp_path / "base_hf"  # the frozen base in the HF format
@@ -228,7 +228,7 @@ def dir_bytes(path: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def lora_run(setup, tmp_path_factory) -> tuple[Path, Path, list[str]]:  # noqa: F811
+def lora_run(setup, tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """(run dir, its base, the command's overrides): 4 LoRA steps from a private copy of the base
     (tests may break it), checkpoints at steps 2 and 4."""
     root = tmp_path_factory.mktemp("adapters")

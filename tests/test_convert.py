@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from aria.cli.convert import main as convert_main
 from aria.convert import keymap
-from aria.convert.checkpoint import (INDEX, convert, iter_tensors, load_hf_dir, load_model_dir,
-                                     save_model_dir)
+from aria.convert.checkpoint import convert, load_hf_dir, load_model_dir, save_model_dir
 from aria.convert.hf_config import from_hf_config, to_hf_config
+from aria.convert.store import INDEX, iter_tensors
 from aria.model import build_model
 from helpers import make_config, perturb
 

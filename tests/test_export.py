@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from aria.cli.convert import main as convert_main
 from aria.config import load_model_config
-from aria.convert.checkpoint import iter_tensors, load_model_dir
+from aria.convert.checkpoint import load_model_dir
 from aria.convert.hf_config import to_hf_config
+from aria.convert.store import iter_tensors
 from aria.data.processor import CHAT_TEMPLATE, Processor
 from aria.data.tokenizer import Tokenizer
 from aria.train.checkpoint import resolve_model_dir, source_model_config
@@ -53,7 +54,7 @@ def convert_error(capsys, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def ep_run(setup, tmp_path_factory) -> Path:  # noqa: F811
+def ep_run(setup, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("export") / "run"
     run(2, overrides(setup, run_dir, "train.micro_batch_size=1", "parallel.ep_size=2", "parallel.zero_stage=2",
                      "train.max_steps=2", "data.image_size=490"))
@@ -89,7 +90,7 @@ def assert_same_inputs(ours: dict, ref: dict, side: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_expert_parallel_run_exports_to_transformers_model_and_processor(setup, ep_run, exported):  # noqa: F811
+def test_expert_parallel_run_exports_to_transformers_model_and_processor(setup, ep_run, exported):
     from transformers import AriaForConditionalGeneration
 
     model_dir = resolve_model_dir(ep_run)
@@ -127,7 +128,7 @@ def test_expert_parallel_run_exports_to_transformers_model_and_processor(setup, 
             assert not torch.equal(whole, init[key])
 
 
-def test_export_in_bf16_with_shards_and_call_time_crop_size(setup, ep_run, tmp_path):  # noqa: F811
+def test_export_in_bf16_with_shards_and_call_time_crop_size(setup, ep_run, tmp_path):
     from transformers import AriaForConditionalGeneration
 
     ckpt = resolve_model_dir(ep_run).parent  # a checkpoint directory, tokenizer given explicitly
@@ -173,7 +174,7 @@ def hf_config_dict(directory: Path) -> dict:
     return config
 
 
-def test_hf_to_ours_to_hf_is_bit_exact_and_trainable(setup, tmp_path):  # noqa: F811
+def test_hf_to_ours_to_hf_is_bit_exact_and_loads_for_training(setup, tmp_path):
     from transformers import AriaForConditionalGeneration, AutoProcessor
 
     original = hf_reference_dir(tmp_path / "hf", setup / "tok")
@@ -244,7 +245,7 @@ def official_layout(hf_dir: Path, out: Path) -> Path:
     return out
 
 
-def test_original_custom_code_checkpoint_imports_and_exports(setup, tmp_path):  # noqa: F811
+def test_original_custom_code_checkpoint_imports_and_exports(setup, tmp_path):
     from transformers import AriaForConditionalGeneration, AutoProcessor
 
     reference = hf_reference_dir(tmp_path / "hf", setup / "tok")
@@ -317,7 +318,7 @@ def test_mixed_and_incomplete_expert_parallel_layouts_are_named(ep_run, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_shard_named_by_the_index(setup, tmp_path, capsys):  # noqa: F811
+def test_missing_shard_named_by_the_index(setup, tmp_path, capsys):
     official = official_layout(hf_reference_dir(tmp_path / "hf", setup / "tok"), tmp_path / "official")
     (official / "model-00002-of-00002.safetensors").unlink()
     err = convert_error(capsys, "from-hf", str(official), str(tmp_path / "out"))
@@ -343,7 +344,7 @@ def test_not_a_checkpoint(ep_run, exported, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_tokenizer_problems_are_named(setup, ep_run, tmp_path, capsys):  # noqa: F811
+def test_tokenizer_problems_are_named(setup, ep_run, tmp_path, capsys):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import WordLevel
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from aria.config import LoRAConfig, StageConfig, load_model_config
-from aria.convert.checkpoint import iter_tensors
 from aria.convert.lora_base import merge_transform
+from aria.convert.store import iter_tensors
 from aria.model import build_model
 from aria.model.lora import (ADAPTERS_FILE, LORA_JSON, LoRAMerger, adapter_parameters, add_adapters,
                              init_adapters, is_adapter, merge_lora, read_adapters)
@@ -248,13 +248,13 @@ def assert_resumes_exactly(run_dir: Path, args: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def lora_one(setup, tmp_path_factory) -> Path:  # noqa: F811
+def lora_one(setup, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("lora_one") / "run"
     run(1, overrides(setup, run_dir, "train.micro_batch_size=2", *RUN_LORA))
     return run_dir
 
 
-def test_training_changes_only_the_adapters(setup, lora_one):  # noqa: F811
+def test_training_changes_only_the_adapters(setup, lora_one):
     base, trained = dict(iter_tensors(setup / "init")), dict(iter_tensors(model_dir(lora_one)))
     assert base.keys() == trained.keys()
     assert all(torch.equal(base[k], trained[k]) for k in base)  # every base weight, bit for bit
@@ -281,7 +281,7 @@ def test_training_changes_only_the_adapters(setup, lora_one):  # noqa: F811
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_zero_two_processes_save_the_adapters_of_one_and_resume_exactly(setup, lora_one, tmp_path,  # noqa: F811
+def test_zero_two_processes_save_the_adapters_of_one_and_resume_exactly(setup, lora_one, tmp_path,
                                                                         zero):
     run_dir = tmp_path / f"zero{zero}"
     args = overrides(setup, run_dir, "train.micro_batch_size=1", f"parallel.zero_stage={zero}", *RUN_LORA)
@@ -290,7 +290,7 @@ def test_zero_two_processes_save_the_adapters_of_one_and_resume_exactly(setup, l
     assert_resumes_exactly(run_dir, args)
 
 
-def test_expert_parallel_adapters_consolidate_and_resume(setup, lora_one, tmp_path):  # noqa: F811
+def test_expert_parallel_adapters_consolidate_and_resume(setup, lora_one, tmp_path):
     run_dir = tmp_path / "ep2"
     args = overrides(setup, run_dir, "train.micro_batch_size=1", "parallel.ep_size=2", "parallel.zero_stage=2",
                      *RUN_LORA)
@@ -345,7 +345,7 @@ def _build_from(rank, world, args, out):
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
 
 
-def test_a_lora_checkpoint_starts_another_run(setup, lora_one, tmp_path):  # noqa: F811
+def test_a_lora_checkpoint_starts_another_run(setup, lora_one, tmp_path):
     saved, lora = read_adapters(model_dir(lora_one))
     # the same adapters keep training: they are loaded
     args = overrides(setup, tmp_path / "again", *RUN_LORA)

@@ -174,7 +174,7 @@ def test_missing_run_or_metrics_file_exits_nonzero_naming_the_path(tmp_path, cap
 # ---------------------------------------------------------------------------------------------
 
 
-def test_curves_of_a_real_training_run(one_process, tmp_path):  # noqa: F811
+def test_curves_of_a_real_training_run(one_process, tmp_path):
     run = plot.load_run(one_process)
     assert run.warnings == []
     steps, loss = plot.series(run.records, "loss")

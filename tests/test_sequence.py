@@ -103,7 +103,7 @@ def test_two_ranks_of_a_row_give_one_process_loss_and_gradients(ep, packed):
     run_distributed(_sp_worker, world=2, args=(ep, packed))
 
 
-def test_sequence_parallel_training_equals_one_process_and_resumes(setup, tmp_path):  # noqa: F811
+def test_sequence_parallel_training_equals_one_process_and_resumes(setup, tmp_path):
     """2 processes splitting every row (and with expert parallelism over the same 2) = 1 process."""
     one = tmp_path / "one"
     run(1, overrides(setup, one, "train.micro_batch_size=2"))

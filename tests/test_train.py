@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from aria.config import load_model_config
-from aria.convert.checkpoint import iter_tensors, save_model_dir
+from aria.convert.checkpoint import save_model_dir
+from aria.convert.store import iter_tensors
 from aria.model import build_model
 from aria.train.compose import compose_run, recipes
 from aria.train.trainer import train

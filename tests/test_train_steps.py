@@ -108,7 +108,8 @@ def held_out_loss(setup, model_dir, path) -> float:
     """Token-mean cross-entropy of the model in ``model_dir`` over the records of ``path``, one
     record per forward, from the logits (not the trainer's evaluation nor the model's loss)."""
     from aria.config import DataConfig
-    from aria.convert.checkpoint import iter_tensors, read_model_config
+    from aria.convert.checkpoint import read_model_config
+    from aria.convert.store import iter_tensors
     from aria.data.loader import iterate_samples
     from aria.data.processor import Processor
     from aria.model import build_model

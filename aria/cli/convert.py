@@ -69,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from aria.convert.checkpoint import DTYPES, parse_size
     from aria.commands import run_command
     from aria.convert.export import from_hf, to_hf
+    from aria.convert.store import DTYPES, parse_size
 
     def run() -> None:
         options = dict(dtype=DTYPES[args.dtype] if args.dtype else None,

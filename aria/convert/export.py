@@ -30,7 +30,8 @@ import torch
 
 from aria.config import load_run_config
 from aria.convert import hf_processor as hfp
-from aria.convert.checkpoint import DEFAULT_SHARD_BYTES, Transform, convert, read_hf_config, read_model_config
+from aria.convert.checkpoint import Transform, convert, read_hf_config, read_model_config
+from aria.convert.store import DEFAULT_SHARD_BYTES
 from aria.rundir import (HF_CONFIG, MODEL_CONFIG, find_tokenizer, has_tokenizer, locate_model,
                          no_tokenizer_message)
 

@@ -15,8 +15,11 @@ checkpoint names of rhymes-ai/Aria (``vision_tower.vision_model.``, ``ln_ffn``, 
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
 
 # (ours, HF on-disk). {i} = vision layer, {l} = decoder layer.
 KEY_TABLE: list[tuple[str, str]] = [
@@ -143,3 +146,26 @@ def check_keys(found: Iterable[str], expected: Iterable[str], source: str, tied_
             lines.append(f"  unexpected {len(unexpected)} tensor(s): {unexpected[:20]}"
                          + (" ..." if len(unexpected) > 20 else ""))
         raise ValueError("\n".join(lines))
+
+
+def rename_hf(items: Iterable[tuple[str, object]], source: str,
+              size: Callable[[object], int] | None = None) -> Iterator[tuple[str, object]]:
+    """(HF key, value) -> (our key, value), dropping dead tensors; every key that is not Aria's is
+    collected into one error raised at the end. ``size`` gives a value's element count (default: a
+    tensor's, or the product of a shape)."""
+    unexpected = []
+    for key, value in items:
+        try:
+            ours = hf_to_ours(key)
+        except ValueError:
+            unexpected.append(key)
+            continue
+        if ours is None:
+            continue
+        numel = size(value) if size else value.numel() if isinstance(value, torch.Tensor) else math.prod(value)
+        if numel == 0 and ".moe.shared." in ours:  # HF keeps zero-size shared experts when S = 0
+            continue
+        yield ours, value
+    if unexpected:
+        raise ValueError(f"{source} holds {len(unexpected)} tensor(s) that are not part of Aria: "
+                         f"{sorted(unexpected)[:20]}")

@@ -61,7 +61,7 @@ class BaseRef:
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    from aria.convert.checkpoint import expert_files, weight_files
+    from aria.convert.store import expert_files, weight_files
 
     return sorted([directory / name for name in weight_files(directory)] + expert_files(directory))
 

@@ -43,8 +43,8 @@ from safetensors.torch import save_file
 
 from aria.config import LoRAConfig, ModelConfig
 from aria.convert import keymap
-from aria.convert.checkpoint import INDEX, LAYOUT, TensorStore, expert_file
 from aria.convert.lora_base import read_base, reference, write_base
+from aria.convert.store import INDEX, LAYOUT, TensorStore, expert_file
 from aria.model.aria import Aria, seeded
 from aria.model.lora import (ADAPTERS_FILE, EXPERT_ADAPTER_KEY, LORA_JSON, LoRAMerger, is_adapter, lora_json,
                              read_adapters)
