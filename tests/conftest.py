@@ -29,3 +29,11 @@ def one_process(setup, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one") / "run"
     run(1, overrides(setup, run_dir, "train.micro_batch_size=2"))
     return run_dir
+
+
+def pytest_collection_modifyitems(items):
+    """A test that trains through the real stack (it uses the ``setup`` fixture: DeepSpeed runs in
+    one or two processes) is ``slow``; the others that launch processes carry the mark themselves."""
+    for item in items:
+        if "setup" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -115,6 +115,7 @@ PEFT_TARGETS = [t for t in ALL_TARGETS if t != "projector"]  # all PEFT can expr
     (PEFT_TARGETS, None), (["experts"], None), (["projector_in_proj"], None), (["q_proj", "v_proj"], None),
     # the projector's other Linears (q/k/v, linear, FFN), its attention's out_proj left out
     (["projector", "projector_in_proj"], "projector.cross_attn.out_proj")])
+@pytest.mark.slow
 def test_peft_applies_the_exported_adapters_to_the_hf_base_as_we_do(tmp_path, targets, drop):
     from peft import PeftModel
     from transformers import AriaForConditionalGeneration
@@ -239,6 +240,7 @@ def lora_run(setup, tmp_path_factory) -> tuple[Path, Path, list[str]]:
     return root / "run", base, args
 
 
+@pytest.mark.slow
 def test_a_lora_checkpoint_holds_its_adapters_and_the_reference_to_its_base(lora_run):
     run_dir, base, _ = lora_run
     directory = model_dir(run_dir)
@@ -261,6 +263,7 @@ def test_a_lora_checkpoint_holds_its_adapters_and_the_reference_to_its_base(lora
     assert dir_bytes(ckpt) < dir_bytes(base)  # (tiny: the adapters are a large share of the model)
 
 
+@pytest.mark.slow
 def test_resuming_an_adapter_checkpoint_continues_as_the_uninterrupted_run(lora_run, tmp_path):
     run_dir, _, args = lora_run
     again = shutil.copytree(run_dir, tmp_path / "run")

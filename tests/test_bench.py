@@ -27,6 +27,7 @@ def test_peak_memory_sees_what_a_call_allocates_and_frees():
     assert _allocate(1) < 50 * 2**20
 
 
+@pytest.mark.slow
 def test_a_case_that_runs_out_of_memory_is_reported_not_raised():
     assert bc.in_fresh_process(_allocate, 16384, memory_cap=8) == bc.OOM
     assert bc.in_fresh_process(_allocate, 64, memory_cap=8) >= 64 * 2**20

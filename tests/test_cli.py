@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BIN = Path(sys.executable).parent
 
 
@@ -13,6 +15,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_aria_generate_help_and_errors(tmp_path):
     done = run("aria-generate", "--help")
     assert done.returncode == 0
@@ -28,6 +31,7 @@ def test_aria_generate_help_and_errors(tmp_path):
     assert done.returncode == 2 and "not allowed with argument" in done.stderr
 
 
+@pytest.mark.slow
 def test_aria_eval_help_and_errors(tmp_path):
     done = run("aria-eval", "--help")
     assert done.returncode == 0
@@ -37,6 +41,7 @@ def test_aria_eval_help_and_errors(tmp_path):
     assert done.stderr == f"aria-eval: error: JSONL dataset file not found: {tmp_path / 'data.jsonl'}\n"
 
 
+@pytest.mark.slow
 def test_aria_train_help_and_config_errors():
     done = run("aria-train", "--help")
     assert done.returncode == 0 and "finetune" in done.stdout and "stage1_language" in done.stdout

@@ -219,6 +219,7 @@ def test_router_bias_cannot_be_exported_silently(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.slow
 def test_console_script_runs(tmp_path):
     model = build_model(CFG)
     save_model_dir(model.state_dict(), CFG, tmp_path / "ours")

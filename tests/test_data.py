@@ -944,6 +944,7 @@ def _training_run(rank: int, world: int, args: list[str]) -> None:
     assert train(compose_run("config", args)) == 0
 
 
+@pytest.mark.slow
 def test_trainer_evaluation_on_two_zero3_processes_equals_one(tok_dir, text_jsonl, image_jsonl, tmp_path):
     """``Trainer.evaluate`` through DeepSpeed: 2 ZeRO-3 processes (a parameter gather in every
     forward, so unmatched batch counts would hang) report the held-out losses of 1 process. The
@@ -1049,6 +1050,7 @@ def test_text_and_jsonl_to_wds_tools(tmp_path, shapes, tok, bad_dataset, capsys)
     assert all(torch.equal(a, b) for a, b in zip(from_shards, from_jsonl))
 
 
+@pytest.mark.slow
 def test_bench_data_runs():
     done = run_tool(str(ROOT / "scripts" / "bench_data.py"), "--quick")
     assert done.returncode == 0, done.stderr[-3000:]

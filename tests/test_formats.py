@@ -403,6 +403,7 @@ def fingerprint(batch) -> tuple:
     return batch.input_ids.tolist(), batch.targets.tolist(), batch.where, pixel_sum
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_training_reads_the_formats_from_the_config_and_resumes_exactly(world, hf_sets):
     """A mixture of a LLaVA JSON list and a parquet dataset with a column mapping, as the config

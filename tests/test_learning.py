@@ -65,10 +65,7 @@ def trained(tmp_path_factory):
     run_distributed(_train, 1, ([
         f"run_dir={run_dir}", f"data.tokenizer={tok}", "logging=quiet", f"train.max_steps={STEPS}",
         f"data.train=[{{path:'{data / 'dialog_train.jsonl'}',weight:1}},{{path:'{data / 'caption_train.jsonl'}',weight:1}}]",
-        "train.seq_len=512", "checkpoint.every_steps=0", "data.num_workers=1",
-        # the recipe's strong position table pays off later (position questions) and slows the
-        # first minutes, which are what this check measures
-        "model.vision.position_init_std=null"],), timeout=600)
+        "train.seq_len=512", "checkpoint.every_steps=0", "data.num_workers=1"],), timeout=600)
     model, processor = load_inference(run_dir, device="cpu")
     return data, model, processor
 
@@ -81,9 +78,10 @@ def test_held_out_answer_loss_drops_far_below_the_image_blind_bound(trained):
     assert set(losses) == {"colour", "shape", "count", "position"}
     print(f"answer loss {overall:.3f} (image-blind bound {blind:.3f}): {losses}")
     assert overall < 0.9 * blind, (losses, overall, blind)
-    # the two types two minutes of training learn: well below their bound
-    learnt = (losses["count"] + losses["colour"]) / 2
-    assert learnt < 0.65 * (math.log(3) + math.log(6)) / 2, losses
+    # the two types the recipe learns first (count; position, thanks to its position table): their
+    # losses, as fractions of their image-blind bounds, well below 1 (measured: 0.77 and 0.52)
+    learnt = (losses["count"] / math.log(len(ANSWERS["count"])) + losses["position"] / math.log(len(ANSWERS["position"]))) / 2
+    assert learnt < 0.75, losses
 
     wrong, wrong_overall = answer_losses(model, processor, with_options(
         data / "chat_test.jsonl", data / "swapped_test.jsonl", swap_images=True))

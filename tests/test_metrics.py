@@ -178,6 +178,7 @@ def test_non_main_rank_writes_nothing(tmp_path, capsys):
     assert capsys.readouterr() == ("", "")
 
 
+@pytest.mark.slow
 def test_wandb_offline_reuses_run_id(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = make_logger(tmp_path, wandb="offline")

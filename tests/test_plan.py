@@ -33,6 +33,7 @@ def _check_plan_script():
 CHECK = _check_plan_script()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CHECK.QUICK)
 def test_plan_within_15_percent_of_a_measured_deepspeed_step(name):
     """Two real optimizer steps on 2 gloo processes (ZeRO-0, ZeRO-2 with images, ZeRO-1 bf16 with
@@ -47,6 +48,7 @@ def aria(*overrides: str, recipe: str = "stage2_multimodal"):
     return compose_run(recipe, ["model=aria", "parallel=default", *overrides], inputs=False)
 
 
+@pytest.mark.slow
 def test_full_size_aria_plans_on_fake_tensors_with_the_true_parameter_counts():
     cfg = aria("parallel.zero_stage=3")
     plan = plan_run(cfg, 8, 8, 80 * GIB)
@@ -89,6 +91,7 @@ def test_every_recipe_default_layout_fits_aria_with_headroom():
         assert plan.layout["parallel.sp_size"] == (4 if cfg.train.seq_len == 65536 else 1), recipe
 
 
+@pytest.mark.slow
 def test_plan_follows_the_layout():
     base = ["model.text.num_layers=4", "parallel.checkpoint_decoder=false", "parallel.checkpoint_vision=false"]
     m = aria(*base).model
@@ -121,6 +124,7 @@ def test_plan_follows_the_layout():
     assert long.step_flops > 8 * ckpt.step_flops and images.step_flops > zero2.step_flops
 
 
+@pytest.mark.slow
 def test_check_fits_names_the_fields_and_a_layout_that_fits():
     overrides = ["model=proxy", "train.seq_len=2048", "parallel.zero_stage=1", "parallel.ep_size=1"]
     cfg = compose_run("stage1_language", overrides, inputs=False)
@@ -164,6 +168,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_prints_the_plan_and_refuses_bad_input():
     out = run_cli("recipe=stage1_language", "model=proxy", "train.seq_len=1024", "--gpu-memory", "80")
     assert out.returncode == 0, out.stderr[-2000:]
