@@ -1,12 +1,13 @@
-"""Pack a JSONL dataset and its media into webdataset tar shards (docs/data_format.md).
+"""Pack a JSONL or JSON-list dataset and its media into webdataset tar shards (docs/data_format.md).
 
     python -m data_tools.jsonl_to_wds DATASET --out DIR [--prefix NAME] [--split train]
                                       [--samples-per-shard 1000] [--strict] [--allow-outside-media]
 
-DATASET is a ``.jsonl`` file or a directory holding ``{split}.jsonl``. Every record is validated
-first; bad ones are skipped and reported with file and line (``--strict`` stops at the first).
-Sample ``K`` becomes ``K.json`` plus ``K.<i>.<ext>`` for its media, and the record names its media
-by those suffixes. Shards are ``DIR/NAME-000000.tar``, ``NAME-000001.tar``, ...
+DATASET is a ``.jsonl`` file, a ``.json`` list, or a directory holding ``{split}.jsonl`` /
+``{split}.json``, of Aria or LLaVA / ShareGPT records. Every record is validated first; bad ones
+are skipped and reported with file and line (``--strict`` stops at the first). Sample ``K`` becomes
+``K.json`` plus ``K.<i>.<ext>`` for its media, and the record (in its own schema) names its media
+by those suffixes in ``images`` and ``videos``, which both schemas read. Shards are ``DIR/NAME-000000.tar``, ``NAME-000001.tar``, ...
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from aria.commands import run_command
 from aria.data.errors import BadInputPolicy, DataError
 from aria.data.loader import read_record
-from aria.data.sources import JsonlSource, open_source
+from aria.data.sources import FileSource, open_source
 
 
 def _rename_media(record: dict, sample, where: str) -> tuple[dict, dict[str, bytes]]:
@@ -43,11 +44,12 @@ def _rename_media(record: dict, sample, where: str) -> tuple[dict, dict[str, byt
                 if getattr(ref, key) is not None:
                     spec[key] = getattr(ref, key)
             videos.append(spec)
-    record.pop("videos", None)
+    for key in ("image", "images", "video", "videos"):  # Aria's and LLaVA's media fields
+        record.pop(key, None)
     if images:
         record["images"] = images
     if videos:
-        record["video"] = videos[0] if len(videos) == 1 else videos
+        record["videos"] = videos  # a list of video objects: both schemas read it
     return record, members
 
 
@@ -58,8 +60,10 @@ def convert(dataset: str | Path, out: str | Path, prefix: str | None = None, spl
     import webdataset as wds
 
     source = open_source(dataset, split, allow_outside_media)
-    if not isinstance(source, JsonlSource):
-        raise ValueError(f"{dataset} is already webdataset shards")
+    if not isinstance(source, FileSource):
+        raise ValueError(f"{dataset} is not a JSONL or JSON-list file ({type(source).__name__}): shards "
+                         "are written from those; webdataset shards and Hugging Face datasets are read "
+                         "by data.train as they are")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prefix = prefix or source.path.stem

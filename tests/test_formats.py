@@ -138,6 +138,22 @@ def test_llava_records_encode_as_their_aria_twins(world, container, monkeypatch)
     assert_same_encodings(encodings(path, world), world["reference"])
 
 
+@pytest.mark.parametrize("container", ["jsonl", "json"])
+def test_llava_records_become_shards_that_encode_as_their_aria_twins(world, container, tmp_path):
+    """jsonl_to_wds on LLaVA records (one image, several, a video, image + video): the shards hold
+    the media as members and encode exactly as the Aria twins."""
+    from data_tools.jsonl_to_wds import convert
+
+    path = world["data"] / f"llava_for_shards.{container}"
+    if container == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in world["llava"]))
+    else:
+        write_json_list(path, world["llava"], indent=None)
+    done = convert(path, tmp_path / "shards", samples_per_shard=4, log=lambda _: None)
+    assert done["samples"] == len(world["llava"]) and not done["skipped"] and len(done["shards"]) > 1
+    assert_same_encodings(encodings(tmp_path / "shards", world), world["reference"])
+
+
 def test_json_list_is_indexed_by_byte_ranges_and_lines(world, tmp_path):
     records = [{"kind": "text", "text": t} for t in ("é ✓ first", "second", "3")]
     path = tmp_path / "list.json"
