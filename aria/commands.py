@@ -1,13 +1,19 @@
 """What every command line shares (``aria-*``, ``python -m aria.tools.*``, ``python -m
 data_tools.*``): an error a user can cause ends it with one line on stderr that names the tool,
-never a traceback; Ctrl-C ends it quietly.
+never a traceback; Ctrl-C ends it quietly. And the flags of every tool that loads a model, declared
+without importing torch (``--help`` stays quick).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
+from aria.config import IMAGE_SIZES
+
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+"""``--dtype`` values (``aria.convert.store.DTYPES`` maps them to torch dtypes)."""
 USER_ERRORS = (ValueError, OSError)
 """What a user can cause: bad values and bad records (``DataError`` is a ``ValueError``), a missing,
 unreadable or unwritable file (``OSError``)."""
@@ -25,3 +31,19 @@ def run_command(prog: str, run: Callable[[], int | None], error_code: int = 1) -
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL and the inference flags, the same in every tool that loads a model."""
+    parser.add_argument("model", help="Hugging Face directory, or our model / checkpoint / run directory")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory or .model file (default: the run's data.tokenizer, "
+                             "else the one in MODEL)")
+    parser.add_argument("--image-size", type=int, default=None, choices=IMAGE_SIZES,
+                        help="crop side of images (default: the run's, else the processor files', else "
+                             "the model's largest)")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="frames per video when the record does not say (default: the run's, else 8)")
+    parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                        help="weights' dtype (default: bf16 on a GPU, fp32 on the CPU)")

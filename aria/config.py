@@ -818,6 +818,12 @@ class RunConfig:
                     f"({', '.join(f'stage.trainable.{g}=false' for g in groups)}). With LoRA only "
                     f"adapters train and the stage says where they may go: drop {frozen} from "
                     f"lora.targets or set {', '.join(f'stage.trainable.{g}=true' for g in groups)}")
+            if model.moe.bias_balancing:
+                raise ValueError(
+                    "config fields 'lora.enabled' and 'model.moe.bias_balancing' are both true: the router "
+                    "bias moves during training but is not an adapter, and a LoRA checkpoint holds the "
+                    "adapters only, so the bias would be lost; set model.moe.bias_balancing=false (the "
+                    "base's bias, if any, is kept) or lora.enabled=false")
         return cfg
 
     def to_dict(self) -> dict:

@@ -10,7 +10,8 @@ Design decisions:
   to the model's largest crop size (``hf_processor.image_settings``), 8 video frames at 490 px.
   Every cheap check (configs, tokenizer, media settings) comes before the weights are read.
 - The inference flags (``--tokenizer --image-size --num-frames --device --dtype``) are declared
-  once (``add_model_arguments``) for every tool that loads a model.
+  once (``aria.commands.add_model_arguments``, importable without torch so that ``--help`` is
+  quick) for every tool that loads a model; ``load_from_args`` reads them.
 - Prompts are batched with left padding, so every row generates exactly what it would alone
   (``generate`` turns the padding into segment 0); a test holds batched against one-at-a-time.
   Crops of several sizes (980 px images beside 490 px video frames, in one prompt or across the
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from aria.config import IMAGE_SIZES, VideoConfig, load_run_config
+from aria.config import VideoConfig, load_run_config
 from aria.convert.store import DTYPES
 from aria.data.errors import DataError
 from aria.data.packing import to_device
@@ -35,17 +36,18 @@ from aria.data.records import Sample
 from aria.model.generation import generate
 from aria.rundir import ModelSource, find_tokenizer, locate_model, no_tokenizer_message
 
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and generation
+# ---------------------------------------------------------------------------------------------
+
+
 def prompt_inputs(processor: Processor, prompt: Sample) -> dict[str, Any]:
     """``processor.prompt_inputs`` with a generation header; media errors located at the record."""
     try:
         return processor.prompt_inputs(prompt, add_generation_prompt=True)
     except DataError as err:
         raise err.at(prompt.where) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation
-# ---------------------------------------------------------------------------------------------
 
 
 def stop_ids(processor: Processor) -> list[int]:
@@ -171,24 +173,8 @@ def load_inference(model_path: str | Path, tokenizer: str | Path | None = None,
     return model, processor
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """MODEL and the inference flags, the same in every tool that loads a model."""
-    parser.add_argument("model", help="Hugging Face directory, or our model / checkpoint / run directory")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer directory or .model file (default: the run's data.tokenizer, "
-                             "else the one in MODEL)")
-    parser.add_argument("--image-size", type=int, default=None, choices=IMAGE_SIZES,
-                        help="crop side of images (default: the run's, else the processor files', else "
-                             "the model's largest)")
-    parser.add_argument("--num-frames", type=int, default=None,
-                        help="frames per video when the record does not say (default: the run's, else 8)")
-    parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=tuple(DTYPES),
-                        help="weights' dtype (default: bf16 on a GPU, fp32 on the CPU)")
-
-
 def load_from_args(args: argparse.Namespace):
-    """``load_inference`` with the flags of ``add_model_arguments``."""
+    """``load_inference`` with the flags of ``aria.commands.add_model_arguments``."""
     if args.num_frames is not None and args.num_frames < 1:
         raise ValueError(f"--num-frames must be >= 1, got {args.num_frames}")
     return load_inference(args.model, args.tokenizer, args.image_size, args.num_frames, args.device,

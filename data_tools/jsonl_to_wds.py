@@ -7,7 +7,8 @@ DATASET is a ``.jsonl`` file, a ``.json`` list, or a directory holding ``{split}
 ``{split}.json``, of Aria or LLaVA / ShareGPT records. Every record is validated first; bad ones
 are skipped and reported with file and line (``--strict`` stops at the first). Sample ``K`` becomes
 ``K.json`` plus ``K.<i>.<ext>`` for its media, and the record (in its own schema) names its media
-by those suffixes in ``images`` and ``videos``, which both schemas read. Shards are ``DIR/NAME-000000.tar``, ``NAME-000001.tar``, ...
+by those suffixes in ``images`` and ``videos``, which both schemas read. Shards are
+``DIR/NAME-000000.tar``, ``NAME-000001.tar``, ...
 """
 
 from __future__ import annotations

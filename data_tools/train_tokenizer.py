@@ -142,13 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--image-token-id", type=int, default=9)
     args = parser.parse_args(argv)
-    out = train(args.input, args.out, args.vocab_size, args.image_token_id)
+    from aria.commands import run_command
     from aria.data.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(out)
-    print(f"wrote {out}: {tok.vocab_size} tokens, <|img|> = {tok.image_id}, "
-          f"<|im_start|> = {tok.im_start_id}, <|im_end|> = {tok.im_end_id}, end of text = {tok.eos_id}")
-    return 0
+    def run() -> None:
+        out = train(args.input, args.out, args.vocab_size, args.image_token_id)
+        tok = Tokenizer.load(out)
+        print(f"wrote {out}: {tok.vocab_size} tokens, <|img|> = {tok.image_id}, <|im_start|> = "
+              f"{tok.im_start_id}, <|im_end|> = {tok.im_end_id}, end of text = {tok.eos_id}")
+
+    return run_command("train_tokenizer", run)
 
 
 if __name__ == "__main__":

@@ -256,9 +256,9 @@ def _measure(case: Case, rank: int, world: int) -> dict:
 
     from aria.data.packing import PackedBatch
     from aria.parallel.engine import build_engine
-    from aria.train.schedule import lr_multiplier
-    from aria.train.plan import synthetic_batch, workload
     from aria.train.compose import compose_run
+    from aria.train.plan import synthetic_batch, workload
+    from aria.train.schedule import lr_multiplier
     from aria.train.trainer import Trainer, gradient_norm
 
     cfg = compose_run("config", case.all_overrides(), inputs=False)

@@ -35,21 +35,13 @@ from aria.model.lora import (ADAPTERS_FILE, LORA_JSON, adapter_parameters, add_a
                              is_adapter, lora_json, merge_lora, read_adapters)
 from aria.train.weights import load_adapters
 from helpers import run_distributed
+from test_lora import image_inputs
 from test_train import overrides, records, run
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "experts", "shared_experts", "vision", "projector",
                "projector_in_proj", "lm_head"]
 RUN_LORA = ["lora=default", "lora.dropout=0", "lora.targets=[q_proj,k_proj,v_proj,o_proj,experts,"
             "shared_experts,lm_head]", "optim.lr=1e-2"]
-
-
-def image_inputs(cfg):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.tensor([[5, 17] + [cfg.image_token_id] * 16 + [42, 7, 8, 300, 11]])
-    pixels = torch.randn(1, 3, 490, 490, generator=g)
-    mask = torch.zeros(1, 490, 490, dtype=torch.bool)
-    mask[:, :420, :350] = True  # a padded, non-square image
-    return ids, pixels, mask
 
 
 def trained_looking(model, targets, seed: int = 0):
@@ -248,7 +240,7 @@ def test_a_lora_checkpoint_holds_its_adapters_and_the_reference_to_its_base(lora
         [ADAPTERS_FILE, LORA_JSON, BASE_JSON, "model_config.json"])
     ref = read_base(directory)
     assert (ref.path, ref.hf) == (str(base.resolve()), False)
-    assert ref.fingerprint == fingerprint(base) and ref.fingerprint.startswith("v1:")
+    assert ref.fingerprint == fingerprint(base) and ref.fingerprint.startswith("v2:")
     # no base tensor anywhere in the checkpoint: model/ and optimizer/ name adapters only
     adapters = read_adapters(directory)[0]
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapters.values())
@@ -313,12 +305,50 @@ def test_a_run_continuing_the_adapters_of_a_checkpoint_refers_to_the_same_base(l
     assert json.loads((tmp_path / "ref.json").read_text()) == read_base(model_dir(run_dir)).__dict__
 
 
-def test_a_changed_or_missing_base_is_refused_by_resume_export_and_generation(lora_run, tmp_path):
+def test_the_fingerprint_follows_the_weights_not_the_files(tmp_path):
+    """The same weights in one file, in shards and as an HF directory: one fingerprint; one value
+    changed by 1e-3 in the middle of a tensor: another."""
+    cfg = load_model_config("tiny")
+    torch.manual_seed(0)
+    state = build_model(cfg).state_dict()
+    save_model_dir(state, cfg, tmp_path / "one")
+    save_model_dir(state, cfg, tmp_path / "shards", max_shard_bytes=200_000)
+    write_hf_dir(state.items(), cfg, tmp_path / "hf")
+    assert len(list((tmp_path / "shards").glob("model-*.safetensors"))) > 2
+    same = fingerprint(tmp_path / "one")
+    assert fingerprint(tmp_path / "shards") == same == fingerprint(tmp_path / "hf", hf=True)
+    key = "decoder.layers.0.attn.q_proj.weight"
+    state[key].view(-1)[state[key].numel() // 2] += 1e-3
+    save_model_dir(state, cfg, tmp_path / "changed")
+    assert fingerprint(tmp_path / "changed") != same
+
+
+def test_a_lora_run_from_random_weights_keeps_its_base_in_every_checkpoint(setup, tmp_path):
+    """No base on disk: every checkpoint holds its own base weights beside the adapters, also after
+    a resume and when keep_last has pruned the checkpoint it resumed from (a resumed run must not
+    take its own checkpoint for the base)."""
+    from aria.inference import load_inference
+
+    run_dir = tmp_path / "scratch"
+    args = [a for a in overrides(setup, run_dir, "lora=default", "checkpoint.every_steps=1",
+                                 "checkpoint.keep_last=1") if not a.startswith("init.")]
+    run(1, args)
+    run(1, [a for a in args if not a.startswith("train.max_steps=")] + ["train.max_steps=6"])  # resumes at 4
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000006"]
+    directory = model_dir(run_dir, 6)
+    assert read_base(directory) is None and (directory / ADAPTERS_FILE).is_file()
+    assert any(directory.glob("model*.safetensors"))  # its own base weights
+    load_inference(run_dir, device="cpu")
+
+
+def test_a_changed_or_missing_base_is_refused_by_resume_export_and_generation(lora_run, tmp_path, capfd):
     from aria.convert.export import to_hf
     from aria.inference import load_inference
+    from aria.train.compose import compose_run
+    from aria.train.trainer import train
     from aria.train.weights import load_weights
 
-    run_dir, base, _ = lora_run
+    run_dir, base, args = lora_run
     directory = model_dir(run_dir)
     ref = read_base(directory)
     _, lora = read_adapters(directory)
@@ -344,6 +374,12 @@ def test_a_changed_or_missing_base_is_refused_by_resume_export_and_generation(lo
                 read()
             message = str(err.value)
             assert str(base.resolve()) in message and ref.fingerprint in message and changed in message
+        # resuming the run through aria.train: one line naming both, before any rank starts
+        more = [a for a in args if not a.startswith("train.max_steps=")] + ["train.max_steps=6"]
+        assert train(compose_run("config", more)) == 2
+        line = capfd.readouterr().err.strip().splitlines()
+        assert len(line) == 1 and line[0].startswith("aria-train: ")
+        assert changed in line[0] and ref.fingerprint in line[0]
         moved = shutil.move(str(base), str(tmp_path / "moved"))
         for read in readers():
             with pytest.raises(FileNotFoundError, match="which is missing") as err:

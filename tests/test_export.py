@@ -25,7 +25,8 @@ from aria.convert.hf_config import to_hf_config
 from aria.convert.store import iter_tensors
 from aria.data.processor import CHAT_TEMPLATE, Processor
 from aria.data.tokenizer import Tokenizer
-from aria.train.checkpoint import resolve_model_dir, source_model_config
+from aria.rundir import resolve_model_dir
+from aria.train.checkpoint import source_model_config
 from aria.train.weights import load_weights
 from helpers import perturb
 from test_train import overrides, run

@@ -80,7 +80,7 @@ def test_held_out_answer_loss_drops_far_below_the_image_blind_bound(trained):
     assert overall < 0.9 * blind, (losses, overall, blind)
     # the two types the recipe learns first (count; position, thanks to its position table): their
     # losses, as fractions of their image-blind bounds, well below 1 (measured: 0.77 and 0.52)
-    learnt = (losses["count"] / math.log(len(ANSWERS["count"])) + losses["position"] / math.log(len(ANSWERS["position"]))) / 2
+    learnt = sum(losses[q] / math.log(len(ANSWERS[q])) for q in ("count", "position")) / 2
     assert learnt < 0.75, losses
 
     wrong, wrong_overall = answer_losses(model, processor, with_options(

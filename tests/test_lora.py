@@ -63,6 +63,8 @@ def test_config_defaults_are_the_official_recipe_and_bad_values_name_their_field
         compose_run("finetune_lora", args + ["lora.targets=[q_proj,vision]"])
     with pytest.raises(ValueError, match=r"'lora.rank' = 12"):
         compose_run("finetune_lora", args + ["lora.rank=12"])
+    with pytest.raises(ValueError, match=r"'lora.enabled' and 'model.moe.bias_balancing' are both true"):
+        compose_run("finetune_lora", args + ["model.moe.bias_balancing=true"])  # a checkpoint would drop the bias
     # the stage check only applies when LoRA is on
     assert compose_run("finetune", args + ["lora.targets=[vision]"]).lora.targets == ["vision"]
 
@@ -77,7 +79,8 @@ def test_targets_the_model_lacks_are_refused():
 
 
 def test_stage_with_lora_trains_only_the_adapters_of_its_groups():
-    from aria.train.stages import apply_stage, module_groups
+    from aria.model.aria import module_groups
+    from aria.train.stages import apply_stage
 
     model = build_model(load_model_config("tiny"), device="meta")
     lora = LoRAConfig(enabled=True, targets=["q_proj", "experts", "projector"])

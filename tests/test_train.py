@@ -553,7 +553,8 @@ def test_learning_rate_schedules_by_hand():
 
 def test_stage_freezes_exactly_its_groups():
     from aria.config import StageConfig
-    from aria.train.stages import apply_stage, module_groups
+    from aria.model.aria import module_groups
+    from aria.train.stages import apply_stage
 
     model = build_model(load_model_config("tiny"), device="meta")
     groups = module_groups(model)
@@ -572,7 +573,7 @@ def test_stage_freezes_exactly_its_groups():
 def test_lr_scale_gives_module_groups_their_own_learning_rate():
     from aria.config import OptimConfig
     from aria.parallel.engine import param_groups
-    from aria.train.stages import module_groups
+    from aria.model.aria import module_groups
 
     model = build_model(load_model_config("tiny"), device="meta")
     model.projector.query.requires_grad_(False)

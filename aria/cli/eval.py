@@ -26,8 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from aria.commands import run_command
-from aria.inference import add_model_arguments
+from aria.commands import add_model_arguments, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:

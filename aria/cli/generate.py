@@ -9,7 +9,8 @@ answer a JSONL file of prompts.
 MODEL is a Hugging Face directory or our model, checkpoint or run directory. The tokenizer is
 ``--tokenizer``, else the run config's ``data.tokenizer``, else MODEL itself; image size and video
 sampling not given default to the run's data config, else to the directory's processor files,
-else to 980 px images; 8 video frames at 490 px (``aria.inference.load_inference``).
+else to the model's largest crop size (980 px for Aria); 8 video frames at 490 px
+(``aria.inference.load_inference``).
 
 One prompt is one user turn holding the images, then the videos, then the text (after a system
 turn with ``--system``). The answer streams to stdout; the token count and speed go to stderr.
@@ -54,8 +55,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aria.commands import run_command
-from aria.inference import add_model_arguments
+from aria.commands import add_model_arguments, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,9 +30,9 @@ import torch
 
 from aria.config import ModelConfig
 from aria.convert import keymap
+from aria.convert.hf_config import from_hf_config, generation_config, read_json, to_hf_config
 from aria.convert.keymap import rename_hf
 from aria.convert.store import DEFAULT_SHARD_BYTES, cast_tensors, iter_tensors, write_sharded
-from aria.convert.hf_config import from_hf_config, generation_config, read_json, to_hf_config
 from aria.rundir import MODEL_CONFIG
 
 # ---------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def to_hf(source: str | Path, out: str | Path, dtype: torch.dtype | None = None,
         transform = merge_transform(src.directory)  # FileNotFoundError when there are no adapters
     elif has_adapters:
         raise ValueError(f"{src.directory} holds LoRA adapters ({ADAPTERS_FILE}): pass --merge-lora to "
-                         "export the fine-tuned model (base weights + adapters merged)")
+                         "export the fine-tuned model (base weights + adapters merged), or --adapters-only "
+                         "for a PEFT adapter directory")
     out = Path(out)
     cfg = read_model_config(src.directory)
     run = load_run_config(src.run_config) if src.run_config is not None else None

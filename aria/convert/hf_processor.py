@@ -102,8 +102,8 @@ def default_image_settings(cfg: ModelConfig) -> ImageSettings:
             return ImageSettings(side, origin="the largest crop size of the model's projector table")
     raise ValueError(f"the model's projector table {cfg.projector.patch_to_query} (patches per crop -> "
                      f"queries, patch size {cfg.vision.patch_size}) has no 490 or 980 px crop, the only "
-                     "sizes transformers' AriaImageProcessor makes; export the weights alone with "
-                     "--weights-only")
+                     "sizes transformers' AriaImageProcessor makes, so no image can be prepared for it "
+                     "(aria-convert to-hf --weights-only exports its weights alone)")
 
 
 def image_settings(cfg: ModelConfig, run_config: Path | None, directory: Path, run=None) -> ImageSettings:

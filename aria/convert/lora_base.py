@@ -7,22 +7,23 @@ A LoRA run's checkpoint holds its adapters, not the frozen base (~50 GB at Aria 
     model_config.json   the architecture (with the stage's RoPE base), as in any model directory
     adapters.safetensors + lora.json     the adapters (``aria.model.lora``)
     base.json           {"path": the base directory, "hf": true if it is a Hugging Face directory,
-                         "fingerprint": "v1:<sha256 hex>"}
+                         "fingerprint": "v2:<sha256 hex>"}
 
 and stands for base + adapters wherever a model directory is read: ``TensorStore`` opens the base
 in its place (after the check below), so training, resuming, conversion, generation and evaluation
 read it like any other model directory.
 
 Design decisions:
-- The fingerprint must be cheap at 25B parameters and change when a weight changes. It hashes, for
-  every weight file in name order: the file name, its size, its safetensors header (tensor names,
-  dtypes, shapes, data offsets; not the free-form ``__metadata__``) and three 4 KiB windows of every
-  tensor's bytes (its first, middle and last). At Aria size that is ~1000 tensors, ~12 MB read in
-  small blocks: well under a second on a local disk, whereas hashing every byte would read 50 GB.
-  A file rewritten with other values changes the sampled bytes of every tensor it holds; an edit
-  confined to the unsampled interior of one tensor would go unnoticed (the price of not reading
-  everything). Not chosen: the sha256 of the index + file sizes (a retrained base of the same
-  shapes has the same index and sizes), modification times (a copy changes them, the content not).
+- The fingerprint must be cheap at 25B parameters, change when a weight changes and not when only
+  the files change. It hashes, for every tensor in name order (our names, through ``TensorStore``,
+  so the same weights sharded otherwise, split by expert-parallel rank or saved as an HF directory
+  with the same dtype give the same value): its name, dtype, shape and three 4 KiB windows of its
+  bytes (first, middle, last of the whole tensor). At Aria size that is ~1000 tensors, ~12 MB read
+  in small blocks, whereas hashing every byte would read 50 GB. Weights rewritten with other values
+  change the sampled bytes of every tensor; an edit confined to the unsampled interior of one tensor
+  would go unnoticed (the price of not reading everything). Not chosen: the sha256 of the index +
+  file sizes (a retrained base of the same shapes has the same index and sizes), file headers (they
+  change with the sharding), modification times (a copy changes them, the content not).
 - The path is stored absolute (resolved when the run loads the base), so export and generation from
   another working directory find it. A moved base is "missing": the error names the path and the
   fingerprint the base must have.
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -44,7 +45,7 @@ import torch
 from aria.model.lora import merge_lora, required_adapters
 
 BASE_JSON = "base.json"
-FINGERPRINT_VERSION = "v1"
+FINGERPRINT_VERSION = "v2"
 WINDOW = 4096  # bytes hashed at each of a tensor's three sampled places
 
 
@@ -60,36 +61,30 @@ class BaseRef:
     """``fingerprint(path)`` when the run loaded it."""
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    from aria.convert.store import expert_files, weight_files
+def fingerprint(directory: str | Path, hf: bool = False) -> str:
+    """``v2:<sha256>`` over every tensor of the weights in ``directory`` (see the module docstring):
+    the same for the same weights however they are sharded or split by expert-parallel rank."""
+    from aria.convert.store import TensorStore
 
-    return sorted([directory / name for name in weight_files(directory)] + expert_files(directory))
-
-
-def fingerprint(directory: str | Path) -> str:
-    """``v1:<sha256>`` over the weight files' names, sizes, headers and sampled bytes (see the module
-    docstring)."""
     digest = hashlib.sha256()
-    for path in _weight_files(Path(directory)):
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-            header.pop("__metadata__", None)
-            digest.update(json.dumps([path.name, size, header], sort_keys=True).encode())
-            data_start = 8 + header_len
-            for key in sorted(header):
-                begin, end = header[key]["data_offsets"]
-                middle = max(begin, (begin + end) // 2 - WINDOW // 2)
-                for at in sorted({begin, middle, max(begin, end - WINDOW)}):
-                    f.seek(data_start + at)
-                    digest.update(f.read(min(WINDOW, end - at)))
+    store = TensorStore(directory, hf=hf)
+    try:
+        for key in sorted(store.keys()):
+            shape, dtype = store.shape(key), store.dtypes[key]
+            numel = math.prod(shape)
+            digest.update(json.dumps([key, str(dtype), list(shape)]).encode())
+            width = max(1, WINDOW // dtype.itemsize)
+            for at in sorted({0, max(0, numel // 2 - width // 2), max(0, numel - width)}):
+                window = store.read(key, at, min(numel, at + width)).contiguous()
+                digest.update(window.view(torch.uint8).numpy().tobytes())
+    finally:
+        store.close()
     return f"{FINGERPRINT_VERSION}:{digest.hexdigest()}"
 
 
 def reference(directory: str | Path, hf: bool) -> BaseRef:
     """The reference a LoRA checkpoint keeps to base ``directory``, fingerprinted now."""
-    return BaseRef(str(Path(directory).resolve()), hf, fingerprint(directory))
+    return BaseRef(str(Path(directory).resolve()), hf, fingerprint(directory, hf))
 
 
 def write_base(directory: str | Path, ref: BaseRef) -> None:
@@ -121,7 +116,7 @@ def checked_base(directory: str | Path, ref: BaseRef) -> Path:
                                 "and apply them to a copy of it")
     if read_base(base) is not None:
         raise ValueError(f"{what}, which holds adapters only itself: a base must hold weights")
-    found = fingerprint(base)
+    found = fingerprint(base, ref.hf)
     if found != ref.fingerprint:
         raise ValueError(f"{what}, but the weights now at {base} differ: their fingerprint is {found}, "
                          f"expected {ref.fingerprint}. The adapters only make sense on the weights they "

@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from aria.commands import DTYPE_NAMES
 from aria.convert.keymap import rename_hf
 
 LAYOUT = "layout.json"
@@ -38,7 +39,7 @@ EXPERT_PARAM = re.compile(r"\.moe\.experts\.w_fc[12]$")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def parse_size(text: str | int) -> int:

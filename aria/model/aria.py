@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aria.config import MODULE_GROUPS, ModelConfig
+from aria.config import IGNORE_INDEX, MODULE_GROUPS, ModelConfig
 from aria.model.decoder import KVCache, TextDecoder
 from aria.model.layers import holds_no_data
-from aria.model.loss import IGNORE_INDEX, chunked_cross_entropy
+from aria.model.loss import chunked_cross_entropy
 from aria.model.moe import MoE
 from aria.model.projector import Projector
 from aria.model.vision import VisionEncoder

@@ -32,10 +32,12 @@ Design decisions:
 - With LoRA every base weight is frozen and the stage says where adapters may go
   (``aria.train.stages``); a checkpoint with adapters starts another run as base + adapters
   (``aria.train.checkpoint``).
-- Files: a model directory of a LoRA run keeps its base weights as always and adds
-  ``adapters.safetensors`` (every adapter, expert adapters of all E experts) and ``lora.json``
-  (rank, alpha, dropout, targets). ``merge_lora`` streams base tensors and adds scale * update to
-  the adapted ones, for export and for runs that continue from the merged weights.
+- Files: a model directory of a LoRA run holds ``adapters.safetensors`` (every adapter, expert
+  adapters of all E experts) and ``lora.json`` (rank, alpha, dropout, targets), beside either a
+  reference to its base (``base.json``, ``aria.convert.lora_base``: a run from weights on disk) or
+  the base weights themselves (a run from random weights). ``merge_lora`` streams base tensors
+  and adds scale * update to the adapted ones, for export and for runs that continue from the
+  merged weights.
 """
 
 from __future__ import annotations

@@ -52,12 +52,12 @@ from typing import Any
 
 import torch
 
-from aria.commands import run_command
+from aria.commands import add_model_arguments, run_command
 from aria.data.errors import BadInputPolicy
 from aria.data.loader import iterate_samples
 from aria.data.packing import PackedBatch, Piece, Row, collate, to_device
 from aria.data.processor import EncodedSample, Processor
-from aria.inference import add_model_arguments, load_from_args
+from aria.inference import load_from_args
 
 log = logging.getLogger("aria.tools.experts")
 

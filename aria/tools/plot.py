@@ -165,7 +165,7 @@ def load_run(run: str | Path, name: str | None = None) -> Run:
 
 def run_names(paths: list[str]) -> list[str]:
     """Legend names: each run directory's name, or the paths as given where two names coincide."""
-    names = [Path(p).parent.name if Path(p).name == "metrics.jsonl" else Path(p).name for p in paths]
+    names = [Path(p).parent.name if Path(p).name == METRICS else Path(p).name for p in paths]
     names = [n or str(p) for n, p in zip(names, paths)]
     return names if len(set(names)) == len(names) else [str(p) for p in paths]
 

@@ -33,6 +33,8 @@ Design decisions:
   (``aria.parallel.dist.io_barrier``), so a slow filesystem never trips the timeout of the
   training collectives; then rank 0 renames the directory to ``step_N`` and only then moves
   ``latest`` (replaced atomically). A crash at any moment leaves the previous checkpoint complete.
+  Saving a step that already has a directory (the stop after a non-finite step) swaps the two by
+  renames and deletes the old one after: ``latest`` never names a half-deleted directory.
 - Resume is exact: weights, optimizer state, LR schedule, step, tokens, the data position of every
   stream and every rank's RNG. On another layout (world size, expert-parallel size, ZeRO stage)
   each rank reads the parts of the weights and optimizer state it now holds, the data streams are
@@ -133,8 +135,12 @@ def save_checkpoint(engine, model, cfg, trainer_state: dict, info: DistInfo, con
     io_barrier()
     if info.is_main:
         (tmp / RUN_CONFIG).write_text(config_yaml)
-        shutil.rmtree(final, ignore_errors=True)
+        old = root / f".old-{step_name(step)}"
+        if final.exists():  # the same step saved again (a stop after a non-finite step): swap by renames
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         pointer = root / LATEST
         (root / f".{LATEST}.tmp").write_text(final.name + "\n")
         os.replace(root / f".{LATEST}.tmp", pointer)
@@ -156,7 +162,7 @@ def _prune(root: Path, keep: int) -> None:
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step_*"):  # left by an interrupted write
+    for stale in [*root.glob(".tmp-step_*"), *root.glob(".old-step_*")]:  # left by an interrupted write
         shutil.rmtree(stale, ignore_errors=True)
 
 

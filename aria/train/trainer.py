@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from aria.config import RunConfig, parse_mixture
+from aria.convert.lora_base import checked_base, read_base
 from aria.data.packing import to_device
 from aria.data.sources import check_datasets
 from aria.model.aria import Aria
@@ -61,7 +62,7 @@ from aria.parallel.engine import build_engine, deepspeed_config, precision
 from aria.parallel.expert import shard_experts_over, tag_expert_parameters
 from aria.parallel.sequence import SequenceParallel, enable_sequence_parallel
 from aria.parallel.shards import local_parts, sum_over_parts
-from aria.rundir import RUN_CONFIG, latest_checkpoint, resolve_model_dir
+from aria.rundir import MODEL, RUN_CONFIG, latest_checkpoint, resolve_model_dir
 from aria.train import checkpoint as ckpt
 from aria.train import weights
 from aria.train.schedule import lr_multiplier
@@ -213,7 +214,7 @@ class Trainer:
         with torch.no_grad():
             self.loaded = None  # what was read, when weights came from files
             if self.resume_from is not None:
-                source = self.resume_from / ckpt.MODEL
+                source = self.resume_from / MODEL
             elif cfg.init.from_hf:
                 source = Path(cfg.init.from_hf)
             elif cfg.init.from_checkpoint:
@@ -520,20 +521,27 @@ class Trainer:
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Every path the run reads exists (datasets, tokenizer, starting weights); else
-    ``FileNotFoundError`` naming the config field and the path."""
+    """Every path the run reads exists (datasets, tokenizer, starting weights), and the base of
+    adapter-only LoRA weights it starts or resumes from is the one they were trained on; else
+    ``FileNotFoundError`` / ``ValueError`` naming the config field (or the checkpoint) and the path."""
     check_datasets(cfg.data)
     for field, path in (("data.tokenizer", cfg.data.tokenizer), ("init.from_hf", cfg.init.from_hf),
                         ("init.from_checkpoint", cfg.init.from_checkpoint)):
         if path and not Path(path).exists():
             raise FileNotFoundError(f"config field '{field}': not found: {path}")
+    resumed = latest_checkpoint(cfg.run_dir)
+    start = (resumed / MODEL if resumed is not None else
+             resolve_model_dir(cfg.init.from_checkpoint) if cfg.init.from_checkpoint else None)
+    ref = read_base(start) if start is not None else None
+    if ref is not None:
+        checked_base(start, ref)
 
 
 def train(cfg: RunConfig) -> int:
     """Run ``cfg`` to completion (or a clean stop); returns the process exit code."""
     try:
         check_inputs(cfg)
-    except FileNotFoundError as err:  # before any rank starts work; one line per node, no traceback
+    except (FileNotFoundError, ValueError) as err:  # before any rank works; one line per node, no traceback
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print(f"aria-train: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

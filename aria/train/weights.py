@@ -126,7 +126,9 @@ def load_weights(model: Aria, source: Path, hf: bool = False) -> Loaded:
     if saved is not None and lora is not None:
         load_adapters(model, saved[0], str(source / ADAPTERS_FILE))
     if lora is not None:
-        model.lora_base = (None if hf else read_base(source)) or reference(source, hf)
+        # a LoRA checkpoint passes on its own base reference (None: it holds its base weights itself,
+        # and so will this run's checkpoints); plain weights are the base
+        model.lora_base = read_base(source) if saved is not None else reference(source, hf)
     return Loaded(saved is not None and lora is not None, store.bytes_read, stored)
 
 
