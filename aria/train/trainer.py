@@ -383,8 +383,8 @@ class Trainer:
         from aria.train.metrics import expert_load
 
         throughput = self.throughput
-        record = {**stats, "grad_norm": float("nan") if grad_norm is None else grad_norm, "lr": self.engine.get_lr()[0],
-                  "tokens_seen": self.tokens_seen, "tokens_per_s": throughput.tokens_per_s(),
+        record = {**stats, "grad_norm": float("nan") if grad_norm is None else grad_norm,
+                  "lr": self.engine.get_lr()[0], "tokens_seen": self.tokens_seen, "tokens_per_s": throughput.tokens_per_s(),
                   "tflops": throughput.tflops(), "mfu": throughput.mfu(),
                   "skipped_samples": dict(self.loader.skipped())}
         if tokens_per_expert_LE is not None:
