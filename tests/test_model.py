@@ -104,6 +104,28 @@ def test_chunked_cross_entropy_matches_the_full_logits_loss(dtype, chunk, rows_p
     assert gh[[3, 4, 39]].abs().max() == 0 and gh.abs().max() > 0.05
 
 
+@pytest.mark.parametrize("shape", [(1, 64), (1, 1, 512), (1, 1, 333)])
+def test_one_bf16_row_takes_the_matrix_vector_kernel_with_the_same_bits(shape):
+    from aria.model.layers import Linear, linear
+
+    torch.manual_seed(0)
+    x = torch.randn(shape).bfloat16()
+    for rows in (7, 1536, 32768):
+        w = torch.randn(rows, shape[-1]).bfloat16()
+        with torch.profiler.profile() as prof:
+            out = linear(x, w)
+        ops = {e.name for e in prof.events()}
+        assert "aten::mv" in ops and "aten::mm" not in ops, ops
+        assert out.shape == (*shape[:-1], rows)
+        assert torch.equal(out, F.linear(x, w))
+    module = Linear(shape[-1], 16).bfloat16()
+    assert torch.equal(module(x), F.linear(x, module.weight, module.bias))  # with a bias: F.linear
+    for a, b in ((x.expand(2, *shape[1:]), w), (x.float(), w.float()), (x.requires_grad_(), w)):
+        with torch.profiler.profile() as prof:  # more rows, fp32, autograd
+            linear(a, b)
+        assert "aten::mv" not in {e.name for e in prof.events()}
+
+
 def test_router_loss_is_the_weighted_sum_of_layer_losses():
     torch.manual_seed(0)
     m = build_model(make_config(moe=dict(aux_loss_coeff=0.5, z_loss_coeff=0.25))).train()

@@ -28,12 +28,11 @@ import hashlib
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from aria.config import IGNORE_INDEX, MODULE_GROUPS, ModelConfig
 from aria.model.decoder import KVCache, TextDecoder
-from aria.model.layers import holds_no_data
+from aria.model.layers import holds_no_data, linear
 from aria.model.loss import chunked_cross_entropy
 from aria.model.moe import MoE
 from aria.model.projector import Projector
@@ -94,7 +93,7 @@ class LMHead(nn.Module):
 
     def forward(self, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor | None = None) -> torch.Tensor:
         if targets_BT is None:
-            return F.linear(hidden_BTD, self.weight)
+            return linear(hidden_BTD, self.weight)
         return chunked_cross_entropy(hidden_BTD.reshape(-1, hidden_BTD.shape[-1]), self.weight,
                                      targets_BT.reshape(-1))
 

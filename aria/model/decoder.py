@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from aria.config import ModelConfig, TextConfig
-from aria.model.layers import (DocumentLayout, RMSNorm, RotaryEmbedding, apply_rope, document_attention,
-                               init_linear, segment_causal_mask)
+from aria.model.layers import (DocumentLayout, Linear, RMSNorm, RotaryEmbedding, apply_rope,
+                               document_attention, init_linear, segment_causal_mask)
 from aria.model.moe import MoE, RouterStats
 
 AttentionLayout = Union[str, torch.Tensor, DocumentLayout]
@@ -81,10 +81,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         D, bias = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = nn.Linear(D, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, D, bias=bias)
+        self.q_proj = Linear(D, cfg.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, D, bias=bias)
         # Sequence parallelism (aria.parallel.sequence): x holds this rank's tokens of every row and
         # ``attend`` runs on all of them through its all-to-alls.
         self.sequence_parallel = None

@@ -34,6 +34,10 @@ Design decisions:
   values: every row is taken as one document, the worst case for memory.
 - Decode steps and left-padded generation (a KV cache) keep a boolean (B, 1, T, S) mask
   (``segment_causal_mask``); T is one token, or a prompt, there.
+- ``linear`` / ``Linear``: a decode step at batch 1 on the CPU in bf16 multiplies one row by each
+  weight; there ``torch.mv`` reads the weight 1.3-1.7x faster than the GEMM path ``F.linear`` takes
+  (measured with weights out of cache, 0.7-34 MB), with the same fp32 accumulation and the same
+  bits. Everything else (more rows, a bias, autograd, fp32, CUDA) is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -118,6 +122,23 @@ def segment_causal_mask(q_segments_BT: torch.Tensor, k_segments_BS: torch.Tensor
 def key_padding_mask(valid_BS: torch.Tensor) -> torch.Tensor:
     """Boolean SDPA mask (B, 1, 1, S) for bidirectional attention over the valid keys."""
     return valid_BS[:, None, None, :]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; one bf16 row on the CPU without bias or autograd (a decode
+    step at batch 1) through the faster matrix-vector kernel, bit for bit the same result."""
+    if (bias is None and x.numel() == x.shape[-1] and x.dtype == torch.bfloat16
+            and x.device.type == "cpu" and weight.dtype == torch.bfloat16 and not holds_no_data(x)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict keys) computed by ``linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def holds_no_data(t: torch.Tensor) -> bool:

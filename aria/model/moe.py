@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aria.config import MoEConfig
-from aria.model.layers import ACT_FNS, holds_no_data, init_linear
+from aria.model.layers import ACT_FNS, Linear, holds_no_data, init_linear
 
 
 class RouterStats(NamedTuple):
@@ -382,9 +382,9 @@ class SharedExperts(nn.Module):
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
         super().__init__()
         width = cfg.intermediate_size * cfg.num_shared_experts
-        self.gate_proj = nn.Linear(dim, width, bias=cfg.shared_bias)
-        self.up_proj = nn.Linear(dim, width, bias=cfg.shared_bias)
-        self.down_proj = nn.Linear(width, dim, bias=cfg.shared_bias)
+        self.gate_proj = Linear(dim, width, bias=cfg.shared_bias)
+        self.up_proj = Linear(dim, width, bias=cfg.shared_bias)
+        self.down_proj = Linear(width, dim, bias=cfg.shared_bias)
         self.act = ACT_FNS[cfg.shared_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
