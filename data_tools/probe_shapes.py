@@ -1,0 +1,168 @@
+"""Linear probes on a model's image features over the shapes world: how well the shape and the
+colour in each grid cell can be read from the patch embedding, the vision encoder's output and the
+projector's output (the image tokens the language model reads).
+
+    python -m data_tools.probe_shapes MODEL DATA [--train-images N] [--test-images N] [--json OUT]
+
+MODEL: anything ``aria-eval`` takes (a run directory, a checkpoint, our or a Hugging Face model
+directory); DATA: a ``data_tools.make_shapes`` directory. It tells where the information a question
+needs is lost: a feature that a linear map reads at 90% but the model answers at chance points past
+that layer; one a probe cannot read points at or before it.
+
+Design decisions:
+- Labels come from the scene plan the images were rendered from (``make_shapes.plan_images`` with
+  the directory's seed and counts): for each of the 9 cells, empty or one of the 5 shapes / 6
+  colours.
+- Features are flattened over the crop's patches (or queries) so that a probe may read any of them,
+  and standardised with the train split's mean and deviation. The patch embedding is taken before
+  the position table is added (what the pixels alone give).
+- One multinomial logistic regression per place and attribute, for the 9 cells at once (a
+  (features, 9 x classes) weight), full batch, a fixed number of Adam steps with a small L2 penalty;
+  fitted on train images, scored on the test images. Reported: accuracy over the occupied cells
+  (chance 1/5 for shape, 1/6 for colour) and over all cells (emptiness included).
+- Images go through the model at their own size, which must be a crop size of the model's
+  projector table (the shapes world renders 490 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from aria.commands import run_command
+from data_tools import make_shapes as ms
+
+PLACES = ("patch embedding", "vision output", "projector output")
+ATTRIBUTES = {"shape": ms.SHAPES, "colour": tuple(ms.COLOURS)}
+
+
+def cell_labels(plan, attribute: str) -> torch.Tensor:
+    """(images, 9) int64: 0 for an empty cell, else 1 + the index of the cell's shape or colour."""
+    values = ATTRIBUTES[attribute]
+    labels = torch.zeros(len(plan), len(ms.POSITIONS), dtype=torch.long)
+    for i, (scene, _) in enumerate(plan):
+        for obj in scene.shapes:
+            labels[i, ms.POSITIONS.index(obj.position)] = 1 + values.index(getattr(obj, attribute))
+    return labels
+
+
+@torch.no_grad()
+def image_features(model, paths: list[Path], batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """For each place, (images, features) fp32: the model's activations flattened per image."""
+    vision, projector = model.vision, model.projector
+    out: dict[str, list[torch.Tensor]] = {place: [] for place in PLACES}
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    for start in range(0, len(paths), batch_size):
+        pixels = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB"))
+                                            for p in paths[start:start + batch_size]]))
+        pixels = pixels.permute(0, 3, 1, 2).contiguous().to(device)
+        patches, valid = vision(pixels)
+        tokens = projector(patches, valid)
+        for place, x in zip(PLACES, (vision.patch_embed(pixels), patches, tokens)):
+            out[place].append(x.flatten(1).float().cpu())
+    return {place: torch.cat(xs) for place, xs in out.items()}
+
+
+def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+              num_classes: int, steps: int = 200, l2: float = 1e-3, seed: int = 0) -> dict[str, float]:
+    """Logistic regression from (N, F) features to (N, C) cell labels in [0, num_classes); returns the
+    test accuracy over occupied cells (label > 0) and over all cells, and the train accuracy."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-5
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    cells = y_train.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(x_train.shape[1], cells * num_classes, generator=generator) * 1e-3).requires_grad_()
+    bias = torch.zeros(cells * num_classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=1e-2)
+
+    def logits(x):
+        return (x @ weight + bias).view(-1, cells, num_classes)
+
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(logits(x_train).flatten(0, 1), y_train.flatten())
+            (loss + l2 * weight.pow(2).sum()).backward()
+            optimizer.step()
+    with torch.no_grad():
+        predicted, fitted = logits(x_test).argmax(-1), logits(x_train).argmax(-1)
+    occupied = y_test > 0
+    return {"occupied": (predicted[occupied] == y_test[occupied]).float().mean().item(),
+            "all": (predicted == y_test).float().mean().item(),
+            "train_all": (fitted == y_train).float().mean().item()}
+
+
+def probe(model_path: str, data: Path, train_images: int | None = None, test_images: int | None = None,
+          device: str = "cpu") -> dict[str, dict[str, dict[str, float]]]:
+    """{place: {attribute: accuracies}} for a model on a shapes-world directory."""
+    from aria.inference import load_model
+
+    meta_path = data / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} does not exist: DATA must be a data_tools.make_shapes directory")
+    meta = json.loads(meta_path.read_text())
+    counts = {split: meta["counts"][split]["images"] for split in ms.SPLITS}
+    for split, wanted in (("train", train_images), ("test", test_images)):
+        if wanted is not None:
+            if not 1 <= wanted <= counts[split]:
+                raise ValueError(f"--{split}-images {wanted}: {data} has {counts[split]} {split} images")
+            counts[split] = wanted
+    # the test plan excludes every train scene of the full train split, as make_shapes drew it
+    plan_train = ms.plan_images(meta["seed"], "train", meta["counts"]["train"]["images"], meta["image_size"])
+    plan_test = ms.plan_images(meta["seed"], "test", counts["test"], meta["image_size"],
+                               exclude=frozenset(scene for scene, _ in plan_train))
+    plan_train = plan_train[: counts["train"]]
+    model = load_model(model_path, device=device).eval()
+    patches = (meta["image_size"] // model.cfg.vision.patch_size) ** 2
+    model.projector.num_queries(patches)  # a clear error for a crop size the model has no queries for
+    features = {split: image_features(model, [data / "images" / f"{split}_{i:06d}.png" for i in range(len(plan))])
+                for split, plan in (("train", plan_train), ("test", plan_test))}
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for place in PLACES:
+        results[place] = {}
+        for attribute, values in ATTRIBUTES.items():
+            results[place][attribute] = fit_probe(features["train"][place], cell_labels(plan_train, attribute),
+                                                  features["test"][place], cell_labels(plan_test, attribute),
+                                                  num_classes=1 + len(values))
+    return results
+
+
+def report(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = [f"{'features':18s} {'shape (occupied)':>17s} {'shape (all)':>12s} "
+             f"{'colour (occupied)':>18s} {'colour (all)':>13s}"]
+    for place, by_attribute in results.items():
+        shape, colour = by_attribute["shape"], by_attribute["colour"]
+        lines.append(f"{place:18s} {shape['occupied']:17.3f} {shape['all']:12.3f} "
+                     f"{colour['occupied']:18.3f} {colour['all']:13.3f}")
+    lines.append(f"chance on occupied cells: shape {1 / len(ms.SHAPES):.3f}, colour {1 / len(ms.COLOURS):.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_tools.probe_shapes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="run, checkpoint, or model directory (ours or Hugging Face)")
+    parser.add_argument("data", type=Path, help="a data_tools.make_shapes directory")
+    parser.add_argument("--train-images", type=int, default=None, help="fit on the first N train images (default all)")
+    parser.add_argument("--test-images", type=int, default=None, help="score on the first N test images (default all)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None, help="also write the accuracies here")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        results = probe(args.model, args.data, args.train_images, args.test_images, args.device)
+        print(report(results))
+        if args.json is not None:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
+
+    return run_command("probe_shapes", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
