@@ -152,6 +152,24 @@ def _init_parts_job(rank: int, world: int, args: list[str]) -> None:
         assert torch.equal(part.local, expected.to(part.local.dtype)), name
 
 
+def _zero3_dtype_job(rank: int, world: int, args: list[str]) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    from aria.train.trainer import Trainer
+
+    accelerator = get_accelerator()
+    accelerator.is_fp16_supported = lambda: False  # a CPU without AVX512-FP16 / AMX-FP16
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = Trainer(compose_run("config", [*args, f"parallel.precision={precision}"])).build_model()
+        assert {p.dtype for p in model.parameters()} == {dtype}, precision
+
+
+def test_zero3_builds_the_model_in_the_configured_precision_where_the_accelerator_lacks_fp16(setup, tmp_path):
+    """DeepSpeed's zero.Init replaces an explicit fp32 dtype with bf16 on an accelerator without
+    fp16 (its CPU accelerator on AVX2 machines): an fp32 ZeRO-3 run would silently train in bf16."""
+    run_distributed(_zero3_dtype_job, 1, (without_init(overrides(setup, tmp_path / "z3", "parallel.zero_stage=3")),))
+
+
 def test_from_scratch_initialisation_does_not_depend_on_the_layout(setup, tmp_path):
     """Expert e of layer l starts as a function of (seed, l, e) only: EP=2, EP=1 and ZeRO-3 (built
     partitioned) start from the same model as one process building it whole, and train alike."""

@@ -192,8 +192,15 @@ class Trainer:
             if cfg.parallel.zero_stage == 3:  # partitioned as it is built: no rank holds it whole
                 import deepspeed
 
-                with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, dtype), dtype=dtype):
+                # the dtype comes from the config (bf16 enabled or not): DeepSpeed 0.19.8 ignores an
+                # explicit dtype= on an accelerator without fp16 (a CPU without AVX512-FP16/AMX-FP16)
+                # and builds in bf16
+                with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, dtype)):
                     model = Aria(self.model_cfg)
+                built = {p.dtype for p in model.parameters()}
+                if built != {dtype}:
+                    raise RuntimeError(f"deepspeed.zero.Init built the model in {built}, not {dtype} "
+                                       f"(parallel.precision={cfg.parallel.precision})")
             else:
                 with torch.device("meta"):
                     model = Aria(self.model_cfg)
@@ -272,7 +279,7 @@ class Trainer:
         """Model and engine; the resumed checkpoint's state, or (rank 0) the run's config and
         starting point written; the metrics logger, with what was loaded reported."""
         from aria.train.compose import resolved_yaml
-        from aria.train.metrics import MetricsLogger, Throughput, peak_flops
+        from aria.train.metrics import MetricsLogger, Throughput, peak_flops, slow_bf16_warning
 
         cfg, info = self.cfg, self.info
         torch.manual_seed(cfg.train.seed)
@@ -308,6 +315,10 @@ class Trainer:
                             f"{cfg.train.grad_accum} (the same rows per step)")
         if self.load_message:
             metrics.message(self.load_message)
+        slow = slow_bf16_warning(info.device, precision(cfg), "parallel.precision=fp32 (or auto, fp32 on "
+                                 "the CPU) trains much faster")
+        if slow:
+            metrics.message(slow)
         if cfg.lora.enabled:
             total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: whole
             metrics.message(f"LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: "
