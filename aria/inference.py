@@ -21,6 +21,7 @@ Design decisions:
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +36,7 @@ from aria.data.processor import Processor, group_crops
 from aria.data.records import Sample
 from aria.model.generation import generate
 from aria.rundir import ModelSource, find_tokenizer, locate_model, no_tokenizer_message
+from aria.train.metrics import slow_bf16_warning
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +171,9 @@ def load_inference(model_path: str | Path, tokenizer: str | Path | None = None,
     processor = Processor.for_model(Tokenizer.load(found[0]), model_cfg, video=video,
                                     image_size=image_size if image_size is not None else images.image_size,
                                     min_image_size=images.min_image_size, split_image=images.split_image)
+    slow = slow_bf16_warning(device, dtype, "fp32 (--dtype fp32, the CPU's default) runs much faster")
+    if slow:
+        print(slow, file=sys.stderr)
     model = _load_weights(source, device, dtype).eval()
     return model, processor
 

@@ -44,6 +44,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # aria, where it is not installed
     sys.path.insert(0, str(HERE.parent))
 
+from aria.train.metrics import cpu_native_bf16, slow_bf16_warning  # noqa: E402 (after the path)
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 IMPLS = ("ours", "hf")
 OOM = "out of memory"
@@ -57,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=None,
                         help="a Hugging Face Aria directory both implementations load (default: from scratch)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="default: bf16 on CUDA and on a CPU with AVX512-BF16 or AMX, else fp32 (a CPU "
+                             "without them runs bf16 matmuls ~50-100x slower than fp32)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
     parser.add_argument("--impls", default="ours,hf", help="ours,hf or ours (without transformers)")
@@ -76,6 +80,11 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--impls takes ours or ours,hf (the tables compare with ours), got {','.join(args.impls)}")
     if args.model is None:
         args.model = "proxy" if args.device == "cuda" else "narrow"
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device == "cuda" or cpu_native_bf16() else "fp32"
+    slow = slow_bf16_warning(args.device, DTYPES[args.dtype], "--dtype fp32 measures what such a CPU runs")
+    if slow:
+        print(slow, file=sys.stderr)
     if args.weights is not None and not (args.weights / "config.json").is_file():
         parser.error(f"--weights {args.weights}: not a Hugging Face model directory (no config.json)")
 
@@ -285,7 +294,9 @@ def machine(device: str) -> str:
         model = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M).group(1)
     except (OSError, AttributeError):
         pass
-    return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    bf16 = "native bf16" if cpu_native_bf16() else "no native bf16"
+    return (f"{model} ({torch.backends.cpu.get_cpu_capability()}, {bf16}), {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
 
 
 def ratio(ours, theirs) -> str:

@@ -27,6 +27,23 @@ def test_peak_memory_sees_what_a_call_allocates_and_frees():
     assert _allocate(1) < 50 * 2**20
 
 
+@pytest.mark.parametrize("native, dtype", [(True, "bf16"), (False, "fp32")])
+def test_the_default_dtype_on_the_cpu_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch, capsys, native, dtype):
+    import argparse
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    parser = argparse.ArgumentParser()
+    bc.add_arguments(parser)
+    for argv, want in (([], dtype), (["--dtype", "bf16"], "bf16"), (["--dtype", "fp32"], "fp32")):
+        args = parser.parse_args(["--device", "cpu", *argv])
+        bc.check_arguments(parser, args)
+        assert args.dtype == want
+        warned = "bf16 on a CPU without AVX512-BF16 or AMX" in capsys.readouterr().err
+        assert warned == (want == "bf16" and not native)
+    assert ("no native bf16" in bc.machine("cpu")) == (not native)
+
+
 @pytest.mark.slow
 def test_a_case_that_runs_out_of_memory_is_reported_not_raised():
     assert bc.in_fresh_process(_allocate, 16384, memory_cap=8) == bc.OOM
