@@ -35,8 +35,8 @@ from aria.data.packing import to_device
 from aria.data.processor import Processor, group_crops
 from aria.data.records import Sample
 from aria.model.generation import generate
+from aria.model.layers import slow_bf16_warning
 from aria.rundir import ModelSource, find_tokenizer, locate_model, no_tokenizer_message
-from aria.train.metrics import slow_bf16_warning
 
 
 # ---------------------------------------------------------------------------------------------

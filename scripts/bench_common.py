@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # aria, where it is not installed
     sys.path.insert(0, str(HERE.parent))
 
-from aria.train.metrics import cpu_native_bf16, slow_bf16_warning  # noqa: E402 (after the path)
+from aria.model.layers import cpu_native_bf16, slow_bf16_warning  # noqa: E402 (after the path)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 IMPLS = ("ours", "hf")

@@ -289,6 +289,20 @@ def test_export_and_generation_of_an_adapter_checkpoint_give_the_adapted_model(l
         assert (model(*inputs).logits - expected).abs().max() <= 1e-5
 
 
+def test_loading_for_inference_in_bf16_on_a_cpu_without_native_bf16_warns(lora_run, monkeypatch, capsys):
+    from aria.inference import load_inference
+
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        for dtype in (torch.bfloat16, torch.float32):
+            model, _ = load_inference(lora_run[0], device="cpu", dtype=dtype)
+            assert next(model.parameters()).dtype == dtype
+            err = capsys.readouterr().err
+            assert ("bf16 on a CPU without AVX512-BF16 or AMX" in err) == (dtype == torch.bfloat16 and not native)
+            assert "--dtype fp32" in err or native or dtype == torch.float32
+
+
 def _lora_base_of_build(rank, world, args, out):
     from aria.train.compose import compose_run
     from aria.train.trainer import Trainer

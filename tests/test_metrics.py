@@ -10,8 +10,7 @@ from helpers import make_config
 
 from aria.config import LoggingConfig
 from aria.model.flops import text_flops_per_token
-from aria.train.metrics import (MetricsLogger, Throughput, batch_flops, cpu_native_bf16, expert_load, peak_flops,
-                                slow_bf16_warning)
+from aria.train.metrics import MetricsLogger, Throughput, batch_flops, expert_load, peak_flops
 
 
 def read_jsonl(path):
@@ -44,28 +43,6 @@ def test_peak_flops_by_device_name(monkeypatch, name, peak):
     monkeypatch.delenv("ARIA_PEAK_TFLOPS", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda", 0)) == peak
-
-
-@pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True),
-                                                     (False, True, True), (True, True, True)])
-def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, avx512_bf16, amx, native):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert cpu_native_bf16() is native
-    warning = slow_bf16_warning("cpu", torch.bfloat16, "use fp32")
-    if native:
-        assert warning is None
-    else:
-        assert warning.startswith("warning: bf16 on a CPU without AVX512-BF16 or AMX")
-        assert torch.backends.cpu.get_cpu_capability() in warning and warning.endswith("; use fp32")
-    assert slow_bf16_warning("cpu", torch.float32, "use fp32") is None
-    assert slow_bf16_warning(torch.device("cuda", 0), torch.bfloat16, "use fp32") is None
-
-
-def test_bf16_detection_without_the_probes_assumes_native(monkeypatch):
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
-    assert cpu_native_bf16() and slow_bf16_warning("cpu", torch.bfloat16, "use fp32") is None
 
 
 def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from aria.config import load_model_config
-from aria.model import IGNORE_INDEX, build_model, chunked_cross_entropy, generate
+from aria.model import IGNORE_INDEX, build_model, chunked_cross_entropy, generate, layers
 from aria.model.flops import count_parameters, text_flops_per_token, vision_flops_per_crop
 from helpers import make_config, perturb
 
@@ -102,6 +102,28 @@ def test_chunked_cross_entropy_matches_the_full_logits_loss(dtype, chunk, rows_p
     torch.testing.assert_close(gh, h.grad, **tol)
     torch.testing.assert_close(gw, w.grad, **tol)
     assert gh[[3, 4, 39]].abs().max() == 0 and gh.abs().max() > 0.05
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True),
+                                                     (False, True, True), (True, True, True)])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, avx512_bf16, amx, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert layers.cpu_native_bf16() is native
+    warning = layers.slow_bf16_warning("cpu", torch.bfloat16, "use fp32")
+    if native:
+        assert warning is None
+    else:
+        assert warning.startswith("warning: bf16 on a CPU without AVX512-BF16 or AMX")
+        assert torch.backends.cpu.get_cpu_capability() in warning and warning.endswith("; use fp32")
+    assert layers.slow_bf16_warning("cpu", torch.float32, "use fp32") is None
+    assert layers.slow_bf16_warning(torch.device("cuda", 0), torch.bfloat16, "use fp32") is None
+
+
+def test_bf16_detection_without_the_probes_assumes_native(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert layers.cpu_native_bf16() and layers.slow_bf16_warning("cpu", torch.bfloat16, "use fp32") is None
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (1, 1, 512), (1, 1, 333)])

@@ -38,6 +38,9 @@ Design decisions:
   weight; there ``torch.mv`` reads the weight 1.3-1.7x faster than the GEMM path ``F.linear`` takes
   (measured with weights out of cache, 0.7-34 MB), with the same fp32 accumulation and the same
   bits. Everything else (more rows, a bias, autograd, fp32, CUDA) is ``F.linear``.
+- ``cpu_native_bf16``: not every x86 CPU multiplies bf16 in hardware; without AVX512-BF16 or AMX
+  torch's CPU bf16 matmuls are ~50-100x slower than fp32, and training, inference and the
+  benchmarks warn (``slow_bf16_warning``) or choose fp32.
 """
 
 from __future__ import annotations
@@ -139,6 +142,25 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without either, torch's
+    bf16 matmuls on the CPU take a generic path ~50-100x slower than fp32 (1.2 against 95 GFLOP/s
+    for 512^3 on a 2-core AVX2 AMD EPYC); an older torch that cannot tell counts as yes."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    probes = [probe for probe in probes if probe is not None]
+    return not probes or any(probe() for probe in probes)
+
+
+def slow_bf16_warning(device: torch.device | str, dtype: torch.dtype, fix: str) -> str | None:
+    """A one-line warning when ``dtype`` is bf16 on a CPU without native bf16 (``fix`` says what
+    to pass instead), else None."""
+    if dtype != torch.bfloat16 or torch.device(device).type != "cpu" or cpu_native_bf16():
+        return None
+    return (f"warning: bf16 on a CPU without AVX512-BF16 or AMX (torch uses "
+            f"{torch.backends.cpu.get_cpu_capability()}): its bf16 matmuls run ~50-100x slower than "
+            f"fp32 there; {fix}")
 
 
 def holds_no_data(t: torch.Tensor) -> bool:

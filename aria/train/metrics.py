@@ -72,25 +72,6 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def cpu_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without either, torch's
-    bf16 matmuls on the CPU take a generic path ~50-100x slower than fp32 (1.2 against 95 GFLOP/s
-    for 512^3 on a 2-core AVX2 AMD EPYC); an older torch that cannot tell counts as yes."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    probes = [probe for probe in probes if probe is not None]
-    return not probes or any(probe() for probe in probes)
-
-
-def slow_bf16_warning(device: torch.device | str, dtype: torch.dtype, fix: str) -> str | None:
-    """A one-line warning when ``dtype`` is bf16 on a CPU without native bf16 (``fix`` says what
-    to pass instead), else None."""
-    if dtype != torch.bfloat16 or torch.device(device).type != "cpu" or cpu_native_bf16():
-        return None
-    return (f"warning: bf16 on a CPU without AVX512-BF16 or AMX (torch uses "
-            f"{torch.backends.cpu.get_cpu_capability()}): its bf16 matmuls run ~50-100x slower than "
-            f"fp32 there; {fix}")
-
-
 def batch_flops(model_cfg: ModelConfig, num_tokens: int, attention_pairs: int,
                 crops: dict[int, int], training: bool = True) -> float:
     """FLOPs of one micro-batch of ``num_tokens`` tokens (image tokens included).

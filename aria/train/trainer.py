@@ -54,6 +54,7 @@ from aria.convert.lora_base import checked_base, read_base
 from aria.data.packing import to_device
 from aria.data.sources import check_datasets
 from aria.model.aria import Aria
+from aria.model.layers import slow_bf16_warning
 from aria.model.lora import add_adapters, init_adapters
 from aria.model.moe import update_expert_bias
 from aria.parallel.dist import (DistInfo, barrier, expert_parallel_groups, init_distributed, placement,
@@ -279,7 +280,7 @@ class Trainer:
         """Model and engine; the resumed checkpoint's state, or (rank 0) the run's config and
         starting point written; the metrics logger, with what was loaded reported."""
         from aria.train.compose import resolved_yaml
-        from aria.train.metrics import MetricsLogger, Throughput, peak_flops, slow_bf16_warning
+        from aria.train.metrics import MetricsLogger, Throughput, peak_flops
 
         cfg, info = self.cfg, self.info
         torch.manual_seed(cfg.train.seed)
