@@ -7,8 +7,10 @@ without importing torch (``--help`` stays quick).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 from aria.config import IMAGE_SIZES
 
@@ -31,6 +33,20 @@ def run_command(prog: str, run: Callable[[], int | None], error_code: int = 1) -
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def run_report(prog: str, compute: Callable[[], Any], render: Callable[[Any], str],
+               json_path: Path | None) -> int:
+    """``run_command`` for a tool that computes a result, prints ``render(result)`` and, with
+    ``json_path``, also writes the result there as JSON."""
+    def run() -> int:
+        result = compute()
+        print(render(result))
+        if json_path is not None:
+            Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+
+    return run_command(prog, run)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

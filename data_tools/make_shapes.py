@@ -235,6 +235,28 @@ def plan_images(seed: int, split: str, n: int, image_size: int,
     return plan
 
 
+def plans_of(data: str | Path, train_images: int | None = None, test_images: int | None = None
+             ) -> tuple[list[tuple[Scene, list[Question]]], list[tuple[Scene, list[Question]]]]:
+    """The train and test image plans a ``make_shapes`` directory was rendered from (the first
+    ``train_images`` / ``test_images`` of each; default all), from its ``meta.json``."""
+    data = Path(data)
+    meta_path = data / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} does not exist: expected a data_tools.make_shapes directory")
+    meta = json.loads(meta_path.read_text())
+    counts = {split: meta["counts"][split]["images"] for split in SPLITS}
+    for split, wanted in (("train", train_images), ("test", test_images)):
+        if wanted is not None:
+            if not 1 <= wanted <= counts[split]:
+                raise ValueError(f"--{split}-images {wanted}: {data} has {counts[split]} {split} images")
+            counts[split] = wanted
+    # the test plan excludes every scene of the full train split, as make_shapes drew it
+    plan_train = plan_images(meta["seed"], "train", meta["counts"]["train"]["images"], meta["image_size"])
+    plan_test = plan_images(meta["seed"], "test", counts["test"], meta["image_size"],
+                            exclude=frozenset(scene for scene, _ in plan_train))
+    return plan_train[: counts["train"]], plan_test
+
+
 def plan_videos(seed: int, split: str, n: int, video_size: int, num_frames: int,
                 exclude: frozenset[VideoScene] = frozenset()) -> list[tuple[VideoScene, Question]]:
     """The first ``n`` video scenes of a split with their direction question; never one in ``exclude``."""

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from aria.commands import run_command
+from aria.commands import run_report
 from data_tools import make_shapes as ms
 
 PLACES = ("patch embedding", "vision output", "projector output")
@@ -103,23 +103,10 @@ def probe(model_path: str, data: Path, train_images: int | None = None, test_ima
     """{place: {attribute: accuracies}} for a model on a shapes-world directory."""
     from aria.inference import load_model
 
-    meta_path = data / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} does not exist: DATA must be a data_tools.make_shapes directory")
-    meta = json.loads(meta_path.read_text())
-    counts = {split: meta["counts"][split]["images"] for split in ms.SPLITS}
-    for split, wanted in (("train", train_images), ("test", test_images)):
-        if wanted is not None:
-            if not 1 <= wanted <= counts[split]:
-                raise ValueError(f"--{split}-images {wanted}: {data} has {counts[split]} {split} images")
-            counts[split] = wanted
-    # the test plan excludes every train scene of the full train split, as make_shapes drew it
-    plan_train = ms.plan_images(meta["seed"], "train", meta["counts"]["train"]["images"], meta["image_size"])
-    plan_test = ms.plan_images(meta["seed"], "test", counts["test"], meta["image_size"],
-                               exclude=frozenset(scene for scene, _ in plan_train))
-    plan_train = plan_train[: counts["train"]]
+    plan_train, plan_test = ms.plans_of(data, train_images, test_images)
     model = load_model(model_path, device=device).eval()
-    patches = (meta["image_size"] // model.cfg.vision.patch_size) ** 2
+    image_size = json.loads((data / "meta.json").read_text())["image_size"]
+    patches = (image_size // model.cfg.vision.patch_size) ** 2
     model.projector.num_queries(patches)  # a clear error for a crop size the model has no queries for
     features = {split: image_features(model, [data / "images" / f"{split}_{i:06d}.png" for i in range(len(plan))])
                 for split, plan in (("train", plan_train), ("test", plan_test))}
@@ -154,14 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the accuracies here")
     args = parser.parse_args(argv)
 
-    def run() -> int:
-        results = probe(args.model, args.data, args.train_images, args.test_images, args.device)
-        print(report(results))
-        if args.json is not None:
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
-        return 0
-
-    return run_command("probe_shapes", run)
+    return run_report("probe_shapes", lambda: probe(args.model, args.data, args.train_images,
+                                                    args.test_images, args.device), report, args.json)
 
 
 if __name__ == "__main__":
