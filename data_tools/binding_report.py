@@ -13,7 +13,8 @@ position question with *an* occupied place (``present`` near 1) but picks among 
 Design decisions:
 - Scenes come from the plan the directory was rendered from (``make_shapes.plans_of``); a record
   is placed by its id (``test_NNNNNN_<qtype>``, as ``make_shapes`` writes them), so the report
-  needs no image.
+  needs no image. Each record's reference answer must fit its scene: answers to another world
+  (another ``--seed``) are refused, not reported.
 - ``present`` compares the normalised answer (``aria.evaluate.normalize``) with the scene's values
   of the asked attribute (colour, shape or place); count questions get accuracy only.
   ``chance among present`` is the mean of 1 / (distinct values of that attribute in the scene).
@@ -50,24 +51,33 @@ def binding_report(answers: Path, data: Path) -> dict:
     wanted = 0
     for number, row in enumerate(rows, 1):
         match = _ID.match(str(row.get("id", "")))
-        if not {"id", "qtype", "prediction", "correct"} <= set(row) or (
+        if not {"id", "qtype", "prediction", "answer", "correct"} <= set(row) or (
                 row["qtype"] in ms.IMAGE_QTYPES and match is None):
             raise ValueError(f"{answers}:{number}: expected a record of `aria-eval --out` on a shapes "
                              f"world's chat_test.jsonl (id test_NNNNNN_<qtype>, qtype, prediction, "
-                             f"correct), got {sorted(row)} with id {row.get('id')!r}")
+                             f"answer, correct), got {sorted(row)} with id {row.get('id')!r}")
         if row["qtype"] in ms.IMAGE_QTYPES:
             wanted = max(wanted, int(match.group(1)) + 1)
-    plan_test = ms.plans_of(data, train_images=None, test_images=wanted or None)[1] if wanted else []
+    try:
+        plan_test = ms.plans_of(data, test_images=wanted)[1] if wanted else []
+    except ValueError:
+        raise ValueError(f"{answers} asks about test image {wanted - 1}, which {data} does not have: "
+                         "answers to another shapes world?") from None
     groups: dict[tuple[str, int], list[tuple[bool, bool | None, float | None]]] = defaultdict(list)
     videos = 0
-    for row in rows:
+    for number, row in enumerate(rows, 1):
         if row["qtype"] not in ms.IMAGE_QTYPES:
             videos += 1
             continue
         scene = plan_test[int(_ID.match(row["id"]).group(1))][0]
+        values = ({getattr(obj, row["qtype"]) for obj in scene.shapes} if row["qtype"] in ASKED
+                  else {str(len(scene.shapes))})
+        if normalize(row["answer"]) not in values:
+            raise ValueError(f"{answers}:{number}: the reference answer {row['answer']!r} does not fit "
+                             f"{data}'s scene {row['id'].rsplit('_', 1)[0]} ({ms.caption(scene)!r}): "
+                             "answers to another shapes world?")
         present = chance = None
         if row["qtype"] in ASKED:
-            values = {getattr(obj, row["qtype"]) for obj in scene.shapes}
             present = normalize(row["prediction"]) in values
             chance = 1 / len(values)
         groups[row["qtype"], len(scene.shapes)].append((bool(row["correct"]), present, chance))

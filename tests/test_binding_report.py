@@ -71,21 +71,27 @@ def test_right_present_and_absent_answers_are_told_apart(world, tmp_path, capsys
     assert "chance among present" in capsys.readouterr().out
 
 
+def record(i: int, qtype: str, answer: str) -> str:
+    return json.dumps({"id": f"test_{i:06d}_{qtype}", "qtype": qtype, "prediction": answer,
+                       "answer": answer, "correct": True})
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", "answers.jsonl:2: not a JSON line"),
-    (json.dumps({"id": "train_000001_colour", "qtype": "colour", "prediction": "red", "correct": True}),
-     "answers.jsonl:2: expected a record of `aria-eval --out`"),
+    (record(1, "colour", "red").replace("test_", "train_"), "answers.jsonl:2: expected a record of `aria-eval --out`"),
     (json.dumps({"id": "test_000001_colour", "qtype": "colour"}), "answers.jsonl:2: expected a record"),
+    (record(30, "count", "1"), "asks about test image 30, which"),
+    (record(0, "count", "4"), "answers.jsonl:2: the reference answer '4' does not fit"),
 ])
 def test_bad_answer_lines_are_named(world, tmp_path, capsys, line, message):
-    good = json.dumps({"id": "test_000000_count", "qtype": "count", "prediction": "1", "correct": True})
+    _, plan = plans_of(world)
+    good = record(0, "count", str(len(plan[0][0].shapes)))
     (tmp_path / "answers.jsonl").write_text(good + "\n" + line + "\n")
     assert main([str(tmp_path / "answers.jsonl"), str(world)]) == 1
     assert message in capsys.readouterr().err
 
 
 def test_a_directory_without_meta_is_named(tmp_path, capsys):
-    (tmp_path / "answers.jsonl").write_text(json.dumps(
-        {"id": "test_000000_count", "qtype": "count", "prediction": "1", "correct": True}) + "\n")
+    (tmp_path / "answers.jsonl").write_text(record(0, "count", "1") + "\n")
     assert main([str(tmp_path / "answers.jsonl"), str(tmp_path)]) == 1
     assert "meta.json does not exist" in capsys.readouterr().err
