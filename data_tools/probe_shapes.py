@@ -1,6 +1,7 @@
 """Linear probes on a model's image features over the shapes world: how well the shape and the
 colour in each grid cell can be read from the patch embedding, the vision encoder's output and the
-projector's output (the image tokens the language model reads).
+projector's output (the image tokens the language model reads), all of an image's together and
+each token alone for the cell under it.
 
     python -m data_tools.probe_shapes MODEL DATA [--train-images N] [--test-images N] [--json OUT]
 
@@ -20,6 +21,13 @@ Design decisions:
   (features, 9 x classes) weight), full batch, a fixed number of Adam steps with a small L2 penalty;
   fitted on train images, scored on the test images. Reported: accuracy over the occupied cells
   (chance 1/5 for shape, 1/6 for colour) and over all cells (emptiness included).
+- "image token, own region" asks what the language model needs to bind (``data_tools.binding_testbed``):
+  does each image token hold its own region's object? One probe shared by all the projector's
+  tokens maps a single token to the shape / colour of the cell holding most of its region (the
+  crop's tokens read as a square grid over the image); a token that mixes the whole image scores
+  near chance there however well the flattened tokens score. "patch, own region" is the same probe
+  on the patch embeddings, local by construction: its baseline (a 70 px patch shows part of a
+  shape, so its shape score is low too).
 - Images go through the model at their own size, which must be a crop size of the model's
   projector table (the shapes world renders 490 px).
 """
@@ -37,8 +45,11 @@ from PIL import Image
 
 from aria.commands import run_report
 from data_tools import make_shapes as ms
+from data_tools.binding_testbed import cell_mixing
 
-PLACES = ("patch embedding", "vision output", "projector output")
+FEATURES = ("patch embedding", "vision output", "projector output")
+PER_TOKEN = {"patch, own region": "patch embedding", "image token, own region": "projector output"}
+PLACES = FEATURES + tuple(PER_TOKEN)
 ATTRIBUTES = {"shape": ms.SHAPES, "colour": tuple(ms.COLOURS)}
 
 
@@ -56,7 +67,7 @@ def cell_labels(plan, attribute: str) -> torch.Tensor:
 def image_features(model, paths: list[Path], batch_size: int = 64) -> dict[str, torch.Tensor]:
     """For each place, (images, features) fp32: the model's activations flattened per image."""
     vision, projector = model.vision, model.projector
-    out: dict[str, list[torch.Tensor]] = {place: [] for place in PLACES}
+    out: dict[str, list[torch.Tensor]] = {place: [] for place in FEATURES}
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     for start in range(0, len(paths), batch_size):
         pixels = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB"))
@@ -64,9 +75,19 @@ def image_features(model, paths: list[Path], batch_size: int = 64) -> dict[str, 
         pixels = pixels.permute(0, 3, 1, 2).contiguous().to(device)
         patches, valid = vision(pixels)
         tokens = projector(patches, valid)
-        for place, x in zip(PLACES, (vision.patch_embed(pixels), patches, tokens)):
+        for place, x in zip(FEATURES, (vision.patch_embed(pixels), patches, tokens)):
             out[place].append(x.flatten(1).float().cpu())
     return {place: torch.cat(xs) for place, xs in out.items()}
+
+
+def token_rows(tokens_NF: torch.Tensor, labels_NC: torch.Tensor, queries: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened image tokens (images, queries x width) and cell labels (images, 9) -> one row per
+    token (images x queries, width) and its label (images x queries, 1): the label of the cell holding
+    most of the token's region, the tokens read as a square grid over the image in reading order."""
+    region_cell_Q = cell_mixing(round(queries ** 0.5)).argmax(1)
+    rows = tokens_NF.view(tokens_NF.shape[0], queries, -1).flatten(0, 1)
+    return rows, labels_NC[:, region_cell_Q].reshape(-1, 1)
 
 
 def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
@@ -107,25 +128,33 @@ def probe(model_path: str, data: Path, train_images: int | None = None, test_ima
     model = load_model(model_path, device=device).eval()
     image_size = json.loads((data / "meta.json").read_text())["image_size"]
     patches = (image_size // model.cfg.vision.patch_size) ** 2
-    model.projector.num_queries(patches)  # a clear error for a crop size the model has no queries for
+    queries = model.projector.num_queries(patches)  # a clear error for a crop size the model has no queries for
+    tokens = {"patch embedding": patches, "projector output": queries}
+    square = {place: round(n ** 0.5) ** 2 == n for place, n in tokens.items()}
     features = {split: image_features(model, [data / "images" / f"{split}_{i:06d}.png" for i in range(len(plan))])
                 for split, plan in (("train", plan_train), ("test", plan_test))}
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for place in PLACES:
+    for place in [p for p in PLACES if p not in PER_TOKEN or square[PER_TOKEN[p]]]:
         results[place] = {}
         for attribute, values in ATTRIBUTES.items():
-            results[place][attribute] = fit_probe(features["train"][place], cell_labels(plan_train, attribute),
-                                                  features["test"][place], cell_labels(plan_test, attribute),
-                                                  num_classes=1 + len(values))
+            x_train, x_test = features["train"], features["test"]
+            y_train, y_test = cell_labels(plan_train, attribute), cell_labels(plan_test, attribute)
+            if place in PER_TOKEN:
+                source = PER_TOKEN[place]
+                (x_train, y_train), (x_test, y_test) = (token_rows(x[source], y, tokens[source])
+                                                        for x, y in ((x_train, y_train), (x_test, y_test)))
+            else:
+                x_train, x_test = x_train[place], x_test[place]
+            results[place][attribute] = fit_probe(x_train, y_train, x_test, y_test, num_classes=1 + len(values))
     return results
 
 
 def report(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = [f"{'features':18s} {'shape (occupied)':>17s} {'shape (all)':>12s} "
+    lines = [f"{'features':24s} {'shape (occupied)':>17s} {'shape (all)':>12s} "
              f"{'colour (occupied)':>18s} {'colour (all)':>13s}"]
     for place, by_attribute in results.items():
         shape, colour = by_attribute["shape"], by_attribute["colour"]
-        lines.append(f"{place:18s} {shape['occupied']:17.3f} {shape['all']:12.3f} "
+        lines.append(f"{place:24s} {shape['occupied']:17.3f} {shape['all']:12.3f} "
                      f"{colour['occupied']:18.3f} {colour['all']:13.3f}")
     lines.append(f"chance on occupied cells: shape {1 / len(ms.SHAPES):.3f}, colour {1 / len(ms.COLOURS):.3f}")
     return "\n".join(lines)

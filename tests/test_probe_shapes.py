@@ -11,7 +11,7 @@ from aria.config import load_model_config
 from aria.convert.checkpoint import save_model_dir
 from aria.model import build_model
 from data_tools.make_shapes import POSITIONS, SHAPES, make_shapes, plan_images
-from data_tools.probe_shapes import PLACES, cell_labels, fit_probe, main
+from data_tools.probe_shapes import FEATURES, PLACES, cell_labels, fit_probe, main, token_rows
 
 
 def test_cell_labels_name_each_shape_in_its_cell():
@@ -35,6 +35,17 @@ def test_the_probe_reads_features_that_hold_the_labels_and_not_noise():
     assert blind["occupied"] < 0.4  # chance: 1/6 per cell
 
 
+def test_token_rows_pair_each_token_with_the_cell_under_most_of_it():
+    labels = torch.arange(9).view(1, 9) + 10 * torch.arange(2).view(2, 1)  # image i, cell c -> 10 i + c
+    tokens = torch.arange(2 * 16 * 3, dtype=torch.float32).view(2, 16 * 3)  # 16 tokens of width 3
+    rows, row_labels = token_rows(tokens, labels, 16)
+    assert torch.equal(rows, tokens.view(32, 3))
+    # a 4 x 4 token grid over a 3 x 3 cell grid: token columns 0 | 1, 2 | 3 lie mostly in cell
+    # columns 0 | 1 | 2 (token 1 spans [1/4, 1/2): 2/3 of it in cell column 1), the same for rows
+    cell_of_token = [0, 1, 1, 2, 3, 4, 4, 5, 3, 4, 4, 5, 6, 7, 7, 8]
+    assert row_labels.flatten().tolist() == cell_of_token + [10 + c for c in cell_of_token]
+
+
 def test_command_probes_a_model_directory(tmp_path, capsys):
     data = tmp_path / "world"
     make_shapes(data, 0, train_images=24, test_images=8, train_videos=0, test_videos=0, workers=1, wds=False)
@@ -51,7 +62,8 @@ def test_command_probes_a_model_directory(tmp_path, capsys):
         assert set(by_attribute) == {"shape", "colour"}
         for accuracies in by_attribute.values():
             assert all(0.0 <= v <= 1.0 for v in accuracies.values())
-            assert accuracies["train_all"] > 0.9  # 16 images: a linear map fits them
+    for place in FEATURES:  # 16 images: a linear map of all their features fits them
+        assert all(results[place][a]["train_all"] > 0.9 for a in ("shape", "colour"))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,0 +1,284 @@
+"""The language model alone on ideal image tokens: can it learn the shapes world's binding in time?
+
+    python -m data_tools.binding_testbed [--model tiny] [--steps 1000] [--batch 40] [--grid 3|4]
+        [--no-place] [--blind] [--lr 1e-3] [--init-std S] [--seed 0] [--eval-every 250] [--json OUT]
+
+The quickstart's answers name things the scene has but not which colour, shape and place belong
+together (``data_tools.binding_report``). This tool takes the vision side out of the question: each
+scene becomes image tokens that hold exactly what the questions need, and the model's language
+model (its embeddings, MoE decoder and LM head, from its own init) learns to answer from them. If it
+learns here and not in the quickstart, the image tokens are what is missing; if not here either, the
+language model or the recipe is.
+
+Design decisions:
+- **Scenes and questions are the shapes world's**: 1-3 objects on the 3x3 grid, distinct colours,
+  one object per cell, shapes drawn freely; per scene a dialog of its four image question types in a
+  random order (colour of a shape that occurs once, shape at a place, place of a colour + shape,
+  count), as ``dialog_train.jsonl`` asks them. Scenes are drawn fresh for every step (no
+  memorisation); held-out scenes come from another seed, and each of their questions is scored in a
+  row of its own (in a dialog, earlier turns give part of the later answers away: a blind model
+  learns to use that).
+- **Ideal tokens**: ``grid x grid`` tokens over the image; token t = sum over the cells c it
+  overlaps of area(t, c) / area(t) x (E_colour[c] + E_shape[c] + E_place[c]), three learned tables
+  (an empty cell has its own colour and shape rows). ``--grid 3`` is one token per cell; ``--grid 4``
+  the 16 tokens of model=tiny's 490 px crop, each a mixture of the cells it overlaps.
+  ``--no-place`` leaves E_place out (place is then only the token's position in the sequence, which
+  the decoder sees through RoPE); ``--blind`` gives every token the empty scene (a control: the
+  answers must then fall to chance).
+- **Words are single tokens** with ids of their own (no tokenizer), and a fixed run of template
+  tokens stands between a question and its answer, as the chat template does; the loss is on the
+  answer and the end token after it, and accuracy is the greedy answer token.
+- Training: AdamW (beta2 0.95, no weight decay, gradients clipped at 1), warm-up then cosine, the
+  router's load-balancing loss added as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aria.commands import run_report
+from data_tools.make_shapes import COLOURS, MAX_SHAPES, POSITIONS, SHAPES
+
+QTYPES = ("colour", "shape", "position", "count")
+NUM_CELLS = len(POSITIONS)
+IGNORE = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    """Token ids of the testbed's words (below 100: inside any model's vocabulary)."""
+
+    bos: int = 1
+    eos: int = 2
+    image: int = 3
+    question_mark: int = 4
+    template: tuple[int, ...] = (5, 6, 7, 8)  # "<|im_end|> \n <|im_start|>assistant \n"
+    question: tuple[int, ...] = (10, 11, 12, 13)  # one per QTYPES entry
+    colour: tuple[int, ...] = tuple(range(20, 20 + len(COLOURS)))
+    shape: tuple[int, ...] = tuple(range(30, 30 + len(SHAPES)))
+    place: tuple[int, ...] = tuple(range(40, 40 + NUM_CELLS))
+    count: tuple[int, ...] = tuple(range(60, 60 + MAX_SHAPES))
+
+
+WORDS = Vocabulary()
+
+
+def draw_scene(rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """1-3 objects as (colour, shape, cell) indices: distinct colours, distinct cells."""
+    n = int(rng.integers(1, MAX_SHAPES + 1))
+    cells = rng.choice(NUM_CELLS, n, replace=False)
+    colours = rng.choice(len(COLOURS), n, replace=False)
+    shapes = rng.integers(0, len(SHAPES), n)
+    return [(int(c), int(s), int(p)) for c, s, p in zip(colours, shapes, cells)]
+
+
+def draw_questions(scene, rng: np.random.Generator) -> list[tuple[str, list[int], int]]:
+    """(question type, question tokens, answer token) for each type, in a random order; no colour
+    question when every shape of the scene occurs twice (its answer would not be unique)."""
+    shapes = [s for _, s, _ in scene]
+    questions = []
+    unique = [o for o in scene if shapes.count(o[1]) == 1]
+    if unique:
+        colour, shape, _ = unique[rng.integers(len(unique))]
+        questions.append(("colour", [WORDS.shape[shape]], WORDS.colour[colour]))
+    colour, shape, cell = scene[rng.integers(len(scene))]
+    questions.append(("shape", [WORDS.place[cell]], WORDS.shape[shape]))
+    colour, shape, cell = scene[rng.integers(len(scene))]
+    questions.append(("position", [WORDS.colour[colour], WORDS.shape[shape]], WORDS.place[cell]))
+    questions.append(("count", [], WORDS.count[len(scene) - 1]))
+    rng.shuffle(questions)
+    return [(kind, [WORDS.question[QTYPES.index(kind)], *words, WORDS.question_mark], answer)
+            for kind, words, answer in questions]
+
+
+def cell_mixing(grid: int) -> torch.Tensor:
+    """(grid^2, 9): the share of image token t's area that lies in cell c (rows sum to 1)."""
+    def spans(n):
+        return [(i / n, (i + 1) / n) for i in range(n)]
+
+    def overlap(a, b):
+        return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+    mix = torch.zeros(grid * grid, NUM_CELLS)
+    for (t, (ty, tx)), (c, (cy, cx)) in itertools.product(
+            enumerate(itertools.product(spans(grid), repeat=2)),
+            enumerate(itertools.product(spans(3), repeat=2))):
+        mix[t, c] = overlap(ty, cy) * overlap(tx, cx)
+    return mix / mix.sum(1, keepdim=True)
+
+
+class Batch(NamedTuple):
+    input_ids_BT: torch.Tensor
+    targets_BT: torch.Tensor  # target of position t (the token at t + 1), IGNORE elsewhere
+    segment_ids_BT: torch.Tensor  # 1 on tokens, 0 on padding
+    cells_BC3: torch.Tensor  # (colour, shape, cell) of each of the 9 cells; empty = (6, 5, cell)
+    answers: list[list[tuple[int, str]]]  # per row: (position predicting an answer, its type)
+
+
+def make_batch(scenes, rng: np.random.Generator, grid: int, one_question: bool = False) -> Batch:
+    """One row per scene holding its dialog, or with ``one_question`` one row per question (how the
+    held-out questions are scored: in a dialog, earlier turns give away part of later answers)."""
+    dialogs = [(scene, draw_questions(scene, rng)) for scene in scenes]
+    if one_question:
+        dialogs = [(scene, [turn]) for scene, turns in dialogs for turn in turns]
+    rows, targets, answers, cells = [], [], [], []
+    for scene, turns in dialogs:
+        ids = [WORDS.bos] + [WORDS.image] * grid * grid
+        tgt = [IGNORE] * len(ids)
+        row_answers = []
+        for kind, question, answer in turns:
+            prompt = question + list(WORDS.template)
+            ids += prompt
+            tgt += [IGNORE] * (len(prompt) - 1) + [answer]
+            row_answers.append((len(ids) - 1, kind))
+            ids += [answer, WORDS.eos]
+            tgt += [WORDS.eos, IGNORE]
+        rows.append(ids), targets.append(tgt), answers.append(row_answers)
+        grid_cells = [(len(COLOURS), len(SHAPES), c) for c in range(NUM_CELLS)]
+        for colour, shape, cell in scene:
+            grid_cells[cell] = (colour, shape, cell)
+        cells.append(grid_cells)
+    T = max(map(len, rows))
+    input_ids = torch.full((len(rows), T), WORDS.eos)
+    target_ids = torch.full((len(rows), T), IGNORE)
+    segments = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, (ids, tgt) in enumerate(zip(rows, targets)):
+        input_ids[i, :len(ids)], target_ids[i, :len(tgt)], segments[i, :len(ids)] = \
+            torch.tensor(ids), torch.tensor(tgt), 1
+    return Batch(input_ids, target_ids, segments, torch.tensor(cells), answers)
+
+
+class IdealTokens(nn.Module):
+    """The image tokens: area-weighted sums of colour, shape and place embeddings (see above)."""
+
+    def __init__(self, dim: int, grid: int, place: bool, blind: bool) -> None:
+        super().__init__()
+        self.colour = nn.Parameter(torch.randn(len(COLOURS) + 1, dim))
+        self.shape = nn.Parameter(torch.randn(len(SHAPES) + 1, dim))
+        self.place = nn.Parameter(torch.randn(NUM_CELLS, dim)) if place else None
+        self.register_buffer("mix_GC", cell_mixing(grid))
+        self.blind = blind
+
+    def forward(self, cells_BC3: torch.Tensor) -> torch.Tensor:
+        if self.blind:
+            cells_BC3 = cells_BC3.clone()
+            cells_BC3[..., 0], cells_BC3[..., 1] = len(COLOURS), len(SHAPES)
+        cell_BCD = self.colour[cells_BC3[..., 0]] + self.shape[cells_BC3[..., 1]]
+        if self.place is not None:
+            cell_BCD = cell_BCD + self.place[cells_BC3[..., 2]]
+        return torch.einsum("gc,bcd->bgd", self.mix_GC, cell_BCD)
+
+
+def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid: int = 3,
+        place: bool = True, blind: bool = False, lr: float = 1e-3, init_std: float | None = None,
+        warmup: int = 20, seed: int = 0, eval_every: int = 250, eval_scenes: int = 600,
+        log=print) -> dict:
+    """Trains the model's language model on ideal tokens; returns the accuracy history.
+    ``init_std``: the language model's ``initializer_range`` (default: the config's)."""
+    from aria.config import load_model_config
+    from aria.model.aria import Aria
+
+    torch.manual_seed(seed)
+    cfg = load_model_config(model_name)
+    if init_std is not None:
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, initializer_range=init_std))
+    model = Aria(cfg)
+    model.init_weights(seed)
+    decoder, lm_head = model.decoder, model.lm_head
+    tokens = IdealTokens(cfg.text.hidden_size, grid, place, blind)
+    params = list(decoder.parameters()) + list(lm_head.parameters())
+    optimizer = torch.optim.AdamW(params + list(tokens.parameters()), lr=lr, betas=(0.9, 0.95),
+                                  weight_decay=0.0)
+
+    def hidden(batch: Batch):
+        embeds_BTD = decoder.embed(batch.input_ids_BT)
+        image_BT = batch.input_ids_BT == WORDS.image
+        embeds_BTD = embeds_BTD.masked_scatter(image_BT[..., None], tokens(batch.cells_BC3).to(embeds_BTD.dtype))
+        return decoder(embeds_BTD, None, batch.segment_ids_BT, None, batch.segment_ids_BT > 0)
+
+    @torch.no_grad()
+    def accuracy() -> dict[str, float]:
+        decoder.eval()
+        rng = np.random.default_rng([seed, 1])  # held-out scenes: another stream than training's
+        right = {q: [0, 0] for q in QTYPES}
+        for start in range(0, eval_scenes, 100):
+            scenes = [draw_scene(rng) for _ in range(min(100, eval_scenes - start))]
+            batch = make_batch(scenes, rng, grid, one_question=True)
+            predicted_BT = lm_head(hidden(batch).hidden_BTD).argmax(-1)
+            for i, row in enumerate(batch.answers):
+                for position, kind in row:
+                    right[kind][0] += int(predicted_BT[i, position] == batch.input_ids_BT[i, position + 1])
+                    right[kind][1] += 1
+        decoder.train()
+        return {q: a / n for q, (a, n) in right.items()}
+
+    rng = np.random.default_rng([seed, 0])
+    history, start = [], time.time()
+    for step in range(1, steps + 1):
+        scale = min(1.0, step / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
+        batch = make_batch([draw_scene(rng) for _ in range(batch_size)], rng, grid)
+        out = hidden(batch)
+        logits_BTV = lm_head(out.hidden_BTD)
+        loss = F.cross_entropy(logits_BTV.flatten(0, 1), batch.targets_BT.flatten(), ignore_index=IGNORE)
+        (loss + cfg.moe.aux_loss_coeff * out.aux_loss_L.sum()).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % eval_every == 0 or step == steps:
+            entry = {"step": step, "loss": loss.item(), "seconds": time.time() - start, **accuracy()}
+            history.append(entry)
+            log(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
+    return {"settings": dict(model=model_name, steps=steps, batch_size=batch_size, grid=grid,
+                             place=place, blind=blind, lr=lr, init_std=cfg.text.initializer_range,
+                             seed=seed),
+            "history": history}
+
+
+def report(result: dict) -> str:
+    last = result["history"][-1]
+    return (f"after {last['step']} steps of {result['settings']['batch_size']} scenes: "
+            + " / ".join(f"{q} {100 * last[q]:.1f}%" for q in QTYPES)
+            + f" (chance: colour {100 / len(COLOURS):.0f}, shape {100 / len(SHAPES):.0f}, "
+              f"position {100 / NUM_CELLS:.0f}, count {100 / MAX_SHAPES:.0f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_tools.binding_testbed",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny", help="model config whose language model learns (name or YAML)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=40, help="scenes (dialogs) per step")
+    parser.add_argument("--grid", type=int, default=3, help="image tokens per side (3: one per cell)")
+    parser.add_argument("--no-place", action="store_true", help="tokens without the place embedding")
+    parser.add_argument("--blind", action="store_true", help="control: every token shows an empty scene")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--init-std", type=float, default=None,
+                        help="the language model's initializer_range (default: the model config's; "
+                             "recipe=quickstart uses 0.1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--json", type=Path, default=None, help="also write the settings and history here")
+    args = parser.parse_args(argv)
+    if args.grid < 1 or args.steps < 1 or args.batch < 1:
+        parser.error("--grid, --steps and --batch must be >= 1")
+    return run_report("binding_testbed", lambda: run(
+        args.model, args.steps, args.batch, args.grid, not args.no_place, args.blind, args.lr,
+        args.init_std, seed=args.seed, eval_every=args.eval_every), report, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

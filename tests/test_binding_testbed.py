@@ -1,0 +1,101 @@
+"""The binding testbed: its token mixing, its questions' answers, and that the language model learns
+from ideal tokens and not without them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools import binding_testbed as bt
+from data_tools.make_shapes import COLOURS, SHAPES
+
+
+def test_cell_mixing_is_the_area_share_of_each_cell():
+    assert torch.equal(bt.cell_mixing(3), torch.eye(9))
+    mix = bt.cell_mixing(4)
+    assert mix.shape == (16, 9) and torch.allclose(mix.sum(1), torch.ones(16))
+    # token 0 covers [0, 1/4)^2: inside cell 0 (the top left, [0, 1/3)^2)
+    assert torch.allclose(mix[0], torch.eye(9)[0])
+    # token 1 covers x in [1/4, 1/2): 1/12 of its 1/4 width in cell 0, 2/12 in cell 1
+    assert torch.allclose(mix[1, :2], torch.tensor([1 / 3, 2 / 3])) and mix[1, 2:].sum() == 0
+    # token 5 covers [1/4, 1/2)^2: the same split on both axes over cells 0, 1, 3, 4
+    assert torch.allclose(mix[5, [0, 1, 3, 4]], torch.tensor([1 / 9, 2 / 9, 2 / 9, 4 / 9]))
+
+
+def _answer_from_scene(scene, question):
+    """The answer derived from the scene and the question's words, independently of draw_questions."""
+    w = bt.WORDS
+    kind = bt.QTYPES[w.question.index(question[0])]
+    words = question[1:-1]
+    if kind == "count":
+        return w.count[len(scene) - 1]
+    if kind == "colour":
+        (colour,) = [c for c, s, _ in scene if s == w.shape.index(words[0])]  # a unique shape
+        return w.colour[colour]
+    if kind == "shape":
+        (shape,) = [s for _, s, p in scene if p == w.place.index(words[0])]
+        return w.shape[shape]
+    (cell,) = [p for c, s, p in scene if c == w.colour.index(words[0]) and s == w.shape.index(words[1])]
+    return w.place[cell]
+
+
+@pytest.mark.parametrize("grid", [3, 4])
+def test_every_target_is_the_answer_the_scene_gives(grid):
+    rng = np.random.default_rng(0)
+    scenes = [bt.draw_scene(rng) for _ in range(50)]
+    batch = bt.make_batch(scenes, rng, grid)
+    ids, targets = batch.input_ids_BT, batch.targets_BT
+    kinds = set()
+    for i, (scene, row) in enumerate(zip(scenes, batch.answers)):
+        assert (ids[i, 1:1 + grid * grid] == bt.WORDS.image).all()
+        # every supervised position is an answer or the end token after one
+        supervised = (targets[i] != bt.IGNORE).nonzero().flatten().tolist()
+        assert supervised == sorted([p for p, _ in row] + [p + 1 for p, _ in row])
+        for position, kind in row:
+            kinds.add(kind)
+            start = max(j for j in range(position) if ids[i, j].item() in bt.WORDS.question)
+            question = ids[i, start:position + 1 - len(bt.WORDS.template)].tolist()
+            assert targets[i, position] == ids[i, position + 1] == _answer_from_scene(scene, question)
+            assert targets[i, position + 1] == bt.WORDS.eos
+        # the cells: empty ones are (no colour, no shape, their cell)
+        occupied = {p: (c, s) for c, s, p in scene}
+        for cell, (c, s, p) in enumerate(batch.cells_BC3[i].tolist()):
+            assert p == cell and (c, s) == occupied.get(cell, (len(COLOURS), len(SHAPES)))
+    assert kinds == set(bt.QTYPES)
+
+
+def test_one_question_rows_hold_the_dialogs_turns_one_by_one():
+    scenes = [bt.draw_scene(np.random.default_rng(1)) for _ in range(20)]
+    dialogs = bt.make_batch(scenes, np.random.default_rng(2), 3)
+    single = bt.make_batch(scenes, np.random.default_rng(2), 3, one_question=True)
+
+    def turns(batch, i):  # (type, question word ids through the answer) of row i's turns
+        ids = batch.input_ids_BT[i].tolist()
+        starts = [max(j for j in range(p) if ids[j] in bt.WORDS.question) for p, _ in batch.answers[i]]
+        return [(kind, ids[start:p + 2]) for start, (p, kind) in zip(starts, batch.answers[i])]
+
+    expected = [turn for i in range(len(scenes)) for turn in turns(dialogs, i)]
+    got = [turns(single, i) for i in range(len(single.answers))]
+    assert all(len(row) == 1 for row in got) and [row[0] for row in got] == expected
+    # each row's image shows its own scene
+    rows_per_scene = [len(row) for row in dialogs.answers]
+    assert torch.equal(single.cells_BC3, dialogs.cells_BC3.repeat_interleave(torch.tensor(rows_per_scene), 0))
+
+
+@pytest.mark.slow
+def test_the_language_model_learns_from_ideal_tokens_and_not_blind():
+    common = dict(steps=250, batch_size=32, init_std=0.1, eval_every=250, eval_scenes=300, log=lambda _: None)
+    seeing = bt.run(**common)["history"][-1]
+    blind = bt.run(blind=True, **common)["history"][-1]
+    # chance: colour 1/6, count 1/3; with the tokens the counts are read at once and colours bind;
+    # blind, the held-out questions (one per row) are at chance
+    assert seeing["count"] > 0.9 and seeing["colour"] > 0.45, seeing
+    assert blind["count"] < 0.45 and blind["colour"] < 0.25, blind
+
+
+def test_bad_arguments_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bt.main(["--grid", "0"])
+    assert exit_info.value.code == 2
+    assert "--grid" in capsys.readouterr().err
