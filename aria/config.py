@@ -360,6 +360,9 @@ IGNORE_INDEX = -100
 """Target of a position that takes no loss (padding, prompts, image slots, document ends): the
 convention of PyTorch's cross-entropy and of transformers."""
 
+DECODE_MODES = ("dynamic", "static", "cuda_graph")
+"""How ``aria.model.generate`` runs the steps after the prefill (see ``aria.model.generation``)."""
+
 
 @dataclass
 class DataConfig:

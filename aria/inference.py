@@ -91,10 +91,11 @@ class Generated:
 def generate_batch(model: torch.nn.Module, processor: Processor, inputs: list[dict[str, Any]],
                    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                    generator: torch.Generator | None = None,
-                   on_token: Callable[[torch.Tensor], None] | None = None) -> list[Generated]:
+                   on_token: Callable[[torch.Tensor], None] | None = None,
+                   decode: str = "dynamic") -> list[Generated]:
     """Answers to prepared ``prompt_inputs`` (one left-padded batch), in input order. Greedy when
     ``temperature`` is 0; sampled rows draw from ``generator`` in turn, so a sampled answer depends
-    on the seed and on the batch it is in."""
+    on the seed and on the batch it is in. ``decode``: see ``aria.model.generate``."""
     tok = processor.tokenizer
     batch = batch_model_inputs(model, processor, inputs)
     stops = stop_ids(processor)
@@ -102,7 +103,7 @@ def generate_batch(model: torch.nn.Module, processor: Processor, inputs: list[di
                       attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
                       eos_token_ids=stops, pad_token_id=tok.pad_id, temperature=temperature,
                       top_p=top_p, generator=generator, on_token=on_token,
-                      image_feature_order=batch["image_feature_order"])
+                      image_feature_order=batch["image_feature_order"], decode=decode)
     results = []
     for row in new_BN.tolist():
         end = next((i for i, t in enumerate(row) if t in stops), None)

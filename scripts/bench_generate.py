@@ -48,14 +48,23 @@ def make_prompts(cfg, batch: int, prompt_len: int, image_size: int, device, dtyp
     return dict(ids=ids.to(device), pixels=pixels.to(device, dtype), mask=mask.to(device))
 
 
-def generate_fn(model, impl: str, prompts: dict, new_tokens: int):
-    """A closure generating ``new_tokens`` greedy tokens; returns them (B, new_tokens)."""
+def add_decode_argument(parser: argparse.ArgumentParser) -> None:
+    from aria.config import DECODE_MODES
+
+    parser.add_argument("--decode", choices=DECODE_MODES, default="dynamic",
+                        help="how our decode steps run (aria.model.generate): 'cuda_graph' replays one "
+                             "captured step per token (CUDA, bf16)")
+
+
+def generate_fn(model, impl: str, prompts: dict, new_tokens: int, decode: str = "dynamic"):
+    """A closure generating ``new_tokens`` greedy tokens; returns them (B, new_tokens). ``decode``
+    applies to ours."""
     if impl == "ours":
         from aria.model import generate
 
         def run():
             return generate(model, prompts["ids"], prompts["pixels"], prompts["mask"],
-                            max_new_tokens=new_tokens, eos_token_ids=[])
+                            max_new_tokens=new_tokens, eos_token_ids=[], decode=decode)
     else:
         def run():
             with torch.no_grad():
@@ -85,7 +94,7 @@ def generation_peak(args: argparse.Namespace, impl: str, prompts_of, key: int) -
     """Peak bytes of one whole generation of ``impl`` on ``prompts_of(args, cfg, key)``, in this
     (fresh) process."""
     model = bc.build_models(argparse.Namespace(**{**vars(args), "impls": [impl]}))[impl].eval()
-    run = generate_fn(model, impl, prompts_of(args, bc.model_config(args), key), args.new_tokens)
+    run = generate_fn(model, impl, prompts_of(args, bc.model_config(args), key), args.new_tokens, args.decode)
     with bc.PeakMemory(args.device) as peak:
         run()
     return peak.bytes
@@ -98,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=490)
+    add_decode_argument(parser)
     args = parser.parse_args(argv)
     bc.check_arguments(parser, args)
+    check_decode(parser, args)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (decode speed needs tokens after the first)")
 
@@ -109,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {impl: m.eval() for impl, m in bc.build_models(args).items()}
     print(f"{bc.machine(args.device)}{bc.describe_hf(models)}; model={args.model} ({cfg.name}), {args.dtype}; prompts of "
           f"{args.prompt_len} tokens with one {args.image_size} px image, {args.new_tokens} new tokens, "
-          f"greedy; median of {args.repeats} after {args.warmup} warm-up")
+          f"greedy; ours decodes {args.decode}; median of {args.repeats} after {args.warmup} warm-up")
 
     results = []
     for batch in batches:
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         calls = {}
         for impl, model in models.items():
             calls[f"{impl} prefill"] = generate_fn(model, impl, prompts, 1)
-            calls[impl] = generate_fn(model, impl, prompts, args.new_tokens)
+            calls[impl] = generate_fn(model, impl, prompts, args.new_tokens, args.decode)
         seconds = bc.interleaved(calls, args.device, args.warmup, args.repeats)
         tokens = {impl: calls[impl]() for impl in models}
         for impl in models:
@@ -137,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     bc.write_json(args.json, dict(machine=bc.machine(args.device), model=args.model, dtype=args.dtype,
                                   results=results))
     return 0
+
+
+def check_decode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.decode == "cuda_graph" and (args.device != "cuda" or args.dtype != "bf16"):
+        parser.error(f"--decode cuda_graph needs --device cuda and --dtype bf16 (got {args.device}, {args.dtype})")
 
 
 def fixed(value) -> str:

@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
-from bench_generate import agreement, generate_fn, generation_peak, make_prompts  # noqa: E402
+from bench_generate import (add_decode_argument, agreement, check_decode, generate_fn,  # noqa: E402
+                            generation_peak, make_prompts)
 
 
 def prompt_len(cfg, frames: int, frame_size: int, question_len: int) -> int:
@@ -43,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-size", type=int, default=490)
     parser.add_argument("--question-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    add_decode_argument(parser)
     args = parser.parse_args(argv)
     bc.check_arguments(parser, args)
+    check_decode(parser, args)
 
     cfg = bc.model_config(args)
     frame_counts = [int(f) for f in args.frames.split(",")]
@@ -52,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     models = {impl: m.eval() for impl, m in bc.build_models(args).items()}
     print(f"{bc.machine(args.device)}{bc.describe_hf(models)}; model={args.model} ({cfg.name}), {args.dtype}; frames of "
           f"{args.frame_size} px + a {args.question_len}-token question -> {args.new_tokens} greedy tokens; "
-          f"median of {args.repeats} after {args.warmup} warm-up")
+          f"ours decodes {args.decode}; median of {args.repeats} after {args.warmup} warm-up")
 
     results = []
     for frames in frame_counts:
         prompts = video_prompts(args, cfg, frames)
         runnable = {impl: m for impl, m in models.items() if memory[impl, video_prompts, frames] != bc.OOM}
-        calls = {impl: generate_fn(m, impl, prompts, args.new_tokens) for impl, m in runnable.items()}
+        calls = {impl: generate_fn(m, impl, prompts, args.new_tokens, args.decode) for impl, m in runnable.items()}
         seconds = bc.interleaved(calls, args.device, args.warmup, args.repeats)
         tokens = {impl: call() for impl, call in calls.items()}
         for impl in models:

@@ -1,6 +1,7 @@
 """Attention by document against the dense (B, 1, T, T) segment mask: layouts, both kernels (the CPU
 reference and the CUDA varlen call, through a CPU stand-in), the whole model with and without
-activation checkpointing, the vision encoder's mask skipping, and memory without T^2."""
+activation checkpointing, the vision encoder's mask skipping, memory without T^2, and the KV
+cache's layouts, the static one a CUDA graph replays included."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import varlen
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import aria.model.vision as vision_module
 from aria.model import build_model, layers
 from aria.model.decoder import Attention, KVCache, TextDecoder
+from aria.model.generation import decode_step
 from aria.model.layers import DocumentLayout, RotaryEmbedding, key_padding_mask, segment_causal_mask
 from helpers import make_config, perturb
 
@@ -204,6 +209,44 @@ def test_generation_keeps_its_cached_layouts():
     padded = KVCache(CFG.text, B, 16, torch.float32, "cpu")
     mask = layout(B, T, torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), padded, "cpu")
     assert mask.dtype == torch.bool and tuple(mask.shape) == (B, 1, T, T)
+
+
+class OpLog(TorchDispatchMode):
+    """Every op that runs, with the shapes of its tensor arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        shapes = tuple(tuple(a.shape) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor))
+        self.ops.append((str(func), shapes))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_a_static_decode_step_is_replayable(mode):
+    """What a CUDA graph needs of the decode step it captures (``decode="cuda_graph"``): every step
+    runs the same ops on the same shapes and reads no value on the host. Run on fake tensors, which
+    take the GPU's code path (grouped GEMM, no expert loop) and raise on any host read; the dynamic
+    step, whose keys grow by one per token, is the contrast."""
+    model = build_model(CFG).to(torch.bfloat16).eval()
+    B, T = 2, 6
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        cache = KVCache(CFG.text, B, T + 4, torch.bfloat16, "cpu")
+        model(torch.randint(10, 99, (B, T)), cache=cache, logits_to_keep=1)
+        step = decode_step(model, cache, torch.full((B, 1), T), padded=False, mode=mode)
+        logs = []
+        for _ in range(3):
+            with OpLog() as log:
+                logits = step(torch.randint(10, 99, (B,)))
+            logs.append(log.ops)
+    assert tuple(logits.shape) == (B, CFG.text.vocab_size)
+    assert not any("_local_scalar_dense" in op for op, _ in logs[0])
+    if mode == "static":
+        assert len(logs[0]) > 50 and logs[0] == logs[1] == logs[2]
+    else:
+        assert logs[0] != logs[1]
 
 
 def test_vision_encoder_and_projector_drop_an_all_valid_mask(monkeypatch):

@@ -51,18 +51,28 @@ def test_a_case_that_runs_out_of_memory_is_reported_not_raised():
 
 
 @pytest.mark.slow
-def test_bench_generate_fp32_agrees_with_transformers_token_for_token(tmp_path):
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_bench_generate_fp32_agrees_with_transformers_token_for_token(tmp_path, decode):
     import bench_generate
 
     out = tmp_path / "generate.json"
     assert bench_generate.main(["--model", "tiny", "--dtype", "fp32", "--batch-sizes", "1,3", "--prompt-len", "40",
                                 "--new-tokens", "6", "--repeats", "1", "--warmup", "0", "--no-memory",
-                                "--json", str(out)]) == 0
+                                "--decode", decode, "--json", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     hf = [r for r in results if r["impl"] == "hf"]
     assert [(r["batch"], r["equal_rows"], r["first_difference"]) for r in hf] == [(1, 1, None), (3, 3, None)]
     # decode speed is None only where timing noise exceeds the decode time (one short repeat)
     assert all(r["prefill_ms"] > 0 and (r["decode_tokens_per_s"] or 1) > 0 for r in results)
+
+
+def test_cuda_graph_decoding_needs_cuda_and_bf16(capsys):
+    import bench_generate
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_generate.main(["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--decode", "cuda_graph"])
+    assert exit_info.value.code == 2
+    assert "--decode cuda_graph needs --device cuda and --dtype bf16 (got cpu, fp32)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -303,6 +303,7 @@ def test_bad_inputs_give_one_clean_message(world, capsys, tmp_path):
         ([hf, "--prompt", "hi", "--greedy", "--top-p", "0.5"], "--top-p", ""),
         ([hf, "--prompt", "hi", "--temperature", "0"], "--temperature must be > 0", ""),
         ([hf], "give --prompt", ""),
+        ([hf, "--prompt", "hi", "--decode", "cuda_graph"], "decode='cuda_graph' needs a bf16 model on CUDA", ""),
     ]
     for argv, message, names in cases:
         code, out, err = cli(capsys, *argv)

@@ -109,12 +109,14 @@ def test_text_only_matches_transformers(pair):
     assert delta <= TOL
 
 
-def test_greedy_generation_matches_transformers(pair):
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_greedy_generation_matches_transformers(pair, decode):
+    """Both decode paths: the growing cache, and the static one a CUDA graph replays."""
     model, hf = pair
     cfg = model.cfg
     input_ids, _, pixels, mask = make_batch(cfg, crop_side(cfg, 0), seed=3)
     row = input_ids[2:3, : int((input_ids[2] != cfg.text.pad_token_id).sum())]  # one image
-    ours = generate(model, row, pixels[2:3], mask[2:3], max_new_tokens=12, eos_token_ids=[])
+    ours = generate(model, row, pixels[2:3], mask[2:3], max_new_tokens=12, eos_token_ids=[], decode=decode)
     # eos_token_id=None: transformers neither stops at the end-of-text token nor (as min_new_tokens
     # would) masks it out of the argmax, so both sides take the same plain greedy argmax
     ref = hf.generate(input_ids=row, pixel_values=pixels[2:3], pixel_mask=mask[2:3],
@@ -123,7 +125,18 @@ def test_greedy_generation_matches_transformers(pair):
     assert ours[0].tolist() == ref[0, row.shape[1]:].tolist()
 
 
-def test_left_padded_batch_generation_matches_transformers_and_single_rows(pair):
+def test_decode_modes_are_checked(pair):
+    model, _ = pair
+    ids = torch.randint(10, model.cfg.text.vocab_size, (1, 5))
+    ids[ids == model.cfg.image_token_id] = 11
+    with pytest.raises(ValueError, match="decode='cuda_graph' needs a bf16 model on CUDA, got torch.float32 on cpu"):
+        generate(model, ids, max_new_tokens=2, decode="cuda_graph")
+    with pytest.raises(ValueError, match="decode='graph': expected one of dynamic, static, cuda_graph"):
+        generate(model, ids, max_new_tokens=2, decode="graph")
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_left_padded_batch_generation_matches_transformers_and_single_rows(pair, decode):
     model, hf = pair
     cfg = model.cfg
     side = crop_side(cfg, 0)
@@ -135,7 +148,7 @@ def test_left_padded_batch_generation_matches_transformers_and_single_rows(pair)
     for i, n in enumerate(lengths):
         left_ids[i, T - n:] = input_ids[i, :n]
         left_mask[i, T - n:] = 1
-    ours = generate(model, left_ids, pixels, mask, attention_mask=left_mask, max_new_tokens=8)
+    ours = generate(model, left_ids, pixels, mask, attention_mask=left_mask, max_new_tokens=8, decode=decode)
     ref = hf.generate(input_ids=left_ids, pixel_values=pixels, pixel_mask=mask,
                       attention_mask=left_mask, max_new_tokens=8, eos_token_id=None,
                       do_sample=False, pad_token_id=cfg.text.pad_token_id)
@@ -143,5 +156,5 @@ def test_left_padded_batch_generation_matches_transformers_and_single_rows(pair)
     crops_of_row = [(0, 2), (2, 2), (2, 3)]  # rows hold 2, 0 and 1 images
     for i, (a, b) in enumerate(crops_of_row):
         alone = generate(model, input_ids[i:i + 1, : lengths[i]], pixels[a:b] if b > a else None,
-                         mask[a:b] if b > a else None, max_new_tokens=8)
+                         mask[a:b] if b > a else None, max_new_tokens=8, decode=decode)
         assert alone[0].tolist() == ours[i].tolist()

@@ -19,7 +19,13 @@ Design decisions:
   that sequence parallelism can wrap it (its contract is in its docstring).
 - ``position_ids`` are an input: packed documents restart their positions.
 - The KV cache is preallocated (L, B, Hkv, max_len, d), written in place, and its length is a host
-  integer, so decoding never asks the device how long the sequence is.
+  integer, so decoding never asks the device how long the sequence is. After the prefill it can be
+  made *static* (``KVCache.make_static``): the write slot becomes a device counter, a step writes
+  there with ``index_copy_`` and attends to all max_len slots through a (B, 1, 1, max_len) mask of
+  the cached segments (unwritten slots hold segment 0, like padding, so they drop out). A decode
+  step then has the same shapes and reads no host value from one token to the next, so it can be
+  captured once as a CUDA graph and replayed (``aria.model.generation``); it attends over max_len
+  keys instead of the ones written so far, which costs more only where attention is not negligible.
 - Layers return router statistics; the decoder stacks them into (L,) / (L, E) tensors.
 """
 
@@ -53,10 +59,22 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # host-side: tokens already cached
         self.padded = False  # host-side: some call passed segment ids (padding or packing)
+        self.slot: torch.Tensor | None = None  # static mode: (1,) device index of the next write
+
+    def make_static(self) -> None:
+        """From now on one token per call, written at a device-side slot, and every call attends to
+        all ``max_len`` slots (see the module docstring). ``length`` stops being kept: the caller
+        sizes the cache for every token it will add (nothing checks overflow on the host)."""
+        self.slot = torch.full((1,), self.length, dtype=torch.long, device=self.k.device)
 
     def update(self, layer: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes the new keys/values of ``layer``; returns all keys/values so far."""
+        """Writes the new keys/values of ``layer``; returns all keys/values so far (static: all
+        ``max_len`` slots)."""
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slot, k_BHTd)
+            self.v[layer].index_copy_(2, self.slot, v_BHTd)
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k_BHTd.shape[2]
         self.k[layer, :, :, start:end] = k_BHTd
         self.v[layer, :, :, start:end] = v_BHTd
@@ -65,6 +83,10 @@ class KVCache:
     def reserve(self, segments_BT: torch.Tensor, padded: bool) -> torch.Tensor:
         """Records the segments of the T incoming tokens; returns the segments of all S keys."""
         self.padded |= padded
+        if self.slot is not None:
+            if segments_BT.shape[1] != 1:
+                raise ValueError(f"a static KV cache takes one token per call, got {segments_BT.shape[1]}")
+            return self.segments_BS.index_copy_(1, self.slot, segments_BT)
         start, end = self.length, self.length + segments_BT.shape[1]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens do not fit its max_len={self.max_len}")
@@ -72,7 +94,10 @@ class KVCache:
         return self.segments_BS[:, :end]
 
     def advance(self, num_tokens: int) -> None:
-        self.length += num_tokens
+        if self.slot is not None:
+            self.slot.add_(num_tokens)
+        else:
+            self.length += num_tokens
 
 
 class Attention(nn.Module):
@@ -182,6 +207,8 @@ class TextDecoder(nn.Module):
         B, T, _ = embeds_BTD.shape
         past = 0 if cache is None else cache.length
         if position_ids_BT is None:
+            if cache is not None and cache.slot is not None:
+                raise ValueError("a static KV cache keeps no host-side length: pass position_ids")
             position_ids_BT = torch.arange(past, past + T, device=embeds_BTD.device).expand(B, T)
         rope = self.rope(position_ids_BT, embeds_BTD.dtype)
 
@@ -218,6 +245,8 @@ class TextDecoder(nn.Module):
         if segments_BT is None:
             segments_BT = torch.ones(B, T, dtype=torch.long, device=device)
         key_segments_BS = cache.reserve(segments_BT, padded=segment_ids_BT is not None)
+        if cache.slot is not None:  # static: every slot, those of the query's segment (T = 1)
+            return (key_segments_BS[:, None, None, :] == segments_BT[:, None, :, None])
         if not cache.padded:
             if past == 0:
                 return "causal"

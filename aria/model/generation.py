@@ -10,6 +10,18 @@ Design decisions:
   would alone.
 - Rows that finished keep emitting ``pad_token_id``; the loop stops when every row has finished
   (one host check per step, which streaming needs anyway).
+- ``decode="cuda_graph"``: at batch 1 a decode step is many small kernels, each far shorter than
+  the host's time to launch it: a full-size step dispatches ~3,200 aten ops (113 per layer, 71 of
+  them not views: norms, attention with RoPE and the cache, router, dispatch, grouped GEMMs,
+  combine, shared experts; counted on fake tensors), 16-32 ms of host time at an eager op's 5-10 us,
+  where the GPU needs ~2 ms to read the step's ~7 GB of active bf16 weights: eager decoding waits
+  on Python, not on the GPU. So after the prefill the KV cache turns static
+  (``KVCache.make_static``: fixed shapes, a device-side write slot), the first decode step runs
+  eagerly on a side stream (warm-up), the second is captured as one CUDA graph, and every further
+  token is a copy into the graph's input and one replay. It needs CUDA and bf16 (the fp32 expert
+  loop reads group sizes on the host). ``decode="static"`` runs the same static steps without a
+  graph, on any device: the tests hold its tokens to transformers' and its steps to the same ops
+  on the same shapes, token after token, with no host read (what capture needs).
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from aria.config import DECODE_MODES
 from aria.model.aria import Aria
 from aria.model.decoder import KVCache
 
@@ -48,11 +61,17 @@ def generate(model: Aria, input_ids: torch.Tensor, pixel_values: torch.Tensor | 
              pad_token_id: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
              generator: torch.Generator | None = None,
              on_token: Callable[[torch.Tensor], None] | None = None,
-             image_feature_order: torch.Tensor | None = None) -> torch.Tensor:
+             image_feature_order: torch.Tensor | None = None, decode: str = "dynamic") -> torch.Tensor:
     """Returns the new tokens (B, n <= max_new_tokens). ``temperature`` 0 means greedy. Crops of
-    several sizes come as per-size lists plus ``image_feature_order`` (see ``Aria.embed``)."""
+    several sizes come as per-size lists plus ``image_feature_order`` (see ``Aria.embed``).
+    ``decode``: how steps after the prefill run (see the module docstring)."""
     B, T = input_ids.shape
     dtype = next(model.parameters()).dtype
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
+    if decode == "cuda_graph" and (input_ids.device.type != "cuda" or dtype != torch.bfloat16):
+        raise ValueError(f"decode='cuda_graph' needs a bf16 model on CUDA, got {dtype} on "
+                         f"{input_ids.device.type}")
     cache = KVCache(model.cfg.text, B, T + max_new_tokens, dtype, input_ids.device)
     pad = model.cfg.text.pad_token_id if pad_token_id is None else pad_token_id
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=input_ids.device)
@@ -69,20 +88,83 @@ def generate(model: Aria, input_ids: torch.Tensor, pixel_values: torch.Tensor | 
                 image_feature_order=image_feature_order)
     next_pos_B1 = (positions_BT[:, -1:] if positions_BT is not None
                    else torch.full((B, 1), T - 1, device=input_ids.device)) + 1
+    step = decode_step(model, cache, next_pos_B1, padded=segments_BT is not None, mode=decode)
 
+    logits_BV = out.logits[:, -1]
     finished_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     new_tokens = []
-    for step in range(max_new_tokens):
-        token_B = sample_next(out.logits[:, -1], temperature, top_p, generator)
+    for i in range(max_new_tokens):
+        token_B = sample_next(logits_BV, temperature, top_p, generator)
         token_B = torch.where(finished_B, pad, token_B)
         new_tokens.append(token_B)
         if on_token is not None:
             on_token(token_B)
         finished_B |= torch.isin(token_B, eos)
-        if step == max_new_tokens - 1 or bool(finished_B.all()):
+        if i == max_new_tokens - 1 or bool(finished_B.all()):
             break
-        segments = None if segments_BT is None else torch.ones(B, 1, dtype=torch.long, device=input_ids.device)
-        out = model(token_B[:, None], position_ids=next_pos_B1, segment_ids=segments, cache=cache,
-                    logits_to_keep=1)
-        next_pos_B1 = next_pos_B1 + 1
+        logits_BV = step(token_B)
     return torch.stack(new_tokens, dim=1)
+
+
+def decode_step(model: Aria, cache: KVCache, next_pos_B1: torch.Tensor, padded: bool, mode: str
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function feeding one token per row (B,) after the prefill and returning the next logits
+    (B, V), in ``mode`` (see the module docstring). Its result may be overwritten by the next call."""
+    if mode != "dynamic":
+        return StaticDecodeStep(model, cache, next_pos_B1, cuda_graph=mode == "cuda_graph")
+    segments_B1 = torch.ones_like(next_pos_B1) if padded else None
+    position_B1 = next_pos_B1
+
+    def dynamic(token_B: torch.Tensor) -> torch.Tensor:
+        nonlocal position_B1
+        out = model(token_B[:, None], position_ids=position_B1, segment_ids=segments_B1, cache=cache,
+                    logits_to_keep=1)
+        position_B1 = position_B1 + 1
+        return out.logits[:, -1]
+    return dynamic
+
+
+class StaticDecodeStep:
+    """Decode steps over a static KV cache: the token, position and segment inputs live in fixed
+    buffers updated in place, so every step runs the same ops on the same tensors. With
+    ``cuda_graph`` the first call runs eagerly on a side stream (warm-up), the second records the
+    step as a CUDA graph, and every later call replays it."""
+
+    def __init__(self, model: Aria, cache: KVCache, next_pos_B1: torch.Tensor, cuda_graph: bool) -> None:
+        cache.make_static()
+        self.model, self.cache, self.cuda_graph = model, cache, cuda_graph
+        self.token_B1 = torch.zeros_like(next_pos_B1)
+        self.position_B1 = next_pos_B1.clone()
+        self.segments_B1 = torch.ones_like(next_pos_B1)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits_BV: torch.Tensor | None = None  # the graph's output
+        self.calls = 0
+
+    def step(self) -> torch.Tensor:
+        out = self.model(self.token_B1, position_ids=self.position_B1, segment_ids=self.segments_B1,
+                         cache=self.cache, logits_to_keep=1)
+        self.position_B1.add_(1)
+        return out.logits[:, -1]
+
+    def __call__(self, token_B: torch.Tensor) -> torch.Tensor:
+        self.token_B1.copy_(token_B[:, None])
+        self.calls += 1
+        if not self.cuda_graph:
+            return self.step()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits_BV
+        device = self.token_B1.device
+        if self.calls == 1:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                logits_BV = self.step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            return logits_BV
+        # Capturing records the kernels without running them: replay once for this token.
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits_BV = self.step()
+        self.graph.replay()
+        return self.logits_BV
