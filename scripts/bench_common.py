@@ -3,9 +3,12 @@
 peak, interleaved timing, peak memory of one case in a fresh process, tables and JSON.
 
 - **Same weights.** Ours is built from scratch (``--seed``) or loaded from ``--weights`` (a Hugging
-  Face Aria directory, e.g. the released model); transformers' ``AriaForConditionalGeneration``
-  loads our model exported with ``aria.convert.checkpoint.write_hf_dir`` (or ``--weights``). Both
-  run in ``--dtype`` on ``--device``; transformers uses its SDPA attention.
+  Face Aria directory, e.g. the released model). Transformers' ``AriaForConditionalGeneration``
+  loads ``--weights``, or else is built in memory from our tensors under their HF names
+  (``aria.convert.checkpoint.ours_to_hf_tensors``, the export's renaming, then ``from_pretrained``
+  with that ``state_dict``): it holds the very same storage as ours, so at ``model=aria`` the two
+  take 51 GB of a GPU together instead of 102, and no 51 GB export goes through the disk. Both run
+  in ``--dtype`` on ``--device``; transformers uses its SDPA attention.
 - **Time**: the cases of both implementations alternate in one process (``interleaved``), so a
   machine's slow minute hits both; ``--warmup`` rounds are dropped, the median of ``--repeats``
   rounds is reported. CUDA is synchronised around every timed call.
@@ -32,7 +35,6 @@ import re
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -113,10 +115,12 @@ def build_ours(args) -> torch.nn.Module:
 
 
 def build_hf(args, ours: torch.nn.Module | None = None) -> torch.nn.Module:
-    """transformers' model on the same weights: ``--weights``, or ``ours`` exported."""
-    from transformers import AriaForConditionalGeneration
+    """transformers' model on the same weights: ``--weights``, or ``ours``'s own tensors (shared
+    storage, see the module docstring)."""
+    from transformers import AriaConfig, AriaForConditionalGeneration
 
-    from aria.convert.checkpoint import write_hf_dir
+    from aria.convert.checkpoint import ours_to_hf_tensors
+    from aria.convert.hf_config import to_hf_config
 
     def load(directory) -> torch.nn.Module:
         model = AriaForConditionalGeneration.from_pretrained(
@@ -134,9 +138,11 @@ def build_hf(args, ours: torch.nn.Module | None = None) -> torch.nn.Module:
         return load(args.weights)
     if ours is None:
         ours = build_ours(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_hf_dir(((k, v.detach()) for k, v in ours.state_dict().items()), ours.cfg, Path(tmp))
-        return load(tmp)
+    dtype = DTYPES[args.dtype]
+    config = AriaConfig.from_dict(to_hf_config(ours.cfg, str(dtype).removeprefix("torch.")))
+    tensors = dict(ours_to_hf_tensors(((k, v.detach()) for k, v in ours.state_dict().items()), ours.cfg))
+    return AriaForConditionalGeneration.from_pretrained(None, config=config, state_dict=tensors, torch_dtype=dtype,
+                                                        attn_implementation="sdpa").to(args.device)
 
 
 def build(args, impl: str, ours: torch.nn.Module | None = None) -> torch.nn.Module:
@@ -146,8 +152,8 @@ def build(args, impl: str, ours: torch.nn.Module | None = None) -> torch.nn.Modu
 
 
 def build_models(args) -> dict[str, torch.nn.Module]:
-    """The implementations of ``--impls`` on the same weights (ours is built to be exported for
-    transformers even when only transformers runs, and then let go)."""
+    """The implementations of ``--impls`` on the same weights (ours is built even when only
+    transformers runs: its tensors become transformers' weights)."""
     torch.manual_seed(args.seed)
     ours = build_ours(args)
     return {impl: build(args, impl, ours) for impl in args.impls}

@@ -27,6 +27,26 @@ def test_peak_memory_sees_what_a_call_allocates_and_frees():
     assert _allocate(1) < 50 * 2**20
 
 
+def test_transformers_twin_holds_our_weights_not_a_copy():
+    """Without --weights, transformers' model is made from our tensors in memory: the same storage
+    (at model=aria: 51 GB for both, no export through the disk) and the same logits."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bc.add_arguments(parser)
+    args = parser.parse_args(["--model", "tiny", "--dtype", "fp32"])
+    args.impls = ["ours", "hf"]
+    models = bc.build_models(args)
+    ours, hf = models["ours"].eval(), models["hf"].eval()
+    ours_storage = {p.data_ptr() for p in ours.parameters()}
+    unshared = [name for name, p in hf.named_parameters() if p.data_ptr() not in ours_storage]
+    assert unshared == ["model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias"]
+    ids = torch.randint(10, ours.cfg.text.vocab_size, (2, 9))
+    ids[ids == ours.cfg.image_token_id] = 11
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("native, dtype", [(True, "bf16"), (False, "fp32")])
 def test_the_default_dtype_on_the_cpu_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch, capsys, native, dtype):
     import argparse
