@@ -141,8 +141,9 @@ def build_hf(args, ours: torch.nn.Module | None = None) -> torch.nn.Module:
     dtype = DTYPES[args.dtype]
     config = AriaConfig.from_dict(to_hf_config(ours.cfg, str(dtype).removeprefix("torch.")))
     tensors = dict(ours_to_hf_tensors(((k, v.detach()) for k, v in ours.state_dict().items()), ours.cfg))
-    return AriaForConditionalGeneration.from_pretrained(None, config=config, state_dict=tensors, torch_dtype=dtype,
-                                                        attn_implementation="sdpa").to(args.device)
+    hf = AriaForConditionalGeneration.from_pretrained(None, config=config, state_dict=tensors,
+                                                      torch_dtype=dtype, attn_implementation="sdpa")
+    return hf.to(args.device)
 
 
 def build(args, impl: str, ours: torch.nn.Module | None = None) -> torch.nn.Module:

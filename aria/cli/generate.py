@@ -43,9 +43,10 @@ Design decisions:
   valid UTF-8 at all (a random model's) may print differently: whole-answer decoding turns every
   byte of such a run into U+FFFD.
 - A batch file is parsed and its media paths checked before the model loads, so a bad line
-  fails in seconds. ``--decode cuda_graph`` (CUDA, bf16) replays one captured decode step per
-  token instead of launching its ~3,200 ops one by one (``aria.model.generation``). Errors a user can cause (a missing file, an unreadable image or video, a
+  fails in seconds. Errors a user can cause (a missing file, an unreadable image or video, a
   directory that is not a model, a bad line) print one message naming the file and exit 1.
+- ``--decode cuda_graph`` (CUDA, bf16) replays one captured decode step per token instead of
+  launching its ~3,200 ops one by one (see ``aria.model.generation``).
 """
 
 from __future__ import annotations
