@@ -1,7 +1,8 @@
 """The language model alone on ideal image tokens: can it learn the shapes world's binding in time?
 
     python -m data_tools.binding_testbed [--model tiny] [--steps 1000] [--batch 40] [--grid 3|4]
-        [--no-place] [--blind] [--lr 1e-3] [--init-std S] [--seed 0] [--eval-every 250] [--json OUT]
+        [--no-place] [--shape-seen P] [--blind] [--lr 1e-3] [--init-std S] [--seed 0]
+        [--eval-every 250] [--json OUT]
 
 The quickstart's answers name things the scene has but not which colour, shape and place belong
 together (``data_tools.binding_report``). This tool takes the vision side out of the question: each
@@ -23,8 +24,10 @@ Design decisions:
   (an empty cell has its own colour and shape rows). ``--grid 3`` is one token per cell; ``--grid 4``
   the 16 tokens of model=tiny's 490 px crop, each a mixture of the cells it overlaps.
   ``--no-place`` leaves E_place out (place is then only the token's position in the sequence, which
-  the decoder sees through RoPE); ``--blind`` gives every token the empty scene (a control: the
-  answers must then fall to chance).
+  the decoder sees through RoPE); ``--shape-seen P`` shows an object's shape with probability P
+  only (else a learned "some shape" row: an encoder that sees where a shape is and its colour, not
+  what it is, as the quickstart's probes find); ``--blind`` gives every token the empty scene (a
+  control: the answers must then fall to chance).
 - **Words are single tokens** with ids of their own (no tokenizer), and a fixed run of template
   tokens stands between a question and its answer, as the chat template does; the loss is on the
   answer and the end token after it, and accuracy is the greedy answer token.
@@ -163,18 +166,23 @@ def make_batch(scenes, rng: np.random.Generator, grid: int, one_question: bool =
 class IdealTokens(nn.Module):
     """The image tokens: area-weighted sums of colour, shape and place embeddings (see above)."""
 
-    def __init__(self, dim: int, grid: int, place: bool, blind: bool) -> None:
+    def __init__(self, dim: int, grid: int, place: bool, blind: bool, shape_seen: float = 1.0) -> None:
         super().__init__()
         self.colour = nn.Parameter(torch.randn(len(COLOURS) + 1, dim))
-        self.shape = nn.Parameter(torch.randn(len(SHAPES) + 1, dim))
+        # rows: the shapes, empty, and (when shapes may go unseen) "some shape"
+        self.shape = nn.Parameter(torch.randn(len(SHAPES) + (1 if shape_seen >= 1 else 2), dim))
         self.place = nn.Parameter(torch.randn(NUM_CELLS, dim)) if place else None
         self.register_buffer("mix_GC", cell_mixing(grid))
-        self.blind = blind
+        self.blind, self.shape_seen = blind, shape_seen
 
     def forward(self, cells_BC3: torch.Tensor) -> torch.Tensor:
         if self.blind:
             cells_BC3 = cells_BC3.clone()
             cells_BC3[..., 0], cells_BC3[..., 1] = len(COLOURS), len(SHAPES)
+        if self.shape_seen < 1:
+            unseen_BC = (cells_BC3[..., 1] < len(SHAPES)) & (torch.rand(cells_BC3.shape[:2]) >= self.shape_seen)
+            cells_BC3 = cells_BC3.clone()
+            cells_BC3[..., 1] = torch.where(unseen_BC, len(SHAPES) + 1, cells_BC3[..., 1])
         cell_BCD = self.colour[cells_BC3[..., 0]] + self.shape[cells_BC3[..., 1]]
         if self.place is not None:
             cell_BCD = cell_BCD + self.place[cells_BC3[..., 2]]
@@ -184,7 +192,7 @@ class IdealTokens(nn.Module):
 def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid: int = 3,
         place: bool = True, blind: bool = False, lr: float = 1e-3, init_std: float | None = None,
         warmup: int = 20, seed: int = 0, eval_every: int = 250, eval_scenes: int = 600,
-        log=print) -> dict:
+        shape_seen: float = 1.0, log=print) -> dict:
     """Trains the model's language model on ideal tokens; returns the accuracy history.
     ``init_std``: the language model's ``initializer_range`` (default: the config's)."""
     from aria.config import load_model_config
@@ -197,7 +205,7 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
     model = Aria(cfg)
     model.init_weights(seed)
     decoder, lm_head = model.decoder, model.lm_head
-    tokens = IdealTokens(cfg.text.hidden_size, grid, place, blind)
+    tokens = IdealTokens(cfg.text.hidden_size, grid, place, blind, shape_seen)
     params = list(decoder.parameters()) + list(lm_head.parameters())
     optimizer = torch.optim.AdamW(params + list(tokens.parameters()), lr=lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)
@@ -243,7 +251,8 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
             history.append(entry)
             log(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
     return {"settings": dict(model=model_name, steps=steps, batch_size=batch_size, grid=grid,
-                             place=place, blind=blind, lr=lr, init_std=cfg.text.initializer_range,
+                             place=place, shape_seen=shape_seen, blind=blind, lr=lr,
+                             init_std=cfg.text.initializer_range,
                              seed=seed),
             "history": history}
 
@@ -264,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=40, help="scenes (dialogs) per step")
     parser.add_argument("--grid", type=int, default=3, help="image tokens per side (3: one per cell)")
     parser.add_argument("--no-place", action="store_true", help="tokens without the place embedding")
+    parser.add_argument("--shape-seen", type=float, default=1.0,
+                        help="probability that a token shows an object's shape (else 'some shape')")
     parser.add_argument("--blind", action="store_true", help="control: every token shows an empty scene")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--init-std", type=float, default=None,
@@ -275,9 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.grid < 1 or args.steps < 1 or args.batch < 1:
         parser.error("--grid, --steps and --batch must be >= 1")
+    if not 0 <= args.shape_seen <= 1:
+        parser.error(f"--shape-seen must be in [0, 1], got {args.shape_seen}")
     return run_report("binding_testbed", lambda: run(
         args.model, args.steps, args.batch, args.grid, not args.no_place, args.blind, args.lr,
-        args.init_std, seed=args.seed, eval_every=args.eval_every), report, args.json)
+        args.init_std, seed=args.seed, eval_every=args.eval_every, shape_seen=args.shape_seen),
+        report, args.json)
 
 
 if __name__ == "__main__":

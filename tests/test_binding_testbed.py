@@ -94,8 +94,23 @@ def test_the_language_model_learns_from_ideal_tokens_and_not_blind():
     assert blind["count"] < 0.45 and blind["colour"] < 0.25, blind
 
 
-def test_bad_arguments_are_one_line(capsys):
+def test_unseen_shapes_leave_colour_and_place():
+    """--shape-seen 0: two scenes that differ only in a shape give the same tokens, which still
+    differ from an empty scene's; --shape-seen 1: the two differ."""
+    one, other = [(0, 0, 4)], [(0, 1, 4)]
+    cells = bt.make_batch([one, other], np.random.default_rng(0), grid=3).cells_BC3
+    empty = torch.tensor([[(len(COLOURS), len(SHAPES), c) for c in range(bt.NUM_CELLS)]])
+    for seen, same in ((0.0, True), (1.0, False)):
+        torch.manual_seed(0)
+        tokens = bt.IdealTokens(8, grid=3, place=True, blind=False, shape_seen=seen)
+        tokens_BGD = tokens(torch.cat([cells, empty]))
+        assert torch.equal(tokens_BGD[0], tokens_BGD[1]) == same
+        assert not torch.equal(tokens_BGD[0, 4], tokens_BGD[2, 4])  # the object shows where it is
+
+
+@pytest.mark.parametrize("argv, flag", [(["--grid", "0"], "--grid"), (["--shape-seen", "1.5"], "--shape-seen")])
+def test_bad_arguments_are_one_line(capsys, argv, flag):
     with pytest.raises(SystemExit) as exit_info:
-        bt.main(["--grid", "0"])
+        bt.main(argv)
     assert exit_info.value.code == 2
-    assert "--grid" in capsys.readouterr().err
+    assert flag in capsys.readouterr().err
