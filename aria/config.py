@@ -635,10 +635,17 @@ class StageConfig:
                f"{p}.rope_theta", self.rope_theta, "null or a positive number")
 
 
+OBJECTIVES = ("lm", "contrastive")
+SIMILARITIES = ("pooled", "late")
+
+
 @dataclass
 class TrainConfig:
     """The loop: steps, batch geometry, seed, evaluation."""
 
+    objective: str = "lm"
+    """lm: next-token cross-entropy on the supervised tokens; contrastive: stage 0, the sigmoid
+    image-caption loss of ``aria.train.contrastive`` (see the ``contrastive`` node)."""
     max_steps: int = 100
     """Optimizer steps."""
     micro_batch_size: int = 1
@@ -661,6 +668,29 @@ class TrainConfig:
         for name in ("seed", "eval_every", "eval_batches"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, f"{p}.{name}",
                    getattr(self, name), "an integer >= 0")
+        _check(self.objective in OBJECTIVES, f"{p}.objective", self.objective, f"one of {OBJECTIVES}")
+
+
+@dataclass
+class ContrastiveConfig:
+    """Stage 0 (``train.objective=contrastive``): SigLIP's sigmoid loss between each image and each
+    caption of the global micro-batch, the model's decoder as the text tower."""
+
+    similarity: str = "pooled"
+    """pooled: the mean image token against the caption's last token (one vector per side, as
+    SigLIP); late: each caption token's best-matching image token, averaged over the caption
+    (FILIP's late interaction)."""
+    scale: float = 10.0
+    """The logits are scale * cosine similarity + bias (SigLIP's initial values, kept fixed)."""
+    bias: float = -10.0
+    _path: str = field(default="contrastive", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self._path
+        _check(self.similarity in SIMILARITIES, f"{p}.similarity", self.similarity, f"one of {SIMILARITIES}")
+        _check(isinstance(self.scale, (int, float)) and self.scale > 0, f"{p}.scale", self.scale,
+               "a positive number")
+        _check(isinstance(self.bias, (int, float)), f"{p}.bias", self.bias, "a number")
 
 
 @dataclass
@@ -671,11 +701,20 @@ class InitConfig:
     """A Hugging Face Aria directory (e.g. the released weights)."""
     from_checkpoint: str | None = None
     """A run directory (its latest checkpoint), a checkpoint directory or a model directory."""
+    groups: list | None = None
+    """Module groups (``MODULE_GROUPS``) read from that source; the others start from the seeded
+    initialisation, as from scratch (e.g. [vision, projector] after stage 0). None: all."""
     _path: str = field(default="init", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check(not (self.from_hf and self.from_checkpoint), f"{self._path}", "both set",
                "at most one of from_hf and from_checkpoint")
+        if self.groups is not None:
+            self.groups = list(self.groups)
+            _check(bool(self.groups) and set(self.groups) <= set(MODULE_GROUPS), f"{self._path}.groups",
+                   self.groups, f"null or a non-empty list of {MODULE_GROUPS}")
+            _check(bool(self.from_hf or self.from_checkpoint), f"{self._path}.groups", self.groups,
+                   "null unless init.from_hf or init.from_checkpoint is set")
 
 
 @dataclass
@@ -764,8 +803,8 @@ class LoRAConfig:
 
 
 RUN_NODES = {"data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig, "stage": StageConfig,
-             "train": TrainConfig, "init": InitConfig, "checkpoint": CheckpointConfig,
-             "logging": LoggingConfig, "lora": LoRAConfig}
+             "train": TrainConfig, "contrastive": ContrastiveConfig, "init": InitConfig,
+             "checkpoint": CheckpointConfig, "logging": LoggingConfig, "lora": LoRAConfig}
 
 
 @dataclass
@@ -780,6 +819,7 @@ class RunConfig:
     parallel: ParallelConfig
     stage: StageConfig
     train: TrainConfig
+    contrastive: ContrastiveConfig
     init: InitConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig
@@ -808,9 +848,15 @@ class RunConfig:
                 raise ValueError(f"config field 'parallel.sp_size' = {sp} must divide {field} = {value} "
                                  "(sequence parallelism splits the tokens of a row, and the heads inside "
                                  "attention, over its ranks)")
+        if cfg.train.objective == "contrastive" and sp != 1:
+            raise ValueError(f"config field 'parallel.sp_size' = {sp} with train.objective=contrastive: "
+                             "stage 0 scores whole captions on one rank; set parallel.sp_size=1")
         if cfg.parallel.ep_size != "node" and model.moe.num_experts % cfg.parallel.ep_size:
             raise ValueError(f"config field 'parallel.ep_size' = {cfg.parallel.ep_size} must divide "
                              f"model.moe.num_experts = {model.moe.num_experts}")
+        if cfg.lora.enabled and cfg.init.groups is not None:
+            raise ValueError(f"config field 'init.groups' = {cfg.init.groups} with lora.enabled: a LoRA "
+                             "run's base is its source as a whole; set init.groups=null")
         if cfg.lora.enabled:
             frozen = [t for t in cfg.lora.targets if not cfg.stage.trainable[LORA_TARGET_GROUPS[t]]]
             if frozen:

@@ -461,6 +461,7 @@ def test_non_finite_loss_stops_with_a_checkpoint(setup, tmp_path, capfd):
 # ---------------------------------------------------------------------------------------------
 
 RECIPE_FACTS = {  # recipe: (stage name, vision trains, seq_len, RoPE base set by the stage)
+    "stage0_vision": ("full", True, 4096, None),
     "stage1_language": ("language_pretraining", False, 8192, 1e5),
     "stage2_multimodal": ("multimodal_pretraining", True, 8192, 1e5),
     "stage3_long_context": ("long_context_pretraining", True, 65536, 5e6),
@@ -470,6 +471,7 @@ RECIPE_FACTS = {  # recipe: (stage name, vision trains, seq_len, RoPE base set b
     "finetune_long_context": ("finetune", False, 65536, None),
     "finetune_lora": ("finetune", False, 2048, None),
     "quickstart": ("full", True, 1024, None),
+    "quickstart_vision": ("full", True, 1024, None),
 }
 
 

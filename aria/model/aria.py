@@ -16,6 +16,11 @@ Design decisions:
   the row. An HF-style 0/1 ``attention_mask`` is a valid ``segment_ids``.
 - With ``targets`` the forward returns the *summed* chunked cross-entropy and the number of
   supervised tokens instead of logits (see ``loss.py``), plus the weighted router loss.
+- ``towers=True`` (stage 0, ``aria.train.contrastive``) returns the two towers of an
+  image-caption loss instead of a loss: the embeddings (image features in their slots) and the
+  decoder's last hidden states over the text alone: the <|img|> slots are padding (segment 0) and
+  each run of text between them a document of its own (``text_runs``), so no text token sees an
+  image.
 - Sequence parallelism (``aria.parallel.sequence``): embeddings, image features in their slots
   included, are made for whole rows; each rank of the group then keeps its tokens (and their
   positions and targets) while ``segment_ids`` stay whole, for attention over all of a row.
@@ -53,6 +58,10 @@ class AriaOutput(NamedTuple):
     aux_loss_L: torch.Tensor | None = None
     z_loss_L: torch.Tensor | None = None
     tokens_per_expert_LE: torch.Tensor | None = None
+    embeds_BTD: torch.Tensor | None = None
+    """With ``towers=True``: the input embeddings, image features in their <|img|> slots."""
+    hidden_BTD: torch.Tensor | None = None
+    """With ``towers=True``: the decoder's last hidden states over the text alone."""
 
 
 def merge_image_features(embeds_BTD: torch.Tensor, slots_BT: torch.Tensor, num_slots: int,
@@ -63,6 +72,15 @@ def merge_image_features(embeds_BTD: torch.Tensor, slots_BT: torch.Tensor, num_s
                          f"{num_slots} <|img|> tokens but {features_RD.shape[0]} image features were "
                          f"computed{described}")
     return embeds_BTD.masked_scatter(slots_BT.unsqueeze(-1), features_RD.to(embeds_BTD.dtype))
+
+
+def text_runs(segment_ids_BT: torch.Tensor, image_BT: torch.Tensor) -> torch.Tensor:
+    """Segment ids that make each run of text tokens between images (and document ends) its own
+    document, numbered 1, 2, ... along the row; the image slots become padding (0)."""
+    text_BT = (segment_ids_BT > 0) & ~image_BT
+    continues_BT = torch.zeros_like(text_BT)
+    continues_BT[:, 1:] = text_BT[:, :-1] & (segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1])
+    return torch.where(text_BT, (text_BT & ~continues_BT).cumsum(1), 0)
 
 
 def unit_seed(seed: int, name: str) -> int:
@@ -206,8 +224,8 @@ class Aria(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values=None, pixel_mask=None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int | None = None, image_feature_order: torch.Tensor | None = None
-                ) -> AriaOutput:
+                logits_to_keep: int | None = None, image_feature_order: torch.Tensor | None = None,
+                towers: bool = False) -> AriaOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         for name, value in (("position_ids", position_ids), ("segment_ids", segment_ids),
@@ -216,6 +234,12 @@ class Aria(nn.Module):
                 raise ValueError(f"{name} of shape {tuple(value.shape)} does not match input_ids "
                                  f"{tuple(input_ids.shape)}")
         embeds_BTD = self.embed(input_ids, pixel_values, pixel_mask, image_feature_order)
+        if towers:
+            if segment_ids is None or self.sequence_parallel is not None or cache is not None:
+                raise ValueError("towers=True needs segment_ids, no KV cache and no sequence parallelism")
+            text_segments_BT = text_runs(segment_ids, input_ids == self.cfg.image_token_id)
+            dec = self.decoder(embeds_BTD, position_ids, text_segments_BT, None, text_segments_BT > 0)
+            return AriaOutput(embeds_BTD=embeds_BTD, hidden_BTD=dec.hidden_BTD, **self._routing(dec))
         valid_BT = None if segment_ids is None else segment_ids > 0
         sp = self.sequence_parallel
         if sp is not None and cache is None:  # this rank's tokens of every row (aria.parallel.sequence)
@@ -226,13 +250,7 @@ class Aria(nn.Module):
             targets = None if targets is None else sp.shard(targets)
         # segment_ids stay whole: attention sees every token of a row (see TextDecoder.forward)
         dec = self.decoder(embeds_BTD, position_ids, segment_ids, cache, valid_BT)
-
-        router_loss = None
-        if dec.aux_loss_L is not None:
-            moe = self.cfg.moe
-            router_loss = moe.aux_loss_coeff * dec.aux_loss_L.sum() + moe.z_loss_coeff * dec.z_loss_L.sum()
-        routing = dict(router_loss=router_loss, aux_loss_L=dec.aux_loss_L, z_loss_L=dec.z_loss_L,
-                       tokens_per_expert_LE=dec.tokens_per_expert_LE)
+        routing = self._routing(dec)
         hidden_BTD = dec.hidden_BTD
         if targets is None:
             if logits_to_keep:
@@ -240,6 +258,15 @@ class Aria(nn.Module):
             return AriaOutput(logits=self.lm_head(hidden_BTD), **routing)
         return AriaOutput(loss_sum=self.lm_head(hidden_BTD, targets),
                           num_targets=(targets != IGNORE_INDEX).sum(), **routing)
+
+    def _routing(self, dec) -> dict:
+        """The decoder output's router statistics and weighted router loss (training mode only)."""
+        router_loss = None
+        if dec.aux_loss_L is not None:
+            moe = self.cfg.moe
+            router_loss = moe.aux_loss_coeff * dec.aux_loss_L.sum() + moe.z_loss_coeff * dec.z_loss_L.sum()
+        return dict(router_loss=router_loss, aux_loss_L=dec.aux_loss_L, z_loss_L=dec.z_loss_L,
+                    tokens_per_expert_LE=dec.tokens_per_expert_LE)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None,

@@ -20,7 +20,8 @@ Design decisions:
 - Loss: each micro-batch contributes ``W * CE_sum / N`` with N the supervised tokens of the whole
   step on all ranks (one all-reduce per step, before any backward), so DeepSpeed's average over
   ranks yields exactly the token-mean of the global batch, however tokens fall across ranks and
-  micro-batches. Router losses are averaged over micro-batches.
+  micro-batches. Router losses are averaged over micro-batches. With ``train.objective=contrastive``
+  (stage 0) CE_sum is the image-caption loss of ``aria.train.contrastive`` and N the step's images.
 - One host sync per step: the all-reduce of token counts and, after backward, of the step's loss
   statistics, which also decides the non-finite check *before* the optimizer applies anything.
 - Extras are hooks around the step, each a small method of ``Trainer``, not branches inside the
@@ -66,6 +67,7 @@ from aria.parallel.shards import local_parts, sum_over_parts
 from aria.rundir import MODEL, RUN_CONFIG, latest_checkpoint, resolve_model_dir
 from aria.train import checkpoint as ckpt
 from aria.train import weights
+from aria.train.contrastive import contrastive_loss_sum
 from aria.train.schedule import lr_multiplier
 from aria.train.stages import apply_stage, stage_model_config
 
@@ -230,9 +232,12 @@ class Trainer:
             else:
                 source = None
                 weights.init_weights(model, cfg.train.seed)
+            groups = cfg.init.groups if self.resume_from is None else None
+            if source is not None and groups is not None:  # the other groups as from scratch
+                weights.init_weights(model, cfg.train.seed)
             if source is not None:
                 self.loaded = weights.load_weights(model, source, hf=bool(cfg.init.from_hf) and
-                                                   self.resume_from is None)
+                                                   self.resume_from is None, groups=groups)
                 self.load_message = (f"loaded {source}: rank {info.rank} read "
                                      f"{self.loaded.bytes_read / 2**30:.3f} GiB of its "
                                      f"{self.loaded.bytes_stored / 2**30:.3f} GiB")
@@ -353,11 +358,28 @@ class Trainer:
             self._after_step(self._record(stats, grad_norm, tokens_per_expert))
         return EXIT_OK
 
+    def _loss_count(self, batch) -> int:
+        """What the loss of a micro-batch is a sum over: supervised tokens, or stage 0's images."""
+        return batch.num_samples if self.cfg.train.objective == "contrastive" else batch.num_targets
+
+    def _forward(self, engine, batch):
+        """The micro-batch's forward and its summed loss: cross-entropy, or (``train.objective=
+        contrastive``) the image-caption loss of this rank's images against all ranks' captions."""
+        inputs = to_device(batch.model_inputs(), self.info.device)
+        if self.cfg.train.objective == "lm":
+            out = engine(**inputs)
+            return out, out.loss_sum
+        out = engine(**inputs, towers=True)
+        loss_sum, _ = contrastive_loss_sum(out.embeds_BTD, out.hidden_BTD, inputs["input_ids"],
+                                           inputs["segment_ids"], inputs["targets"],
+                                           self.model_cfg.image_token_id, self.cfg.contrastive, batch.where)
+        return out, loss_sum
+
     def _agree(self, micro) -> tuple[float, bool]:
-        """(supervised tokens of the step on all ranks, whether any rank was asked to stop): one
-        all-reduce, before any backward."""
+        """(supervised tokens, or stage 0's images, of the step on all ranks; whether any rank was
+        asked to stop): one all-reduce, before any backward."""
         info, SP = self.info, self.cfg.parallel.sp_size
-        agreed = torch.tensor([float(sum(b.num_targets for b in micro)), float(self.stop_requested)],
+        agreed = torch.tensor([float(sum(self._loss_count(b) for b in micro)), float(self.stop_requested)],
                               dtype=torch.float64, device=info.device)
         if info.world_size > 1:
             dist.all_reduce(agreed)
@@ -452,8 +474,8 @@ class Trainer:
         z = torch.zeros((), device=device, dtype=torch.float64)
         tokens_per_expert, flops, tokens = None, 0.0, 0
         for i, batch in enumerate(micro):
-            out = engine(**to_device(batch.model_inputs(), device))
-            loss = out.loss_sum * (W / n_global)
+            out, loss_sum = self._forward(engine, batch)
+            loss = loss_sum * (W / n_global)
             if out.router_loss is not None:
                 # under sequence parallelism each rank holds its tokens' part of the rows' router
                 # losses; DeepSpeed averages over all W ranks, so the parts are scaled by SP
@@ -465,12 +487,13 @@ class Trainer:
             engine.backward(loss, scale_wrt_gas=False)
             if i < G - 1:
                 engine.step()  # DeepSpeed counts micro-steps; the update happens on the last one
-            ce += out.loss_sum.detach()
+            ce += loss_sum.detach()
             crops = {}
             pixels = batch.pixel_values
             for pv in ([pixels] if isinstance(pixels, torch.Tensor) else pixels or []):
                 crops[pv.shape[-1]] = crops.get(pv.shape[-1], 0) + pv.shape[0]
-            flops += batch_flops(self.model_cfg, batch.num_tokens, attention_pairs(batch.segment_ids), crops)
+            flops += batch_flops(self.model_cfg, batch.num_tokens, attention_pairs(batch.segment_ids), crops,
+                                 lm_head=self.cfg.train.objective == "lm")
             tokens += batch.num_tokens
         counts = torch.tensor([float(tokens), flops], device=device, dtype=torch.float64)
         totals = torch.cat([torch.stack([ce, aux, z]), counts])
@@ -509,8 +532,10 @@ class Trainer:
                                    cfg.data.allow_outside_media,
                                    entry.columns, most if info.world_size > 1 else None)
             for batch in itertools.islice(batches, cfg.train.eval_batches or None):
-                out = engine(**to_device(batch.model_inputs(), info.device))
-                sums += torch.stack([out.loss_sum.double(), out.num_targets.double()])
+                out, loss_sum = self._forward(engine, batch)
+                count = out.num_targets if cfg.train.objective == "lm" else batch.num_samples
+                sums += torch.stack([loss_sum.double(), torch.as_tensor(count, dtype=torch.float64,
+                                                                        device=info.device)])
             if info.world_size > 1:
                 dist.all_reduce(sums)
             ce_sum, n = sums.tolist()

@@ -45,7 +45,7 @@ from aria.config import LoRAConfig, ModelConfig
 from aria.convert import keymap
 from aria.convert.lora_base import read_base, reference, write_base
 from aria.convert.store import INDEX, LAYOUT, TensorStore, expert_file
-from aria.model.aria import Aria, seeded
+from aria.model.aria import Aria, module_groups, seeded
 from aria.model.lora import (ADAPTERS_FILE, EXPERT_ADAPTER_KEY, LORA_JSON, LoRAMerger, is_adapter, lora_json,
                              read_adapters)
 from aria.parallel.shards import EXPERTS, PARTITIONED, Part, local_parts, sum_over_parts
@@ -85,9 +85,20 @@ class Loaded(NamedTuple):
 
 
 @torch.no_grad()
-def load_weights(model: Aria, source: Path, hf: bool = False) -> Loaded:
+def group_keys(model: Aria, groups) -> set[str]:
+    """The names of the weights (parameters, and the routers' balancing bias) in the module
+    ``groups`` (``aria.config.MODULE_GROUPS``)."""
+    wanted = {id(p) for g in groups for p in module_groups(model)[g]}
+    keys = {name for name, p in model.named_parameters() if id(p) in wanted}
+    if "router" in groups:
+        keys |= {name for name, _ in model.named_buffers() if name.endswith(".router.expert_bias")}
+    return keys
+
+
+def load_weights(model: Aria, source: Path, hf: bool = False, groups=None) -> Loaded:
     """Copy weights from our model directory (any expert-parallel layout) or an HF directory into
-    this rank's part of every tensor of ``model``, reading only those bytes.
+    this rank's part of every tensor of ``model``, reading only those bytes. ``groups``: only the
+    weights of these module groups (the others keep what they hold); None: all.
 
     A directory with LoRA adapters: when ``model`` has the same adapters (rank, alpha, targets)
     they are loaded too; a model without adapters gets the base weights merged with them; other
@@ -111,6 +122,9 @@ def load_weights(model: Aria, source: Path, hf: bool = False) -> Loaded:
     optional = {k for k in parts if k.endswith(".router.expert_bias") and k not in store.pieces}
     keymap.check_keys(store.keys(), set(parts) - optional, f"{'Hugging Face weights' if hf else 'weights'} "
                       f"in {source}", tied_lm_head=False)
+    if groups is not None:  # the source matches the whole model; only these groups are read
+        keep = group_keys(model, groups)
+        parts = {k: v for k, v in parts.items() if k in keep}
     for key, part in parts.items():
         if key in optional:
             part.local.zero_()

@@ -1,0 +1,145 @@
+"""Stage 0: SigLIP's sigmoid loss between the images and the captions of a micro-batch, over all ranks.
+
+Letters: B rows, T tokens per row, D width, S documents (an image and its caption each; S_all on
+all ranks), Q image tokens of a document, K caption tokens of a document (both padded to the
+longest), W ranks.
+
+Design decisions:
+- No weights of its own. The image side is the projector's output, the tokens the decoder reads;
+  the caption side is the decoder's last hidden states over the caption alone
+  (``Aria.forward(towers=True)``: the <|img|> slots are padding to it) at the supervised positions
+  (the caption's tokens). Both are L2-normalised; the logits are ``scale * cosine + bias`` with
+  SigLIP's initial values t = 10, b = -10, fixed (learnt, they moved to 11.6 and -10.0 in 600
+  steps on the shapes world). A stage-0 checkpoint is an ordinary Aria checkpoint, which the next
+  stage starts from (``init.from_checkpoint``).
+- ``pooled`` similarity (SigLIP's, the default): the cosine of the mean image token with the
+  caption's last hidden state. ``late`` (FILIP's late interaction): the mean over caption j's
+  tokens of each token's best cosine with one of image i's tokens, which asks each image token to
+  hold one region's object. The quickstart's measurements (README) use pooled.
+- All ranks take part: each rank scores its images against the captions of every rank (an
+  all-gather whose backward all-reduces the gradient, so a caption's gradient from other ranks'
+  images returns to its rank). The loss of the global micro-batch is the sum over its images of
+  sum_j -log sigmoid(z_ij * logit_ij) (z = +1 for the image's own caption, -1 otherwise); the
+  trainer divides by the step's images on all ranks, so the loss is the same for any number of
+  ranks holding the same rows. The micro-batches of a step are separate sets of negatives.
+- Documents: every document (``segment_ids`` of a row) must hold image tokens and supervised
+  caption tokens (caption records); anything else is a ``ValueError`` naming where it came from.
+  Sizes (S, K, Q) are read on the host once per micro-batch, with one small all-gather.
+- Memory of ``late``: S x S_all x K x Q fp32 similarities (plus the gradient's index of the
+  best token): about 5 MB for the shapes world's 1K rows on one rank; it grows with the square of
+  the global micro-batch, so at full size a stage 0 keeps its micro-batches of documents small or
+  uses ``pooled``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from aria.config import IGNORE_INDEX, ContrastiveConfig
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of equal-shape tensors along a new first dimension; backward all-reduces the
+    gradient and keeps this rank's part."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad_WX: torch.Tensor):
+        grad_WX = grad_WX.contiguous()
+        dist.all_reduce(grad_WX, group=ctx.group)
+        return grad_WX[dist.get_rank(ctx.group)], None
+
+
+def documents(values_BTD: torch.Tensor, take_BT: torch.Tensor, doc_BT: torch.Tensor, S: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The taken positions of each document as (S, K, D) rows, in row order, and their (S, K)
+    validity; K is the most positions any document has."""
+    doc_N = doc_BT[take_BT]  # non-decreasing: documents follow each other along a row
+    counts_S = torch.bincount(doc_N, minlength=S)
+    slot_N = torch.arange(doc_N.numel(), device=doc_N.device) - (counts_S.cumsum(0) - counts_S)[doc_N]
+    K = int(counts_S.max()) if S else 0
+    out_SKD = values_BTD.new_zeros(S, K, values_BTD.shape[-1])
+    out_SKD[doc_N, slot_N] = values_BTD[take_BT]
+    valid_SK = torch.zeros(S, K, dtype=torch.bool, device=doc_N.device)
+    valid_SK[doc_N, slot_N] = True
+    return out_SKD, valid_SK
+
+
+def document_ids(segment_ids_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, T) index of each token's document among all the micro-batch's documents, in row order
+    (-1 on padding), and their number S (a host read)."""
+    per_row_B = segment_ids_BT.amax(1)
+    offsets_B = per_row_B.cumsum(0) - per_row_B
+    doc_BT = torch.where(segment_ids_BT > 0, offsets_B[:, None] + segment_ids_BT - 1, -1)
+    return doc_BT, int(per_row_B.sum())
+
+
+def similarities(image_SQD: torch.Tensor, image_valid_SQ: torch.Tensor, text_AKD: torch.Tensor,
+                 text_valid_AK: torch.Tensor, similarity: str) -> torch.Tensor:
+    """(S, A) fp32 similarity of each image with each caption (A captions, padded ones included)."""
+    if similarity == "pooled":
+        counts_S1 = image_valid_SQ.sum(1, keepdim=True).clamp(min=1)
+        image_SD = (image_SQD.float() * image_valid_SQ[..., None]).sum(1) / counts_S1
+        last_A = (text_valid_AK.sum(1) - 1).clamp(min=0)
+        text_AD = text_AKD.float()[torch.arange(text_AKD.shape[0], device=text_AKD.device), last_A]
+        return F.normalize(image_SD, dim=-1) @ F.normalize(text_AD, dim=-1).T
+    image_SQD = F.normalize(image_SQD.float(), dim=-1)
+    text_AKD = F.normalize(text_AKD.float(), dim=-1)
+    cos_SAKQ = torch.einsum("sqd,akd->sakq", image_SQD, text_AKD)
+    best_SAK = cos_SAKQ.masked_fill(~image_valid_SQ[:, None, None, :], float("-inf")).amax(-1)
+    best_SAK = best_SAK.masked_fill(~text_valid_AK[None], 0.0)
+    return best_SAK.sum(-1) / text_valid_AK.sum(-1).clamp(min=1)[None]
+
+
+def contrastive_loss_sum(embeds_BTD: torch.Tensor, hidden_BTD: torch.Tensor, input_ids_BT: torch.Tensor,
+                         segment_ids_BT: torch.Tensor, targets_BT: torch.Tensor, image_token_id: int,
+                         cfg: ContrastiveConfig, where: list[str] | None = None, group=None
+                         ) -> tuple[torch.Tensor, int]:
+    """The summed sigmoid loss of this rank's images against the captions of all ranks, and this
+    rank's number of images (documents). ``group``: the data-parallel process group (None: the
+    default group when one exists, else this process alone)."""
+    doc_BT, S = document_ids(segment_ids_BT)
+    image_SQD, image_valid_SQ = documents(embeds_BTD, (input_ids_BT == image_token_id) & (doc_BT >= 0),
+                                          doc_BT, S)
+    text_SKD, text_valid_SK = documents(hidden_BTD, (targets_BT != IGNORE_INDEX) & (doc_BT >= 0), doc_BT, S)
+    images_S, captions_S = image_valid_SQ.sum(1), text_valid_SK.sum(1)
+    lacking_S = (images_S == 0) | (captions_S == 0)
+    if S and bool(lacking_S.any()):
+        s = int(lacking_S.nonzero()[0])
+        origin = f" ({where[s]})" if where and s < len(where) else ""
+        raise ValueError(f"train.objective=contrastive needs documents of an image and its caption "
+                         f"(caption records); document {s} of the micro-batch{origin} has "
+                         f"{int(images_S[s])} image tokens and {int(captions_S[s])} supervised caption "
+                         f"tokens")
+    world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        sizes = torch.tensor([S, text_SKD.shape[1]], device=embeds_BTD.device)
+        parts = [torch.empty_like(sizes) for _ in range(world)]
+        dist.all_gather(parts, sizes, group=group)
+        sizes_W2 = torch.stack(parts).tolist()
+        rank = dist.get_rank(group)
+        first = sum(s for s, _ in sizes_W2[:rank])
+        S_max, K_max = (max(v) for v in zip(*sizes_W2))
+        padded_SKD = F.pad(text_SKD, (0, 0, 0, K_max - text_SKD.shape[1], 0, S_max - S))
+        valid_SK = F.pad(text_valid_SK, (0, K_max - text_SKD.shape[1], 0, S_max - S))
+        all_WSKD = _GatherRows.apply(padded_SKD, group)
+        valid_WSK = _GatherRows.apply(valid_SK.to(padded_SKD.dtype), group).bool()
+        keep = torch.cat([torch.arange(s) + w * S_max for w, (s, _) in enumerate(sizes_W2)])
+        keep = keep.to(embeds_BTD.device)
+        text_AKD, text_valid_AK = all_WSKD.flatten(0, 1)[keep], valid_WSK.flatten(0, 1)[keep]
+    else:
+        first, text_AKD, text_valid_AK = 0, text_SKD, text_valid_SK
+    if S == 0:  # nothing to score here (an all-padding batch): still part of the gathers above
+        return embeds_BTD.sum() * 0.0 + text_AKD.sum() * 0.0, 0
+    sim_SA = similarities(image_SQD, image_valid_SQ, text_AKD, text_valid_AK, cfg.similarity)
+    sign_SA = torch.full_like(sim_SA, -1.0)
+    sign_SA[torch.arange(S), torch.arange(first, first + S)] = 1.0
+    return -F.logsigmoid(sign_SA * (cfg.scale * sim_SA + cfg.bias)).sum(), S

@@ -1,0 +1,197 @@
+"""Stage 0's image-caption loss (``aria.train.contrastive``): the sum against a direct
+per-document computation, the text tower seeing each caption alone, clear errors for documents
+that are not an image and its caption, and 2 gloo processes against 1."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from aria.config import IGNORE_INDEX, ContrastiveConfig, load_model_config
+from aria.model import build_model
+from aria.convert.checkpoint import read_model_config
+from aria.train import weights
+from aria.train.contrastive import contrastive_loss_sum
+from aria.train.compose import compose_run
+from aria.train.trainer import train
+from helpers import run_distributed, shapes_world
+
+IMG = 9  # model=tiny's <|img|> id
+
+# rows of documents; each document: tokens before its images, image slots, caption tokens
+LAYOUT = [[(1, 3, 4), (0, 2, 3), (2, 4, 2)],
+          [(0, 5, 6), (1, 1, 1)]]
+
+
+def packed(layout, T: int = 26, D: int = 8, seed: int = 0):
+    """Random embeddings and hidden states over packed rows, and per document the (row, positions)
+    of its image slots and of its caption (supervised) tokens."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(layout)
+    input_ids = torch.full((B, T), 5)
+    segment_ids = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE_INDEX)
+    docs = []
+    for b, row in enumerate(layout):
+        t = 0
+        for s, (before, images, caption) in enumerate(row, start=1):
+            image_pos = list(range(t + before, t + before + images))
+            text_pos = list(range(t + before + images, t + before + images + caption))
+            input_ids[b, image_pos] = IMG
+            targets[b, text_pos] = 7
+            segment_ids[b, t:t + before + images + caption] = s
+            docs.append((b, image_pos, text_pos))
+            t += before + images + caption
+    embeds = torch.randn(B, T, D, generator=g)
+    hidden = torch.randn(B, T, D, generator=g)
+    return embeds, hidden, input_ids, segment_ids, targets, docs
+
+
+def reference_loss(embeds, hidden, docs, cfg: ContrastiveConfig) -> float:
+    """The SigLIP sum written per document, in float64."""
+    def unit(v):
+        return v / v.norm()
+
+    images = [[embeds[b, p].double() for p in img] for b, img, _ in docs]
+    captions = [[hidden[b, p].double() for p in txt] for b, _, txt in docs]
+    total = 0.0
+    for i, image in enumerate(images):
+        for j, caption in enumerate(captions):
+            if cfg.similarity == "pooled":
+                s = float(unit(sum(image) / len(image)) @ unit(caption[-1]))
+            else:
+                s = sum(max(float(unit(q) @ unit(k)) for q in image) for k in caption) / len(caption)
+            logit = cfg.scale * s + cfg.bias
+            z = 1.0 if i == j else -1.0
+            total += math.log1p(math.exp(-z * logit))
+    return total
+
+
+@pytest.mark.parametrize("similarity", ["late", "pooled"])
+def test_loss_is_the_sigmoid_sum_over_every_image_caption_pair(similarity):
+    embeds, hidden, input_ids, segment_ids, targets, docs = packed(LAYOUT)
+    cfg = ContrastiveConfig(similarity=similarity, scale=4.0, bias=-2.0)
+    loss, images = contrastive_loss_sum(embeds, hidden, input_ids, segment_ids, targets, IMG, cfg)
+    assert images == len(docs) == 5
+    want = reference_loss(embeds, hidden, docs, cfg)
+    assert abs(float(loss) - want) <= 1e-5 * want, (float(loss), want)
+
+
+def test_a_document_without_an_image_or_a_caption_is_named():
+    cfg = ContrastiveConfig()
+    embeds, hidden, input_ids, segment_ids, targets, _ = packed([[(1, 3, 4), (2, 0, 3)]])
+    with pytest.raises(ValueError, match=r"document 1 of the micro-batch \(b.jsonl:7\) has 0 image tokens "
+                                         r"and 3 supervised caption tokens"):
+        contrastive_loss_sum(embeds, hidden, input_ids, segment_ids, targets, IMG, cfg, ["a.jsonl:1", "b.jsonl:7"])
+    embeds, hidden, input_ids, segment_ids, targets, _ = packed([[(1, 3, 0), (2, 2, 3)]])
+    with pytest.raises(ValueError, match="document 0 .* has 3 image tokens and 0 supervised"):
+        contrastive_loss_sum(embeds, hidden, input_ids, segment_ids, targets, IMG, cfg)
+
+
+def test_the_text_tower_reads_each_caption_alone_and_the_image_side_is_the_projector():
+    cfg = load_model_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    Q = cfg.projector.patch_to_query[49]
+    # two documents in one row: [a token, 16 image slots, caption of 5] + [16 image slots, caption of 4]
+    doc1 = [11] + [IMG] * Q + [20, 21, 22, 23, 24]
+    doc2 = [IMG] * Q + [30, 31, 32, 33]
+    input_ids = torch.tensor([doc1 + doc2 + [2, 2]])
+    segment_ids = torch.tensor([[1] * len(doc1) + [2] * len(doc2) + [0, 0]])
+    position_ids = torch.tensor([list(range(len(doc1))) + list(range(len(doc2))) + [0, 0]])
+    pixels = torch.randint(0, 256, (2, 3, 490, 490), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model(input_ids, pixels, position_ids=position_ids, segment_ids=segment_ids, towers=True)
+        features = model.image_features(pixels)
+        assert torch.equal(out.embeds_BTD[0][input_ids[0] == IMG], features.flatten(0, 1))
+        for start, caption in ((1 + Q, doc1[1 + Q:]), (len(doc1) + Q, doc2[Q:])):
+            ids = torch.tensor([caption])
+            positions = position_ids[:, start:start + len(caption)]
+            alone = model.decoder(model.decoder.embed(ids), positions, torch.ones_like(ids), None, None)
+            got = out.hidden_BTD[0, start:start + len(caption)]
+            assert torch.allclose(got, alone.hidden_BTD[0], atol=1e-5), (got - alone.hidden_BTD[0]).abs().max()
+        # and the caption is not what it reads inside its document with the image
+        full = model(input_ids, pixels, position_ids=position_ids, segment_ids=segment_ids, towers=False)
+        assert full.logits is not None
+        seen = model.decoder(out.embeds_BTD, position_ids, segment_ids, None, segment_ids > 0).hidden_BTD
+        assert not torch.allclose(seen[0, 1 + Q:len(doc1)], out.hidden_BTD[0, 1 + Q:len(doc1)], atol=1e-3)
+
+
+def test_contrastive_config_is_checked():
+    with pytest.raises(ValueError, match="contrastive.similarity"):
+        ContrastiveConfig(similarity="mean")
+    with pytest.raises(ValueError, match="contrastive.scale"):
+        ContrastiveConfig(scale=0)
+    with pytest.raises(ValueError, match="train.objective"):
+        compose_run("config", ["run_dir=/x", "data.train=/d", "data.tokenizer=/t", "train.objective=clip"])
+    with pytest.raises(ValueError, match=r"init.groups.*null unless init.from_hf or init.from_checkpoint"):
+        compose_run("quickstart", ["run_dir=/x", "data.train=/d", "data.tokenizer=/t", "init.groups=[vision]"])
+    with pytest.raises(ValueError, match=r"init.groups.*a non-empty list of"):
+        compose_run("quickstart", ["run_dir=/x", "data.train=/d", "data.tokenizer=/t", "init.from_checkpoint=/c",
+                                   "init.groups=[eyes]"])
+    with pytest.raises(ValueError, match="parallel.sp_size"):
+        compose_run("stage0_vision", ["run_dir=/x", "data.train=/d", "data.tokenizer=/t", "parallel.sp_size=2"])
+
+
+def _train(rank: int, world: int, args: list[str]) -> None:
+    assert train(compose_run("quickstart_vision", args)) == 0
+
+
+def _losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(run_dir / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("similarity,zero", [("late", 1), ("pooled", 3)])
+def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tmp_path, similarity, zero):
+    """Two ranks of two rows each see the captions of all four (the all-gather), as one rank of four
+    rows: the same losses and weights; then recipe=quickstart starts from the stage-0 run. Every
+    caption document (16 image tokens + 7-23 caption tokens + 3) fills more than half of a 48-token
+    row, so every row holds one document and both layouts read the same rows."""
+    from aria.convert.store import iter_tensors
+
+    data, tok = shapes_world(tmp_path, train_images=24, test_images=2, train_videos=0, test_videos=1)
+    common = [f"data.train={data / 'caption_train.jsonl'}", f"data.tokenizer={tok}", "logging=quiet",
+              "train.max_steps=3", "train.seq_len=48", "checkpoint.every_steps=0", "data.num_workers=0",
+              "optim.eps=1e-3", f"contrastive.similarity={similarity}", "model.moe.aux_loss_coeff=0",
+              # bias 0: other ranks' captions weigh as much as the own one (at -10 their gradient
+              # is 1e-4 of it, too little to tell a lost cross-rank gradient from rounding)
+              "contrastive.bias=0", "contrastive.scale=5", f"parallel.zero_stage={zero}",
+              "model.moe.z_loss_coeff=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_distributed(_train, 1, ([f"run_dir={one}", "train.micro_batch_size=4", *common],), timeout=300)
+    run_distributed(_train, 2, ([f"run_dir={two}", "train.micro_batch_size=2", *common],), timeout=300)
+    a, b = _losses(one), _losses(two)
+    assert len(a) == 3 and all(x > 0 for x in a)
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    wa = dict(iter_tensors(one / "checkpoints" / "step_00000003" / "model"))
+    wb = dict(iter_tensors(two / "checkpoints" / "step_00000003" / "model"))
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+    # the next stage starts from the stage-0 run's vision encoder and projector, the rest as from scratch
+    nxt = tmp_path / "next"
+    run_distributed(_next, 1, ([f"run_dir={nxt}", f"init.from_checkpoint={one}", "init.groups=[vision,projector]",
+                                f"data.tokenizer={tok}", f"data.train={data / 'dialog_train.jsonl'}",
+                                "logging=quiet", "train.max_steps=1", "train.seq_len=256",
+                                "checkpoint.every_steps=0", "data.num_workers=0"],), timeout=300)
+    started = json.loads((nxt / "init.json").read_text())
+    assert started["source"] == str(one)
+    model = build_model(read_model_config(one / "checkpoints" / "step_00000003" / "model"), init=False)
+    weights.init_weights(model, 0)
+    fresh = sum(float(t.double().abs().sum()) for t in model.state_dict().values())
+    moved = 0
+    for key, value in wa.items():
+        if key.startswith(("vision.", "projector.")):
+            moved += not torch.equal(model.state_dict()[key], value)
+            model.state_dict()[key].copy_(value)
+    expected = sum(float(t.double().abs().sum()) for t in model.state_dict().values())
+    assert moved > 10  # stage 0 trained the vision encoder and projector
+    assert started["fingerprint"] == pytest.approx(expected, rel=1e-12) and expected != fresh
+    assert math.isfinite(_losses(nxt)[0])
+
+
+def _next(rank: int, world: int, args: list[str]) -> None:
+    assert train(compose_run("quickstart", args)) == 0
