@@ -21,10 +21,17 @@ Design decisions:
   images returns to its rank). The loss of the global micro-batch is the sum over its images of
   sum_j -log sigmoid(z_ij * logit_ij) (z = +1 for the image's own caption, -1 otherwise); the
   trainer divides by the step's images on all ranks, so the loss is the same for any number of
-  ranks holding the same rows. The micro-batches of a step are separate sets of negatives.
+  ranks holding the same rows. The negatives are the global micro-batch: the micro-batches of a
+  step are separate sets of them, so a layout with another number of rows per micro-batch on all
+  ranks (e.g. a resume on fewer processes, which raises ``train.grad_accum``) trains on other
+  pairs, unlike the language-model loss.
 - Documents: every document (``segment_ids`` of a row) must hold image tokens and supervised
-  caption tokens (caption records); anything else is a ``ValueError`` naming where it came from.
-  Sizes (S, K, Q) are read on the host once per micro-batch, with one small all-gather.
+  caption tokens (caption records); anything else is a ``ValueError`` naming where it came from,
+  which stops the run (the loader does not know the objective: a stage-0 dataset must hold
+  caption records only).
+- Host reads per micro-batch: the document count, the longest document's image and caption
+  tokens, the check above, and one all-gather of two sizes; the captions' gather moves
+  S x K x D per rank (at full size, 16 documents of 128 caption tokens in bf16: 10 MB).
 - Memory of ``late``: S x S_all x K x Q fp32 similarities (plus the gradient's index of the
   best token): about 5 MB for the shapes world's 1K rows on one rank; it grows with the square of
   the global micro-batch, so at full size a stage 0 keeps its micro-batches of documents small or
