@@ -683,6 +683,7 @@ class ContrastiveConfig:
     scale: float = 10.0
     """The logits are scale * cosine similarity + bias (SigLIP's initial values, kept fixed)."""
     bias: float = -10.0
+    """See ``scale``: -10 starts every pair near "not a match", as there are far more negatives."""
     _path: str = field(default="contrastive", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -701,7 +702,7 @@ class InitConfig:
     """A Hugging Face Aria directory (e.g. the released weights)."""
     from_checkpoint: str | None = None
     """A run directory (its latest checkpoint), a checkpoint directory or a model directory."""
-    groups: list | None = None
+    groups: list[str] | None = None
     """Module groups (``MODULE_GROUPS``) read from that source; the others start from the seeded
     initialisation, as from scratch (e.g. [vision, projector] after stage 0). None: all."""
     _path: str = field(default="init", repr=False, compare=False)
@@ -710,6 +711,8 @@ class InitConfig:
         _check(not (self.from_hf and self.from_checkpoint), f"{self._path}", "both set",
                "at most one of from_hf and from_checkpoint")
         if self.groups is not None:
+            _check(isinstance(self.groups, (list, tuple)), f"{self._path}.groups", self.groups,
+                   "null or a list, e.g. [vision,projector]")
             self.groups = list(self.groups)
             _check(bool(self.groups) and set(self.groups) <= set(MODULE_GROUPS), f"{self._path}.groups",
                    self.groups, f"null or a non-empty list of {MODULE_GROUPS}")

@@ -1,14 +1,15 @@
 """Stage 0: SigLIP's sigmoid loss between the images and the captions of a micro-batch, over all ranks.
 
-Letters: B rows, T tokens per row, D width, S documents (an image and its caption each; S_all on
-all ranks), Q image tokens of a document, K caption tokens of a document (both padded to the
-longest), W ranks.
+Letters: B rows, T tokens per row, D width, S documents of this rank (an image and its caption
+each), A documents of all ranks, Q image tokens of a document, K caption tokens of a document
+(both padded to the longest), N positions taken, W ranks.
 
 Design decisions:
 - No weights of its own. The image side is the projector's output, the tokens the decoder reads;
   the caption side is the decoder's last hidden states over the caption alone
-  (``Aria.forward(towers=True)``: the <|img|> slots are padding to it) at the supervised positions
-  (the caption's tokens). Both are L2-normalised; the logits are ``scale * cosine + bias`` with
+  (``Aria.forward(towers=True)``: the <|img|> slots are padding to it) at the positions that
+  predict a supervised token (from the image's closing marker to the caption's last token: the
+  last one has read the whole caption). Both are L2-normalised; the logits are ``scale * cosine + bias`` with
   SigLIP's initial values t = 10, b = -10, fixed (learnt, they moved to 11.6 and -10.0 in 600
   steps on the shapes world). A stage-0 checkpoint is an ordinary Aria checkpoint, which the next
   stage starts from (``init.from_checkpoint``).
@@ -25,10 +26,12 @@ Design decisions:
   step are separate sets of them, so a layout with another number of rows per micro-batch on all
   ranks (e.g. a resume on fewer processes, which raises ``train.grad_accum``) trains on other
   pairs, unlike the language-model loss.
-- Documents: every document (``segment_ids`` of a row) must hold image tokens and supervised
-  caption tokens (caption records); anything else is a ``ValueError`` naming where it came from,
-  which stops the run (the loader does not know the objective: a stage-0 dataset must hold
-  caption records only).
+- Documents: each document (``segment_ids`` of a row) is taken as an image (or a video's frames)
+  followed by its text: caption and video records. One without image tokens or without supervised
+  text is a ``ValueError`` naming where it came from, raised on every rank (the check travels with
+  the sizes' all-gather, so no rank waits in a collective); it stops the run, since the loader does
+  not know the objective. Text before an image (interleaved records) is not checked: keep such
+  records out of a stage-0 dataset.
 - Host reads per micro-batch: the document count, the longest document's image and caption
   tokens, the check above, and one all-gather of two sizes; the captions' gather moves
   S x K x D per rank (at full size, 16 documents of 128 caption tokens in bf16: 10 MB).
@@ -116,34 +119,46 @@ def contrastive_loss_sum(embeds_BTD: torch.Tensor, hidden_BTD: torch.Tensor, inp
     doc_BT, S = document_ids(segment_ids_BT)
     image_SQD, image_valid_SQ = documents(embeds_BTD, (input_ids_BT == image_token_id) & (doc_BT >= 0),
                                           doc_BT, S)
-    text_SKD, text_valid_SK = documents(hidden_BTD, (targets_BT != IGNORE_INDEX) & (doc_BT >= 0), doc_BT, S)
+    text_SKD, text_valid_SK = documents(hidden_BTD, (targets_BT != IGNORE_INDEX) & (doc_BT >= 0),
+                                        doc_BT, S)
     images_S, captions_S = image_valid_SQ.sum(1), text_valid_SK.sum(1)
     lacking_S = (images_S == 0) | (captions_S == 0)
-    if S and bool(lacking_S.any()):
-        s = int(lacking_S.nonzero()[0])
-        origin = f" ({where[s]})" if where and s < len(where) else ""
+    bad = int(lacking_S.nonzero()[0]) if S and bool(lacking_S.any()) else -1
+
+    def refuse(rank: int = 0, world: int = 1) -> None:
+        origin = f" ({where[bad]})" if where and bad < len(where) else ""
+        ranked = f" on rank {rank}" if world > 1 else ""
         raise ValueError(f"train.objective=contrastive needs documents of an image and its caption "
-                         f"(caption records); document {s} of the micro-batch{origin} has "
-                         f"{int(images_S[s])} image tokens and {int(captions_S[s])} supervised caption "
-                         f"tokens")
+                         f"(caption or video records); document {bad} of the micro-batch{ranked}"
+                         f"{origin} has {int(images_S[bad])} image tokens and {int(captions_S[bad])} "
+                         f"supervised text tokens")
+
     world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-    if world > 1:
-        sizes = torch.tensor([S, text_SKD.shape[1]], device=embeds_BTD.device)
-        parts = [torch.empty_like(sizes) for _ in range(world)]
-        dist.all_gather(parts, sizes, group=group)
-        sizes_W2 = torch.stack(parts).tolist()
-        rank = dist.get_rank(group)
-        first = sum(s for s, _ in sizes_W2[:rank])
-        S_max, K_max = (max(v) for v in zip(*sizes_W2))
-        padded_SKD = F.pad(text_SKD, (0, 0, 0, K_max - text_SKD.shape[1], 0, S_max - S))
-        valid_SK = F.pad(text_valid_SK, (0, K_max - text_SKD.shape[1], 0, S_max - S))
-        all_WSKD = _GatherRows.apply(padded_SKD, group)
-        valid_WSK = _GatherRows.apply(valid_SK.to(padded_SKD.dtype), group).bool()
-        keep = torch.cat([torch.arange(s) + w * S_max for w, (s, _) in enumerate(sizes_W2)])
-        keep = keep.to(embeds_BTD.device)
-        text_AKD, text_valid_AK = all_WSKD.flatten(0, 1)[keep], valid_WSK.flatten(0, 1)[keep]
-    else:
+    if world == 1:
+        if bad >= 0:
+            refuse()
         first, text_AKD, text_valid_AK = 0, text_SKD, text_valid_SK
+    else:
+        sizes_3 = torch.tensor([S, text_SKD.shape[1], bad], device=embeds_BTD.device)
+        parts = [torch.empty_like(sizes_3) for _ in range(world)]
+        dist.all_gather(parts, sizes_3, group=group)
+        sizes_W3 = torch.stack(parts).tolist()
+        rank = dist.get_rank(group)
+        if bad >= 0:
+            refuse(rank, world)
+        flagged = [w for w, (_, _, b) in enumerate(sizes_W3) if b >= 0]
+        if flagged:
+            raise ValueError(f"train.objective=contrastive: rank {flagged[0]} holds a document that is "
+                             "not an image and its caption (its own error names it)")
+        first = sum(s for s, _, _ in sizes_W3[:rank])
+        S_max, K_max = (max(v) for v in list(zip(*sizes_W3))[:2])
+        padded_SKD = F.pad(text_SKD, (0, 0, 0, K_max - text_SKD.shape[1], 0, S_max - S))
+        padded_valid_SK = F.pad(text_valid_SK, (0, K_max - text_SKD.shape[1], 0, S_max - S))
+        all_WSKD = _GatherRows.apply(padded_SKD, group)
+        valid_WSK = _GatherRows.apply(padded_valid_SK.to(padded_SKD.dtype), group).bool()
+        keep_A = torch.cat([torch.arange(s) + w * S_max for w, (s, _, _) in enumerate(sizes_W3)])
+        keep_A = keep_A.to(embeds_BTD.device)
+        text_AKD, text_valid_AK = all_WSKD.flatten(0, 1)[keep_A], valid_WSK.flatten(0, 1)[keep_A]
     if S == 0:  # nothing to score here (an all-padding batch): still part of the gathers above
         return embeds_BTD.sum() * 0.0 + text_AKD.sum() * 0.0, 0
     sim_SA = similarities(image_SQD, image_valid_SQ, text_AKD, text_valid_AK, cfg.similarity)

@@ -24,6 +24,7 @@ Design decisions:
   (stage 0) CE_sum is the image-caption loss of ``aria.train.contrastive`` and N the step's images.
 - One host sync per step: the all-reduce of token counts and, after backward, of the step's loss
   statistics, which also decides the non-finite check *before* the optimizer applies anything.
+  (Stage 0 adds a few per micro-batch: document sizes, see ``aria.train.contrastive``.)
 - Extras are hooks around the step, each a small method of ``Trainer``, not branches inside the
   model: auxiliary-loss-free bias updates before the optimizer step, evaluation and checkpoints
   after it, SIGTERM turning into a checkpoint at the next step boundary (agreed by all ranks
@@ -533,6 +534,7 @@ class Trainer:
                                    entry.columns, most if info.world_size > 1 else None)
             for batch in itertools.islice(batches, cfg.train.eval_batches or None):
                 out, loss_sum = self._forward(engine, batch)
+                # the model's count: under sequence parallelism each rank holds its part of the targets
                 count = out.num_targets if cfg.train.objective == "lm" else batch.num_samples
                 sums += torch.stack([loss_sum.double(), torch.as_tensor(count, dtype=torch.float64,
                                                                         device=info.device)])

@@ -84,7 +84,6 @@ class Loaded(NamedTuple):
     """Bytes this rank read, and the size of every tensor the directory holds."""
 
 
-@torch.no_grad()
 def group_keys(model: Aria, groups) -> set[str]:
     """The names of the weights (parameters, and the routers' balancing bias) in the module
     ``groups`` (``aria.config.MODULE_GROUPS``)."""
@@ -95,6 +94,7 @@ def group_keys(model: Aria, groups) -> set[str]:
     return keys
 
 
+@torch.no_grad()
 def load_weights(model: Aria, source: Path, hf: bool = False, groups=None) -> Loaded:
     """Copy weights from our model directory (any expert-parallel layout) or an HF directory into
     this rank's part of every tensor of ``model``, reading only those bytes. ``groups``: only the
