@@ -200,3 +200,16 @@ def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tm
 
 def _next(rank: int, world: int, args: list[str]) -> None:
     assert train(compose_run("quickstart", args)) == 0
+
+
+def _one_bad_rank(rank: int, world: int) -> None:
+    layout = [[(1, 3, 4), (2, 2, 3)]] if rank == 0 else [[(1, 3, 4), (2, 0, 3)]]  # rank 1: no image
+    embeds, hidden, input_ids, segment_ids, targets, _ = packed(layout, seed=rank)
+    want = "document 1 of the micro-batch on rank 1" if rank == 1 else "rank 1 holds a document"
+    with pytest.raises(ValueError, match=want):
+        contrastive_loss_sum(embeds, hidden, input_ids, segment_ids, targets, IMG, ContrastiveConfig())
+
+
+@pytest.mark.slow
+def test_a_bad_document_on_one_rank_stops_every_rank_instead_of_hanging():
+    run_distributed(_one_bad_rank, 2, (), timeout=60)
