@@ -1,5 +1,6 @@
 """Shared test helpers: tiny configs, HF twins of our models, a small shapes world with its
-tokenizer, HF exports with a tokenizer, and a 2-process gloo harness."""
+tokenizer, HF exports with a tokenizer, a 2-process gloo harness, and a run directory rewound to an
+earlier checkpoint."""
 
 from __future__ import annotations
 
@@ -146,3 +147,13 @@ def run_distributed(fn, world: int = 2, args: tuple = (), timeout: float = 120) 
     if failures or any(p.exitcode != 0 for p in procs):
         raise AssertionError("distributed run failed:\n" + "\n".join(failures or
                              [f"exit codes {[p.exitcode for p in procs]}"]))
+
+
+def rewind(run_dir: Path, to: Path, step: int = 2) -> Path:
+    """A copy of ``run_dir`` as if it had died after its step-``step`` checkpoint."""
+    shutil.copytree(run_dir, to)
+    for ckpt in (to / "checkpoints").glob("step_*"):
+        if int(ckpt.name.split("_")[1]) > step:
+            shutil.rmtree(ckpt)
+    (to / "checkpoints" / "latest").write_text(f"step_{step:08d}\n")
+    return to

@@ -17,7 +17,7 @@ from aria.train import weights
 from aria.train.contrastive import contrastive_loss_sum
 from aria.train.compose import compose_run
 from aria.train.trainer import train
-from helpers import run_distributed, shapes_world
+from helpers import rewind, run_distributed, shapes_world
 
 IMG = 9  # model=tiny's <|img|> id
 
@@ -145,20 +145,23 @@ def _train(rank: int, world: int, args: list[str]) -> None:
 
 
 def _losses(run_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in open(run_dir / "metrics.jsonl")]
+    return [r["loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "loss" in r]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("similarity,zero", [("late", 1), ("pooled", 3)])
 def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tmp_path, similarity, zero):
     """Two ranks of two rows each see the captions of all four (the all-gather), as one rank of four
-    rows: the same losses and weights; then recipe=quickstart starts from the stage-0 run. Every
-    caption document (16 image tokens + 7-23 caption tokens + 3) fills more than half of a 48-token
-    row, so every row holds one document and both layouts read the same rows."""
+    rows: the same losses, weights and held-out loss, which equals a float64 sum over the held-out
+    pairs; then recipe=quickstart starts from the stage-0 run, and resuming it does not start from
+    the stage-0 run again. Every caption document (16 image tokens + 7-23 caption tokens + 3) fills
+    more than half of a 48-token row, so every row holds one document and both layouts read the same
+    rows (the held-out set: records 0, 2 on rank 0 and 1, 3 on rank 1, one micro-batch of four)."""
     from aria.convert.store import iter_tensors
 
-    data, tok = shapes_world(tmp_path, train_images=24, test_images=2, train_videos=0, test_videos=1)
+    data, tok = shapes_world(tmp_path, train_images=24, test_images=4, train_videos=0, test_videos=0)
     common = [f"data.train={data / 'caption_train.jsonl'}", f"data.tokenizer={tok}", "logging=quiet",
+              f"data.eval={data / 'caption_test.jsonl'}",
               "train.max_steps=3", "train.seq_len=48", "checkpoint.every_steps=0", "data.num_workers=0",
               "optim.eps=1e-3", f"contrastive.similarity={similarity}", "model.moe.aux_loss_coeff=0",
               # bias 0: other ranks' captions weigh as much as the own one (at -10 their gradient
@@ -175,13 +178,16 @@ def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tm
     wb = dict(iter_tensors(two / "checkpoints" / "step_00000003" / "model"))
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+    held_out = _eval_loss(one)
+    assert held_out == pytest.approx(_eval_loss(two), abs=1e-5)
+    assert held_out == pytest.approx(_held_out_reference(one, [f"run_dir={one}", *common]), rel=1e-5)
     # the next stage starts from the stage-0 run's vision encoder and projector, the rest as from scratch
     nxt = tmp_path / "next"
-    run_distributed(_next, 1, ([f"run_dir={nxt}", f"init.from_checkpoint={one}",
-                                "init.groups=[vision,projector]", f"data.tokenizer={tok}",
-                                f"data.train={data / 'dialog_train.jsonl'}",
-                                "logging=quiet", "train.max_steps=1", "train.seq_len=256",
-                                "checkpoint.every_steps=0", "data.num_workers=0"],), timeout=300)
+    nxt_args = [f"init.from_checkpoint={one}", "init.groups=[vision,projector]", f"data.tokenizer={tok}",
+                f"data.train={data / 'dialog_train.jsonl'}", "logging=quiet", "train.max_steps=2",
+                "train.seq_len=256", "checkpoint.every_steps=1", "checkpoint.keep_last=2",
+                "data.num_workers=0"]
+    run_distributed(_next, 1, ([f"run_dir={nxt}", *nxt_args],), timeout=300)
     started = json.loads((nxt / "init.json").read_text())
     assert started["source"] == str(one)
     model = build_model(read_model_config(one / "checkpoints" / "step_00000003" / "model"), init=False)
@@ -195,7 +201,40 @@ def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tm
     expected = sum(float(t.double().abs().sum()) for t in model.state_dict().values())
     assert moved > 10  # stage 0 trained the vision encoder and projector
     assert started["fingerprint"] == pytest.approx(expected, rel=1e-12) and expected != fresh
-    assert math.isfinite(_losses(nxt)[0])
+    assert all(math.isfinite(x) for x in _losses(nxt))
+    # resumed after step 1, it continues from its own checkpoint (init.groups is not applied again)
+    resumed = rewind(nxt, tmp_path / "resumed", step=1)
+    run_distributed(_next, 1, ([f"run_dir={resumed}", *nxt_args],), timeout=300)
+    assert _losses(resumed)[-1] == pytest.approx(_losses(nxt)[-1], abs=1e-6)
+
+
+def _eval_loss(run_dir) -> float:
+    (value,) = [r["eval_loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "eval_loss" in r]
+    return value
+
+
+def _held_out_reference(run_dir, args: list[str]) -> float:
+    """The held-out loss of the run's last checkpoint written per document in float64: its one
+    micro-batch of four documents, the images and captions read from the model's towers."""
+    from aria.data.loader import eval_batches
+    from aria.data.processor import Processor
+
+    cfg = compose_run("quickstart_vision", args)
+    directory = run_dir / "checkpoints" / "step_00000003" / "model"
+    model = build_model(read_model_config(directory), init=False)
+    weights.load_weights(model, directory)
+    processor = Processor.from_config(cfg.data, model.cfg)
+    (batch,) = eval_batches(cfg.data.eval, processor, cfg.train.seq_len, 4)
+    with torch.no_grad():
+        out = model.eval()(**batch.model_inputs(), towers=True)
+    docs = []
+    for b in range(batch.input_ids.shape[0]):
+        for s in range(1, int(batch.segment_ids[b].max()) + 1):
+            own = batch.segment_ids[b] == s
+            docs.append((b, (own & (batch.input_ids[b] == IMG)).nonzero()[:, 0].tolist(),
+                         (own & (batch.targets[b] != IGNORE_INDEX)).nonzero()[:, 0].tolist()))
+    assert len(docs) == 4 and all(img and txt for _, img, txt in docs)
+    return reference_loss(out.embeds_BTD, out.hidden_BTD, docs, cfg.contrastive) / len(docs)
 
 
 def _next(rank: int, world: int, args: list[str]) -> None:

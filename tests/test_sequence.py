@@ -11,8 +11,8 @@ import torch.distributed as dist
 from aria.model import build_model
 from aria.parallel.sequence import SequenceParallel, enable_sequence_parallel
 from aria.train.compose import compose_run
-from helpers import make_config, perturb, run_distributed
-from test_train import assert_same_training, overrides, records, rewind, run
+from helpers import make_config, perturb, rewind, run_distributed
+from test_train import assert_same_training, overrides, records, run
 
 
 def _exchange_worker(rank: int, world: int) -> None:

@@ -32,7 +32,7 @@ from aria.convert.store import iter_tensors
 from aria.model import build_model
 from aria.train.compose import compose_run, recipes
 from aria.train.trainer import train
-from helpers import free_port, run_distributed
+from helpers import free_port, rewind, run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN = 60
@@ -227,16 +227,6 @@ def test_each_rank_reads_and_holds_only_its_part_of_the_weights(setup, tmp_path)
             assert all(abs(r["read"] - total / 2) <= 4 * len(r["held"]) for r in ranks), [r["read"] for r in ranks]
             assert all(r["held"][n] <= -(-r["whole"][n] // 2) for r in ranks for n in r["held"])
             assert sum(ranks[0]["held"].values()) + sum(ranks[1]["held"].values()) == sum(ranks[0]["whole"].values())
-
-
-def rewind(run_dir: Path, to: Path, step: int = 2) -> Path:
-    """A copy of ``run_dir`` as if it had died after its step-``step`` checkpoint."""
-    shutil.copytree(run_dir, to)
-    for ckpt in (to / "checkpoints").glob("step_*"):
-        if int(ckpt.name.split("_")[1]) > step:
-            shutil.rmtree(ckpt)
-    (to / "checkpoints" / "latest").write_text(f"step_{step:08d}\n")
-    return to
 
 
 def test_resume_on_another_layout_continues_the_same_losses(setup, tmp_path):

@@ -33,8 +33,9 @@ Design decisions:
   not know the objective. Text before an image (interleaved records) is not checked: keep such
   records out of a stage-0 dataset.
 - Host reads per micro-batch: the document count, the longest document's image and caption
-  tokens, the check above, and one all-gather of two sizes; the captions' gather moves
-  S x K x D per rank (at full size, 16 documents of 128 caption tokens in bf16: 10 MB).
+  tokens, the check above, and one all-gather of three sizes. The captions' gather moves S x D
+  per rank for ``pooled`` (each caption's last position), S x K x D for ``late`` (at full size,
+  16 documents of 128 caption tokens in bf16: 10 MB).
 - Memory of ``late``: S x S_all x K x Q fp32 similarities (plus the gradient's index of the
   best token): about 5 MB for the shapes world's 1K rows on one rank; it grows with the square of
   the global micro-batch, so at full size a stage 0 keeps its micro-batches of documents small or
@@ -124,6 +125,10 @@ def contrastive_loss_sum(embeds_BTD: torch.Tensor, hidden_BTD: torch.Tensor, inp
     images_S, captions_S = image_valid_SQ.sum(1), text_valid_SK.sum(1)
     lacking_S = (images_S == 0) | (captions_S == 0)
     bad = int(lacking_S.nonzero()[0]) if S and bool(lacking_S.any()) else -1
+    if cfg.similarity == "pooled":  # only each caption's last position is scored: gather that alone
+        last_S = (captions_S - 1).clamp(min=0)
+        text_SKD = text_SKD[torch.arange(S, device=last_S.device), last_S][:, None]
+        text_valid_SK = (captions_S > 0)[:, None]
 
     def refuse(rank: int = 0, world: int = 1) -> None:
         origin = f" ({where[bad]})" if where and bad < len(where) else ""
