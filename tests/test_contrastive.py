@@ -160,7 +160,9 @@ def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tm
     from aria.convert.store import iter_tensors
 
     data, tok = shapes_world(tmp_path, train_images=24, test_images=4, train_videos=0, test_videos=0)
-    common = [f"data.train={data / 'caption_train.jsonl'}", f"data.tokenizer={tok}", "logging=quiet",
+    # text documents in the mix: the loader skips them (not an image and its caption)
+    common = [f"data.train=[{{path:'{data / 'caption_train.jsonl'}',weight:3}},"
+              f"{{path:'{data / 'text_train.jsonl'}',weight:1}}]", f"data.tokenizer={tok}", "logging=quiet",
               f"data.eval={data / 'caption_test.jsonl'}",
               "train.max_steps=3", "train.seq_len=48", "checkpoint.every_steps=0", "data.num_workers=0",
               "optim.eps=1e-3", f"contrastive.similarity={similarity}", "model.moe.aux_loss_coeff=0",

@@ -23,7 +23,8 @@ from aria.config import DataConfig, VideoConfig, load_model_config
 import aria.data.loader as loader_module
 import aria.data.sources as sources_module
 from aria.data.errors import BadInputPolicy, DataError
-from aria.data.loader import StreamSpec, TrainLoader, build_train_loader, eval_batches, iterate_samples
+from aria.data.loader import (StreamSpec, TrainLoader, build_train_loader, eval_batches, iterate_samples,
+                              read_record)
 from aria.data.packing import Packer, Piece, Row, collate
 from aria.data.processor import CHAT_TEMPLATE, Processor
 from aria.data.records import MediaResolver, parse_record
@@ -779,6 +780,54 @@ def test_records_ignore_unknown_top_level_keys_and_errors_name_the_message():
     official = {"messages": [{"role": "user", "content": [{"type": "image", "text": None}]}, ANSWER],
                 "images": ["a.png"]}
     assert parse_record(official, "r", MediaResolver()).media[0].kind == "image"
+
+
+def test_stage0_data_takes_only_an_image_then_its_text(tok, bad_dataset, tmp_path):
+    """With ``image_caption`` (train.objective=contrastive) a sample that is not an image (or a
+    video) followed by its text is skipped as ``not_image_caption``, counted by the train loader and
+    raised with its line in strict mode; images followed by their text pass."""
+    d, _ = bad_dataset
+    text_only = {"messages": [{"role": "user", "content": "Colour?"}, ANSWER]}
+    image_last = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                               *GOOD["messages"]], "images": GOOD["images"]}
+    dialog = {"messages": [*GOOD["messages"], {"role": "user", "content": "Sure?"},
+                           {"role": "assistant", "content": "yes"}], "images": GOOD["images"]}
+    document = {"kind": "text", "text": "A red circle."}
+    interleaved = {"kind": "interleaved", "images": GOOD["images"],
+                   "content": [{"type": "text", "text": "Look:"}, {"type": "image"}, {"type": "text", "text": "red."}]}
+    caption = {"kind": "caption", "images": GOOD["images"], "text": "A red circle."}
+    lines = [GOOD, text_only, image_last, dialog, document, interleaved, caption]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "good.png").write_bytes((d / "images" / "good.png").read_bytes())
+    data = tmp_path / "stage0.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    proc = processor(tok, image_size=490)
+    policy = BadInputPolicy(keep=True)
+    kept = [policy.attempt(read_record, raw, proc, None, None, True) is not None
+            for raw in open_source(str(data), "train").iterate_once()]
+    assert kept == [True, False, False, True, False, False, True]
+    assert [e.where.rsplit(":", 1)[1] for e in policy.errors] == ["2", "3", "5", "6"]
+    assert {e.kind for e in policy.errors} == {"not_image_caption"}
+    assert "no image" in str(policy.errors[0]) and "text supervised before an image" in str(policy.errors[1])
+    # without the flag every one of them is a usable sample
+    assert all(policy.attempt(read_record, raw, proc, None, None) is not None
+               for raw in open_source(str(data), "train").iterate_once())
+
+    config = DataConfig(train=str(data), num_workers=0)
+    it = iter(got := build_train_loader(config, proc, BAD_SEQ_LEN, 1, image_caption=True))
+    documents = 0
+    for batch in take(it, 4):  # more than an epoch (three usable samples)
+        for doc in range(1, int(batch.segment_ids.max()) + 1):
+            own = batch.segment_ids[0] == doc
+            images = (own & (batch.input_ids[0] == tok.image_id)).nonzero()[:, 0]
+            supervised = (own & (batch.targets[0] != IGNORE_INDEX)).nonzero()[:, 0]
+            assert len(images) and len(supervised) and int(images.max()) < int(supervised.min())
+            documents += 1
+    assert documents >= 4
+    it.close()
+    assert got.skipped()["not_image_caption"] >= 4
+    with pytest.raises(DataError, match=r"stage0\.jsonl:2: train\.objective=contrastive takes an image"):
+        list(eval_batches(str(data), proc, BAD_SEQ_LEN, 1, strict=True, image_caption=True))
 
 
 def test_outside_media_is_allowed_on_request(tok, bad_dataset):

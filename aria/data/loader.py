@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from aria.config import DataConfig, DatasetEntry, parse_mixture
+from aria.config import IGNORE_INDEX, DataConfig, DatasetEntry, parse_mixture
 from aria.data.errors import BadInputPolicy, DataError, log
 from aria.data.packing import PackedBatch, Packer, Piece, RowBatcher, collate, padding_batch
 from aria.data.processor import EncodedSample, Processor
@@ -92,10 +92,23 @@ class Loaded(NamedTuple):
     """None when no packer was given."""
 
 
+def check_image_caption(encoded: EncodedSample, image_id: int) -> None:
+    """A ``DataError`` (kind ``not_image_caption``) unless ``encoded`` is an image (or a video's
+    frames) followed by its supervised text: what stage 0's image-caption loss takes."""
+    images = (encoded.input_ids == image_id).nonzero()
+    supervised = (encoded.targets != IGNORE_INDEX).nonzero()
+    if not len(images) or not len(supervised) or int(images[-1]) > int(supervised[0]):
+        what = ("no image" if not len(images) else "no supervised text" if not len(supervised)
+                else "text supervised before an image")
+        raise DataError(f"train.objective=contrastive takes an image or a video followed by its "
+                        f"text (caption and video records); this sample has {what}", "not_image_caption")
+
+
 def read_record(raw: RawRecord, processor: Processor | None = None, packer: Packer | None = None,
-                start: Any = None) -> Loaded:
+                start: Any = None, image_caption: bool = False) -> Loaded:
     """Parse ``raw``, then encode it (with a processor) and cut it into row pieces (with a packer,
-    ``start`` being the loader position before it). Raises only ``DataError``, located at the record."""
+    ``start`` being the loader position before it); ``image_caption``: only image-caption samples
+    (``check_image_caption``). Raises only ``DataError``, located at the record."""
     try:
         if raw.error is not None:
             raise raw.error
@@ -103,6 +116,8 @@ def read_record(raw: RawRecord, processor: Processor | None = None, packer: Pack
         encoded = pieces = None
         if processor is not None:
             encoded = processor.encode(sample, max_tokens=packer.seq_len if packer is not None else None)
+            if image_caption:
+                check_image_caption(encoded, processor.tokenizer.image_id)
             if packer is not None:
                 pieces = packer.pieces(encoded, start)
         return Loaded(sample, encoded, pieces)
@@ -162,6 +177,8 @@ class StreamSpec:
     split_long_text: bool = True
     shuffle_buffer: int = 0
     """Records held per stream and shard dataset, drawn at random (``data.shuffle_buffer``)."""
+    image_caption: bool = False
+    """Only image-caption samples, the others skipped as ``not_image_caption`` (stage 0)."""
     sources: list | None = None
     """The opened sources of ``datasets`` (opened by ``TrainLoader`` if None)."""
 
@@ -203,7 +220,8 @@ def stream_batches(spec: StreamSpec, stream: int, num_streams: int, saved: dict 
         read, before, k = mixture.next()
         # the resume point before this sample: where the mixture was and what had been skipped
         start = {"mixture": before, "skipped": dict(policy.counts)}
-        loaded = policy.attempt(read_record, read.raw, spec.processor, batcher.packer, start)
+        loaded = policy.attempt(read_record, read.raw, spec.processor, batcher.packer, start,
+                                spec.image_caption)
         tally = epochs[k].setdefault(read.epoch, [0, False])
         tally[0] += loaded is not None
         tally[1] |= read.first
@@ -456,12 +474,12 @@ class TrainLoader:
 
 def build_train_loader(data: DataConfig, processor: Processor, seq_len: int, batch_size: int,
                        rank: int = 0, world_size: int = 1, seed: int = 0, prefetch_factor: int = 2,
-                       timeout: float = 600.0) -> TrainLoader:
+                       timeout: float = 600.0, image_caption: bool = False) -> TrainLoader:
     datasets = parse_mixture(data.train, "data.train")
     if not datasets:
         raise ValueError("config field 'data.train' is empty: give a dataset path")
     spec = StreamSpec(datasets, processor, seq_len, batch_size, rank, world_size, seed, data.strict,
-                      data.allow_outside_media, data.split_long_text, data.shuffle_buffer)
+                      data.allow_outside_media, data.split_long_text, data.shuffle_buffer, image_caption)
     # opened (and indexed) once, here: a missing or empty dataset fails now, not in a worker
     spec.sources = spec.open_sources()
     return TrainLoader(spec, data.num_workers, prefetch_factor, timeout, data.streams)
@@ -489,7 +507,8 @@ DONE, READY, FAILED = 0, 1, 2
 def eval_batches(path: str, processor: Processor, seq_len: int, batch_size: int,
                  rank: int = 0, world_size: int = 1, strict: bool = False,
                  allow_outside_media: bool = False, columns: dict[str, str] | None = None,
-                 most: Callable[[int], int] | None = None) -> Iterator[PackedBatch]:
+                 most: Callable[[int], int] | None = None, image_caption: bool = False
+                 ) -> Iterator[PackedBatch]:
     """One deterministic pass over this rank's share of a held-out set (records ``rank``,
     ``rank + world_size``, ...), packed like training.
 
@@ -504,7 +523,7 @@ def eval_batches(path: str, processor: Processor, seq_len: int, batch_size: int,
 
     def own() -> Iterator[PackedBatch]:
         for raw in open_source(path, "test", allow_outside_media, columns).iterate_once(rank, world_size):
-            loaded = policy.attempt(read_record, raw, processor, batcher.packer)
+            loaded = policy.attempt(read_record, raw, processor, batcher.packer, None, image_caption)
             if loaded is None:
                 continue
             batcher.add(loaded.pieces)

@@ -27,11 +27,11 @@ Design decisions:
   ranks (e.g. a resume on fewer processes, which raises ``train.grad_accum``) trains on other
   pairs, unlike the language-model loss.
 - Documents: each document (``segment_ids`` of a row) is taken as an image (or a video's frames)
-  followed by its text: caption and video records. One without image tokens or without supervised
-  text is a ``ValueError`` naming where it came from, raised on every rank (the check travels with
-  the sizes' all-gather, so no rank waits in a collective); it stops the run, since the loader does
-  not know the objective. Text before an image (interleaved records) is not checked: keep such
-  records out of a stage-0 dataset.
+  followed by its text: caption and video records. The loader skips and counts other samples
+  (``aria.data.loader.check_image_caption``: no image, no supervised text, or text supervised
+  before an image); a document without image tokens or supervised text in a batch the loader did
+  not build is a ``ValueError`` naming where it came from, raised on every rank
+  (the check travels with the sizes' all-gather, so no rank waits in a collective).
 - Host reads per micro-batch: the document count, the longest document's image and caption
   tokens, the check above, and one all-gather of three sizes. The captions' gather moves S x D
   per rank for ``pooled`` (each caption's last position), S x K x D for ``late`` (at full size,

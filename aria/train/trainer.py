@@ -259,7 +259,8 @@ class Trainer:
         data = self.cfg.data
         loader = build_train_loader(data, self.processor, self.cfg.train.seq_len,
                                     self.cfg.train.micro_batch_size, rank, world, self.cfg.train.seed,
-                                    data.prefetch_factor, data.loader_timeout)
+                                    data.prefetch_factor, data.loader_timeout,
+                                    image_caption=self.cfg.train.objective == "contrastive")
         if self.resume_from is not None:
             states = ckpt.read_trainer_states(self.resume_from)
             old_sp = ckpt.read_layout(self.resume_from).get("sp_size", 1)  # a group's ranks hold one position
@@ -530,8 +531,9 @@ class Trainer:
             sp = cfg.parallel.sp_size  # a sequence-parallel group reads the same rows
             batches = eval_batches(entry.path, self.processor, cfg.train.seq_len, cfg.train.micro_batch_size,
                                    info.rank // sp, info.world_size // sp, cfg.data.strict,
-                                   cfg.data.allow_outside_media,
-                                   entry.columns, most if info.world_size > 1 else None)
+                                   cfg.data.allow_outside_media, entry.columns,
+                                   most if info.world_size > 1 else None,
+                                   image_caption=cfg.train.objective == "contrastive")
             for batch in itertools.islice(batches, cfg.train.eval_batches or None):
                 out, loss_sum = self._forward(engine, batch)
                 # the model's count: under sequence parallelism each rank holds its part of the targets
