@@ -23,6 +23,12 @@ Design decisions:
 - Raw uint8 pixels (what the data loader ships) are normalised inside the patch projection: Aria's
   x * 2/255 - 1 is folded into its weights and bias, so the pixels are read once (the float cast)
   instead of three times; padding (a zero pixel) becomes -1, as in the reference processor.
+- The patch projection is a linear map of each flattened patch (the pixels reshaped to (N, G,
+  C*P*P) as uint8, then cast), not ``conv2d``: the same products, one GEMM, and no gradient for
+  the pixels. On the CPU (oneDNN), fwd+bwd of 51 crops of 490 px at P = 70, width 64 took 262 ms as
+  a convolution and 164 ms as the GEMM in fp32, 761 ms against 85 ms in bf16; 8 crops of 980 px at
+  Aria's P = 14, width 1152, in bf16: 1225 against 464 ms. The weight keeps the Conv2d layout of
+  the checkpoint and of transformers.
 - The features handed to the projector are the hidden state after ``feature_layer`` layers. There
   is no post-LayerNorm: Aria never used one (the HF checkpoint carries a dead one, which the
   converter writes as zeros).
@@ -74,8 +80,13 @@ class PatchEmbed(nn.Module):
         weight, bias = self.weight, self.bias
         if pixels_NCHW.dtype == torch.uint8:  # conv(x * 2/255 - 1) = conv'(x) with these weights
             weight, bias = weight * (2.0 / 255.0), bias - weight.sum(dim=(1, 2, 3))
-        out = F.conv2d(pixels_NCHW.to(weight.dtype), weight, bias, stride=self.patch_size)
-        return out.flatten(2).transpose(1, 2)
+        # the stride-P convolution as one GEMM over the patches, each flattened (C, P, P) like the
+        # weight: the same sums, in the layout the checkpoint keeps (module doc)
+        N, C, H, W = pixels_NCHW.shape
+        P = self.patch_size
+        patches_NGK = (pixels_NCHW.view(N, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5)
+                       .reshape(N, (H // P) * (W // P), C * P * P))
+        return F.linear(patches_NGK.to(weight.dtype), weight.flatten(1), bias)
 
 
 class VisionAttention(nn.Module):
