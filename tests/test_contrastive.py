@@ -149,11 +149,11 @@ def _losses(run_dir) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("similarity,zero", [("late", 1), ("pooled", 3)])
-def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tmp_path, similarity, zero):
-    """Two ranks of two rows each see the captions of all four (the all-gather), as one rank of four
-    rows: the same losses, weights and held-out loss, which equals a float64 sum over the held-out
-    pairs; then recipe=quickstart starts from the stage-0 run, and resuming it does not start from
+@pytest.mark.parametrize("similarity,zero,ep", [("late", 1, 2), ("pooled", 3, 1)])
+def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tmp_path, similarity, zero, ep):
+    """Two ranks of two rows each (the experts split over both with ``ep`` = 2) see the captions of
+    all four (the all-gather), as one rank of four rows: the same losses, weights and held-out loss,
+    which equals a float64 sum over the held-out pairs; then recipe=quickstart starts from the stage-0 run, and resuming it does not start from
     the stage-0 run again. Every caption document (16 image tokens + 7-23 caption tokens + 3) fills
     more than half of a 48-token row, so every row holds one document and both layouts read the same
     rows (the held-out set: records 0, 2 on rank 0 and 1, 3 on rank 1, one micro-batch of four)."""
@@ -172,7 +172,8 @@ def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tm
               "model.moe.z_loss_coeff=0"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_distributed(_train, 1, ([f"run_dir={one}", "train.micro_batch_size=4", *common],), timeout=300)
-    run_distributed(_train, 2, ([f"run_dir={two}", "train.micro_batch_size=2", *common],), timeout=300)
+    run_distributed(_train, 2, ([f"run_dir={two}", "train.micro_batch_size=2", f"parallel.ep_size={ep}",
+                                 *common],), timeout=300)
     a, b = _losses(one), _losses(two)
     assert len(a) == 3 and all(x > 0 for x in a)
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
