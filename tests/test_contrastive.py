@@ -153,8 +153,8 @@ def _losses(run_dir) -> list[float]:
 def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tmp_path, similarity, zero, ep):
     """Two ranks of two rows each (the experts split over both with ``ep`` = 2) see the captions of
     all four (the all-gather), as one rank of four rows: the same losses, weights and held-out loss,
-    which equals a float64 sum over the held-out pairs; then recipe=quickstart starts from the stage-0 run, and resuming it does not start from
-    the stage-0 run again. Every caption document (16 image tokens + 7-23 caption tokens + 3) fills
+    which equals a float64 sum over the held-out pairs; then recipe=quickstart starts from the
+    stage-0 run, and resuming it does not start from the stage-0 run again. Every caption document (16 image tokens + 7-23 caption tokens + 3) fills
     more than half of a 48-token row, so every row holds one document and both layouts read the same
     rows (the held-out set: records 0, 2 on rank 0 and 1, 3 on rank 1, one micro-batch of four)."""
     from aria.convert.store import iter_tensors
