@@ -87,9 +87,12 @@ def test_a_document_without_an_image_or_a_caption_is_named():
                                          r"and 3 supervised text tokens"):
         contrastive_loss_sum(embeds, hidden, input_ids, segment_ids, targets, IMG, cfg,
                              ["a.jsonl:1", "b.jsonl:7"])
-    embeds, hidden, input_ids, segment_ids, targets, _ = packed([[(1, 3, 0), (2, 2, 3)]])
-    with pytest.raises(ValueError, match="document 0 .* has 3 image tokens and 0 supervised"):
-        contrastive_loss_sum(embeds, hidden, input_ids, segment_ids, targets, IMG, cfg)
+    for layout in ([[(1, 3, 0), (2, 2, 3)]], [[(1, 3, 0)]]):  # the second: no caption token at all
+        embeds, hidden, input_ids, segment_ids, targets, _ = packed(layout)
+        for similarity in ("pooled", "late"):
+            with pytest.raises(ValueError, match="document 0 .* has 3 image tokens and 0 supervised"):
+                contrastive_loss_sum(embeds, hidden, input_ids, segment_ids, targets, IMG,
+                                     ContrastiveConfig(similarity=similarity))
 
 
 def test_the_text_tower_reads_each_caption_alone_and_the_image_side_is_the_projector():
@@ -154,9 +157,10 @@ def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tm
     """Two ranks of two rows each (the experts split over both with ``ep`` = 2) see the captions of
     all four (the all-gather), as one rank of four rows: the same losses, weights and held-out loss,
     which equals a float64 sum over the held-out pairs; then recipe=quickstart starts from the
-    stage-0 run, and resuming it does not start from the stage-0 run again. Every caption document (16 image tokens + 7-23 caption tokens + 3) fills
-    more than half of a 48-token row, so every row holds one document and both layouts read the same
-    rows (the held-out set: records 0, 2 on rank 0 and 1, 3 on rank 1, one micro-batch of four)."""
+    stage-0 run, and resuming it does not start from the stage-0 run again. Every caption document
+    (16 image tokens + 7-23 caption tokens + 3) fills more than half of a 48-token row, so every row
+    holds one document and both layouts read the same rows (the held-out set: records 0, 2 on rank
+    0 and 1, 3 on rank 1, one micro-batch of four); the text documents of the mix are skipped."""
     from aria.convert.store import iter_tensors
 
     data, tok = shapes_world(tmp_path, train_images=24, test_images=4, train_videos=0, test_videos=0)
@@ -176,6 +180,8 @@ def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tm
                                  *common],), timeout=300)
     a, b = _losses(one), _losses(two)
     assert len(a) == 3 and all(x > 0 for x in a)
+    skipped = [_last(run)["skipped_samples"].get("not_image_caption", 0) for run in (one, two)]
+    assert skipped[0] == skipped[1] > 0, skipped  # the same text documents skipped on both layouts
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
     wa = dict(iter_tensors(one / "checkpoints" / "step_00000003" / "model"))
     wb = dict(iter_tensors(two / "checkpoints" / "step_00000003" / "model"))
@@ -208,7 +214,14 @@ def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tm
     # resumed after step 1, it continues from its own checkpoint (init.groups is not applied again)
     resumed = rewind(nxt, tmp_path / "resumed", step=1)
     run_distributed(_next, 1, ([f"run_dir={resumed}", *nxt_args],), timeout=300)
-    assert _losses(resumed)[-1] == pytest.approx(_losses(nxt)[-1], abs=1e-6)
+    assert len(_losses(resumed)) == 2 and _losses(resumed)[-1] == pytest.approx(_losses(nxt)[-1], abs=1e-6)
+    wn = dict(iter_tensors(nxt / "checkpoints" / "step_00000002" / "model"))
+    wr = dict(iter_tensors(resumed / "checkpoints" / "step_00000002" / "model"))
+    assert max((wn[k] - wr[k]).abs().max().item() for k in wn) <= 1e-6
+
+
+def _last(run_dir) -> dict:
+    return [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "loss" in r][-1]
 
 
 def _eval_loss(run_dir) -> float:

@@ -796,7 +796,9 @@ def test_stage0_data_takes_only_an_image_then_its_text(tok, bad_dataset, tmp_pat
     interleaved = {"kind": "interleaved", "images": GOOD["images"],
                    "content": [{"type": "text", "text": "Look:"}, {"type": "image"}, {"type": "text", "text": "red."}]}
     caption = {"kind": "caption", "images": GOOD["images"], "text": "A red circle."}
-    lines = [GOOD, text_only, image_last, dialog, document, interleaved, caption]
+    video = {"kind": "video", "video": {"path": "clip.mp4", "num_frames": 2}, "text": "A circle moves left."}
+    write_video(tmp_path / "clip.mp4", frames=8)
+    lines = [GOOD, text_only, image_last, dialog, document, interleaved, caption, video]
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "good.png").write_bytes((d / "images" / "good.png").read_bytes())
     data = tmp_path / "stage0.jsonl"
@@ -805,7 +807,7 @@ def test_stage0_data_takes_only_an_image_then_its_text(tok, bad_dataset, tmp_pat
     policy = BadInputPolicy(keep=True)
     kept = [policy.attempt(read_record, raw, proc, None, None, True) is not None
             for raw in open_source(str(data), "train").iterate_once()]
-    assert kept == [True, False, False, True, False, False, True]
+    assert kept == [True, False, False, True, False, False, True, True]
     assert [e.where.rsplit(":", 1)[1] for e in policy.errors] == ["2", "3", "5", "6"]
     assert {e.kind for e in policy.errors} == {"not_image_caption"}
     assert "no image" in str(policy.errors[0]) and "text supervised before an image" in str(policy.errors[1])
@@ -814,20 +816,20 @@ def test_stage0_data_takes_only_an_image_then_its_text(tok, bad_dataset, tmp_pat
                for raw in open_source(str(data), "train").iterate_once())
 
     config = DataConfig(train=str(data), num_workers=0)
-    it = iter(got := build_train_loader(config, proc, BAD_SEQ_LEN, 1, image_caption=True))
+    it = iter(got := build_train_loader(config, proc, 128, 1, image_caption=True))
     documents = 0
-    for batch in take(it, 4):  # more than an epoch (three usable samples)
+    for batch in take(it, 5):  # more than an epoch (four usable samples)
         for doc in range(1, int(batch.segment_ids.max()) + 1):
             own = batch.segment_ids[0] == doc
             images = (own & (batch.input_ids[0] == tok.image_id)).nonzero()[:, 0]
             supervised = (own & (batch.targets[0] != IGNORE_INDEX)).nonzero()[:, 0]
             assert len(images) and len(supervised) and int(images.max()) < int(supervised.min())
             documents += 1
-    assert documents >= 4
+    assert documents >= 5
     it.close()
     assert got.skipped()["not_image_caption"] >= 4
     with pytest.raises(DataError, match=r"stage0\.jsonl:2: train\.objective=contrastive takes an image"):
-        list(eval_batches(str(data), proc, BAD_SEQ_LEN, 1, strict=True, image_caption=True))
+        list(eval_batches(str(data), proc, 128, 1, strict=True, image_caption=True))
 
 
 def test_outside_media_is_allowed_on_request(tok, bad_dataset):

@@ -336,6 +336,26 @@ def test_uint8_pixels_are_normalised_like_the_processor(model):
         torch.testing.assert_close(model.image_features(raw), model.image_features(normalised))
 
 
+def test_patch_projection_is_the_stride_p_convolution():
+    """The GEMM over flattened patches against ``F.conv2d`` with the same (Conv2d-layout) weight, on
+    float pixels and on uint8 ones (normalised as the processor does), H != W."""
+    from aria.model.vision import PatchEmbed
+
+    cfg = load_model_config("tiny").vision  # 70 px patches
+    P, g = cfg.patch_size, torch.Generator().manual_seed(0)
+    embed = PatchEmbed(cfg)
+    with torch.no_grad():
+        embed.weight.copy_(torch.randn(embed.weight.shape, generator=g) * 0.01)
+        embed.bias.copy_(torch.randn(embed.bias.shape, generator=g))
+    raw = torch.randint(0, 256, (2, 3, 2 * P, 3 * P), generator=g, dtype=torch.uint8)
+    normalised = raw.float() * (2 / 255) - 1
+    want = F.conv2d(normalised, embed.weight, embed.bias, stride=P).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(embed(normalised), want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(embed(raw), want, rtol=1e-5, atol=1e-4)
+    assert want.shape == (2, 6, cfg.hidden_size) and want.abs().max() > 0.5
+
+
 def test_position_table_init_follows_siglip_unless_set():
     from dataclasses import replace
 

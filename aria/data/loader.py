@@ -40,7 +40,8 @@ Design decisions:
   ``pin_memory``, whose thread binds to the CUDA device current when its iterator is created (before
   the trainer chose its GPU when ``start()`` comes first) and would allocate on GPU 0 of every rank.
 - Bad samples go through ``BadInputPolicy``: skipped and counted by reason, or raised in strict
-  mode. A strict-mode error in a worker travels to the training process as a value (the DataLoader
+  mode. Stage 0 (``train.objective=contrastive``) adds a rule: a sample that is not an image or a
+  video followed by its text is bad (``not_image_caption``, ``check_image_caption``). A strict-mode error in a worker travels to the training process as a value (the DataLoader
   would re-raise it by message only) and is raised there as the same ``DataError``, kind and
   location intact. A source that gives a stream no usable sample in a whole epoch is an error,
   never an endless loop (judged per epoch once the source says the stream has had all of it: a
@@ -53,13 +54,13 @@ Design decisions:
   documents see each other, so the summed loss and token counts do not depend on how the records
   were split over ranks. A rank that fails (a strict-mode bad record) says so in the same
   all-reduce, and every rank stops instead of waiting for it.
-- Memory: a micro-batch of B rows holds its crops as float32, 3 x S x S x 4 bytes each (11.5 MB at
-  980 px, 2.9 MB at 490 px). With W workers the DataLoader keeps up to W x ``prefetch_factor``
-  batches in shared memory, e.g. 2 workers x prefetch 2 x 30 crops of 980 px = 1.4 GB per rank
-  (8 ranks a node: 11 GB of /dev/shm), and with CUDA up to ``prefetch_factor`` more in pinned
-  memory. Lower ``prefetch_factor`` (or rows per micro-batch) if /dev/shm is small; the model
-  consumes normalised float pixels, so they are shipped as such. Each stream also holds its open
-  row's samples.
+- Memory: a micro-batch of B rows holds its crops as raw uint8 pixels (``Processor.from_config``;
+  the model normalises them), 3 x S x S bytes each (2.9 MB at 980 px, 0.7 MB at 490 px). With W
+  workers the DataLoader keeps up to W x ``prefetch_factor`` batches in shared memory, e.g. 2
+  workers x prefetch 2 x 30 crops of 980 px = 0.35 GB per rank (8 ranks a node: 2.8 GB of
+  /dev/shm), and with CUDA up to ``prefetch_factor`` more in pinned memory. Lower
+  ``prefetch_factor`` (or rows per micro-batch) if /dev/shm is small. Each stream also holds its
+  open row's samples.
 """
 
 from __future__ import annotations
@@ -516,7 +517,8 @@ def eval_batches(path: str, processor: Processor, seq_len: int, batch_size: int,
     batch each rank says whether it has one (``READY``), has none left (``DONE``) or failed
     (``FAILED``): while any rank has one, every rank yields one, an all-padding batch
     (``padding=True``, no tokens, no targets) when it has none, so that collective operations per
-    batch stay matched; a failure stops every rank. Without it: only this rank's batches."""
+    batch stay matched; a failure stops every rank. Without it: only this rank's batches.
+    ``image_caption``: only image-caption samples (stage 0, ``check_image_caption``)."""
     policy = BadInputPolicy(strict)
     batcher = RowBatcher(seq_len, batch_size, split_long_text=True)
     pad_id, table = processor.tokenizer.pad_id, processor.tokens_per_crop

@@ -68,7 +68,8 @@ class EncodedSample:
     targets: torch.Tensor
     """(T,) int64, already shifted; IGNORE_INDEX where nothing is supervised."""
     crops: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    """Per media item in token order: pixel_values (N, 3, S, S) float32 and pixel_mask (N, S, S)."""
+    """Per media item in token order: pixel_values (N, 3, S, S), float32 (normalised) or uint8 (raw,
+    ``raw_pixels``), and pixel_mask (N, S, S)."""
     where: str = ""
     num_images: int = 0
     num_frames: int = 0

@@ -1,6 +1,7 @@
 """SigLIP-style vision encoder with NaViT position bucketing.
 
-Letters: N crops, C channels, P patch side, G patches per crop (h x w grid), Dv width.
+Letters: N crops, C channels, P patch side, G patches per crop (h x w grid), K values per patch
+(C x P x P), Dv width.
 
 Design decisions:
 - A crop is a square tensor (the processor pads bottom/right) plus a pixel mask. A patch is valid iff
@@ -23,9 +24,8 @@ Design decisions:
 - Raw uint8 pixels (what the data loader ships) are normalised inside the patch projection: Aria's
   x * 2/255 - 1 is folded into its weights and bias, so the pixels are read once (the float cast)
   instead of three times; padding (a zero pixel) becomes -1, as in the reference processor.
-- The patch projection is a linear map of each flattened patch (the pixels reshaped to (N, G,
-  C*P*P) as uint8, then cast), not ``conv2d``: the same products, one GEMM, and no gradient for
-  the pixels. On the CPU (oneDNN), fwd+bwd of 51 crops of 490 px at P = 70, width 64 took 262 ms as
+- The patch projection is a linear map of each flattened patch (the pixels reshaped to (N, G, K)
+  as uint8, then cast), not ``conv2d``: the same products as one GEMM. On the CPU (oneDNN), fwd+bwd of 51 crops of 490 px at P = 70, width 64 took 262 ms as
   a convolution and 164 ms as the GEMM in fp32, 761 ms against 85 ms in bf16; 8 crops of 980 px at
   Aria's P = 14, width 1152, in bf16: 1225 against 464 ms. The weight keeps the Conv2d layout of
   the checkpoint and of transformers.

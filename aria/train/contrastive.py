@@ -125,7 +125,7 @@ def contrastive_loss_sum(embeds_BTD: torch.Tensor, hidden_BTD: torch.Tensor, inp
     images_S, captions_S = image_valid_SQ.sum(1), text_valid_SK.sum(1)
     lacking_S = (images_S == 0) | (captions_S == 0)
     bad = int(lacking_S.nonzero()[0]) if S and bool(lacking_S.any()) else -1
-    if cfg.similarity == "pooled":  # only each caption's last position is scored: gather that alone
+    if cfg.similarity == "pooled" and bad < 0:  # only each caption's last position is scored: gather that alone
         last_S = (captions_S - 1).clamp(min=0)
         text_SKD = text_SKD[torch.arange(S, device=last_S.device), last_S][:, None]
         text_valid_SK = (captions_S > 0)[:, None]
