@@ -24,6 +24,8 @@ Design decisions:
   (stage 0) CE_sum is the image-caption loss of ``aria.train.contrastive`` and N the step's images.
 - One host sync per step: the all-reduce of token counts and, after backward, of the step's loss
   statistics, which also decides the non-finite check *before* the optimizer applies anything.
+  The first also carries the number of bad samples the ranks have skipped: only when it grew do
+  the ranks gather their counts by kind (``skipped_samples`` in the metrics covers every rank).
   (Stage 0 adds a few per micro-batch: document sizes, see ``aria.train.contrastive``.)
 - Extras are hooks around the step, each a small method of ``Trainer``, not branches inside the
   model: auxiliary-loss-free bias updates before the optimizer step, evaluation and checkpoints
@@ -39,6 +41,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -333,6 +336,7 @@ class Trainer:
                             f"{sum(self.trainable.values()):,} of the {total:,} parameters on rank 0 "
                             "train (the adapters)")
         self.throughput = Throughput(peak_flops(info.device))
+        self.skipped_total, self.skipped_by_kind = 0, {}  # all ranks' skipped samples (``_skipped``)
 
     def _loop(self) -> int:
         """The steps, each followed by its hooks; returns the exit code (a stop has saved its
@@ -343,7 +347,7 @@ class Trainer:
             started = time.perf_counter()
             before = self.loader.state_dict()  # the data position of a stop agreed below
             micro = [next(batches) for _ in range(G)]
-            n_global, stop = self._agree(micro)
+            n_global, stop, skipped = self._agree(micro)
             if stop:
                 return self._stop_on_sigterm(before)
             stats, tokens_per_expert, flops, tokens = self._accumulate(self.engine, micro, n_global, W, G)
@@ -357,7 +361,7 @@ class Trainer:
             self.tokens_seen += tokens
             # tokens/s of the whole run; FLOP/s and MFU per device (the step's FLOPs are global)
             self.throughput.update(time.perf_counter() - started, tokens, flops / W)
-            self._after_step(self._record(stats, grad_norm, tokens_per_expert))
+            self._after_step(self._record(stats, grad_norm, tokens_per_expert, skipped))
         return EXIT_OK
 
     def _loss_count(self, batch) -> int:
@@ -377,16 +381,32 @@ class Trainer:
                                            self.model_cfg.image_token_id, self.cfg.contrastive, batch.where)
         return out, loss_sum
 
-    def _agree(self, micro) -> tuple[float, bool]:
+    def _agree(self, micro) -> tuple[float, bool, int]:
         """(supervised tokens, or stage 0's images, of the step on all ranks; whether any rank was
-        asked to stop): one all-reduce, before any backward."""
+        asked to stop; bad samples skipped so far on all ranks): one all-reduce, before any backward."""
         info, SP = self.info, self.cfg.parallel.sp_size
-        agreed = torch.tensor([float(sum(self._loss_count(b) for b in micro)), float(self.stop_requested)],
+        agreed = torch.tensor([float(sum(self._loss_count(b) for b in micro)), float(self.stop_requested),
+                               float(sum(self.loader.skipped().values()))],
                               dtype=torch.float64, device=info.device)
         if info.world_size > 1:
             dist.all_reduce(agreed)
         # the ranks of a sequence-parallel group hold the same rows: count them once
-        return max(agreed[0].item() / SP, 1.0), agreed[1].item() > 0
+        counts = agreed.tolist()
+        return max(counts[0] / SP, 1.0), counts[1] > 0, round(counts[2] / SP)
+
+    def _skipped(self, total: int) -> dict:
+        """Bad samples skipped so far on all ranks, by kind; the ranks gather their counts only when
+        their ``total`` (agreed by all ranks) changed since the last call."""
+        if self.info.world_size == 1:
+            return dict(self.loader.skipped())
+        if total != self.skipped_total:
+            parts = [None] * self.info.world_size
+            dist.all_gather_object(parts, dict(self.loader.skipped()))
+            merged = collections.Counter()
+            for part in parts[::self.cfg.parallel.sp_size]:  # one rank per sequence-parallel group
+                merged.update(part)
+            self.skipped_total, self.skipped_by_kind = total, dict(merged)
+        return self.skipped_by_kind
 
     def _balance_experts(self, tokens_per_expert_LE: torch.Tensor | None) -> None:
         """Auxiliary-loss-free balancing: nudge the routers' selection bias by the step's expert
@@ -413,8 +433,8 @@ class Trainer:
         assert norm is None or applied == math.isfinite(norm), f"DeepSpeed: norm {norm}, applied {applied}"
         return norm, applied
 
-    def _record(self, stats: dict, grad_norm: float | None, tokens_per_expert_LE: torch.Tensor | None
-                ) -> dict:
+    def _record(self, stats: dict, grad_norm: float | None, tokens_per_expert_LE: torch.Tensor | None,
+                skipped: int) -> dict:
         """The metrics of the step just taken (a norm nobody computed is logged as NaN)."""
         from aria.train.metrics import expert_load
 
@@ -422,7 +442,7 @@ class Trainer:
         record = {**stats, "grad_norm": float("nan") if grad_norm is None else grad_norm,
                   "lr": self.engine.get_lr()[0], "tokens_seen": self.tokens_seen, "tokens_per_s": throughput.tokens_per_s(),
                   "tflops": throughput.tflops(), "mfu": throughput.mfu(),
-                  "skipped_samples": dict(self.loader.skipped())}
+                  "skipped_samples": self._skipped(skipped)}
         if tokens_per_expert_LE is not None:
             record.update(expert_load(tokens_per_expert_LE))
         return record
