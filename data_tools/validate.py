@@ -4,7 +4,7 @@ reason, and per-kind statistics.
     python -m data_tools.validate DATASET --tokenizer DIR [--model tiny] [--split train]
            [--image-size 980] [--min-image-size 336] [--split-image]
            [--num-frames 8 | --video-fps F] [--max-frames 128] [--video-size 490] [--timestamps]
-           [--seq-len N] [--allow-outside-media] [--columns FIELD=COLUMN ...]
+           [--seq-len N] [--allow-outside-media] [--columns FIELD=COLUMN ...] [--image-caption]
     python -m data_tools.validate DATASET --config RUN_DIR/config.yaml [--split train] [--seq-len N]
 
 DATASET: anything ``data.train`` takes (docs/data_format.md): a ``.jsonl`` file, a ``.json`` list
@@ -17,7 +17,9 @@ processed, and it is tokenized exactly as training would, so what passes here tr
 tokenizer, the model (its crop table) and every image/video setting from a run's resolved config
 (and ``--seq-len`` from ``train.seq_len`` unless given, the column mapping from the config's
 dataset entry with this path unless ``--columns`` is given); the processing flags are then not
-allowed. Exits 1 if any record is bad, 2 if the dataset cannot be read at all.
+allowed. ``--image-caption`` checks a stage-0 dataset (``train.objective=contrastive``, implied by
+such a ``--config``): a sample that is not an image or a video followed by its text is bad
+(``not_image_caption``). Exits 1 if any record is bad, 2 if the dataset cannot be read at all.
 """
 
 from __future__ import annotations
@@ -44,13 +46,13 @@ def kind_of(sample) -> str:
 
 
 def validate(dataset: str, processor: Processor, split: str = "train", seq_len: int | None = None,
-             allow_outside_media: bool = False, columns: dict[str, str] | None = None
-             ) -> tuple[dict, list[DataError]]:
-    """Per-kind statistics and every bad record."""
+             allow_outside_media: bool = False, columns: dict[str, str] | None = None,
+             image_caption: bool = False) -> tuple[dict, list[DataError]]:
+    """Per-kind statistics and every bad record (``image_caption``: as stage 0 reads the data)."""
     policy = BadInputPolicy(keep=True)
     stats: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(COLUMNS, 0))
     for sample, encoded in iterate_samples(dataset, processor, split, False, allow_outside_media, policy,
-                                           seq_len, columns):
+                                           seq_len, columns, image_caption):
         n = len(encoded)
         row = stats[kind_of(sample)]
         row["samples"] += 1
@@ -117,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-outside-media", action="store_true")
     parser.add_argument("--columns", nargs="+", default=None, metavar="FIELD=COLUMN",
                         help="the dataset's column mapping, e.g. conversations=dialog image=picture")
+    parser.add_argument("--image-caption", action="store_true",
+                        help="as stage 0 (train.objective=contrastive) reads it: only an image or a "
+                             "video followed by its text")
     args = parser.parse_args(argv)
     given = sorted(f"--{k.replace('_', '-')}" for k in PROCESSING_FLAGS if getattr(args, k) is not None)
-    allow_outside = args.allow_outside_media
+    allow_outside, image_caption = args.allow_outside_media, args.image_caption
     try:
         columns = None
         if args.columns is not None:
@@ -135,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             processor = Processor.from_config(cfg.data, cfg.model, tokenizer)
             seq_len = args.seq_len if args.seq_len is not None else cfg.train.seq_len
             allow_outside = allow_outside or cfg.data.allow_outside_media
+            image_caption = image_caption or cfg.train.objective == "contrastive"
             if columns is None:
                 entries = parse_mixture(cfg.data.train) + parse_mixture(cfg.data.eval, "data.eval")
                 columns = next((e.columns for e in entries if e.path == args.dataset), None)
@@ -149,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                 Tokenizer.load(args.tokenizer), load_model_config(opt["model"]), image_size=opt["image_size"],
                 min_image_size=opt["min_image_size"], split_image=opt["split_image"], video=video)
             seq_len = args.seq_len
-        stats, errors = validate(args.dataset, processor, args.split, seq_len, allow_outside, columns)
+        stats, errors = validate(args.dataset, processor, args.split, seq_len, allow_outside, columns,
+                                 image_caption)
     except (ValueError, FileNotFoundError) as err:
         print(f"validate: error: {err}", file=sys.stderr)
         return 2

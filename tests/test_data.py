@@ -782,11 +782,9 @@ def test_records_ignore_unknown_top_level_keys_and_errors_name_the_message():
     assert parse_record(official, "r", MediaResolver()).media[0].kind == "image"
 
 
-def test_stage0_data_takes_only_an_image_then_its_text(tok, bad_dataset, tmp_path):
-    """With ``image_caption`` (train.objective=contrastive) a sample that is not an image (or a
-    video) followed by its text is skipped as ``not_image_caption``, counted by the train loader and
-    raised with its line in strict mode; images followed by their text pass."""
-    d, _ = bad_dataset
+def stage0_dataset(good_image: Path, out: Path) -> Path:
+    """stage0.jsonl: an image question, a text-only chat, an image after an answer, an image dialog,
+    a text document, interleaved text before its image, a caption, a video record (lines 1-8)."""
     text_only = {"messages": [{"role": "user", "content": "Colour?"}, ANSWER]}
     image_last = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                                *GOOD["messages"]], "images": GOOD["images"]}
@@ -797,12 +795,20 @@ def test_stage0_data_takes_only_an_image_then_its_text(tok, bad_dataset, tmp_pat
                    "content": [{"type": "text", "text": "Look:"}, {"type": "image"}, {"type": "text", "text": "red."}]}
     caption = {"kind": "caption", "images": GOOD["images"], "text": "A red circle."}
     video = {"kind": "video", "video": {"path": "clip.mp4", "num_frames": 2}, "text": "A circle moves left."}
-    write_video(tmp_path / "clip.mp4", frames=8)
+    write_video(out / "clip.mp4", frames=8)
     lines = [GOOD, text_only, image_last, dialog, document, interleaved, caption, video]
-    (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "good.png").write_bytes((d / "images" / "good.png").read_bytes())
-    data = tmp_path / "stage0.jsonl"
+    (out / "images").mkdir()
+    (out / "images" / "good.png").write_bytes(good_image.read_bytes())
+    data = out / "stage0.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return data
+
+
+def test_stage0_data_takes_only_an_image_then_its_text(tok, bad_dataset, tmp_path):
+    """With ``image_caption`` (train.objective=contrastive) a sample that is not an image (or a
+    video) followed by its text is skipped as ``not_image_caption``, counted by the train loader and
+    raised with its line in strict mode; images followed by their text pass."""
+    data = stage0_dataset(bad_dataset[0] / "images" / "good.png", tmp_path)
     proc = processor(tok, image_size=490)
     policy = BadInputPolicy(keep=True)
     kept = [policy.attempt(read_record, raw, proc, None, None, True) is not None
@@ -1078,6 +1084,24 @@ def test_validate_takes_settings_from_a_run_config(tok_dir, shapes, tmp_path, ca
     with pytest.raises(SystemExit):
         validate(capsys, str(shapes / "chat_test.jsonl"), "--config", str(tmp_path / "config.yaml"),
                  "--max-frames", "4")
+
+
+def test_validate_checks_a_stage0_dataset(tok_dir, bad_dataset, tmp_path, capsys):
+    from aria.config import RunConfig
+    from aria.train.compose import resolved_yaml
+
+    data = stage0_dataset(bad_dataset[0] / "images" / "good.png", tmp_path)
+    settings = ("--tokenizer", str(tok_dir), "--image-size", "490", "--num-frames", "2")
+    code, out = validate(capsys, str(data), *settings)
+    assert code == 0, out
+    code, out = validate(capsys, str(data), *settings, "--image-caption")
+    assert code == 1 and "4 bad record(s)" in out and f"{data}:6: train.objective=contrastive" in out
+    cfg = RunConfig.from_dict({"run_dir": str(tmp_path / "run"), "model": TINY.to_dict(),
+                               "train": {"objective": "contrastive"},
+                               "data": {"tokenizer": str(tok_dir), "image_size": 490, "video": {"num_frames": 2}}})
+    (tmp_path / "config.yaml").write_text(resolved_yaml(cfg))
+    code, out = validate(capsys, str(data), "--config", str(tmp_path / "config.yaml"))
+    assert code == 1 and "4 bad record(s)" in out
 
 
 def test_text_and_jsonl_to_wds_tools(tmp_path, shapes, tok, bad_dataset, capsys):

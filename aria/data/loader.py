@@ -488,15 +488,16 @@ def build_train_loader(data: DataConfig, processor: Processor, seq_len: int, bat
 
 def iterate_samples(path: str, processor: Processor, split: str = "test", strict: bool = False,
                     allow_outside_media: bool = False, policy: BadInputPolicy | None = None,
-                    seq_len: int | None = None, columns: dict[str, str] | None = None
-                    ) -> Iterator[tuple[Sample, EncodedSample]]:
+                    seq_len: int | None = None, columns: dict[str, str] | None = None,
+                    image_caption: bool = False) -> Iterator[tuple[Sample, EncodedSample]]:
     """Every sample of a dataset once, in order, as (parsed Sample, EncodedSample); bad ones are
     handled by ``policy`` (evaluation, validation, expert reports). With ``seq_len``, samples that
-    cannot fit a packed row of that length are bad too (the packer's rule)."""
+    cannot fit a packed row of that length are bad too (the packer's rule); with
+    ``image_caption``, samples stage 0 does not take (``check_image_caption``)."""
     policy = policy or BadInputPolicy(strict)
     packer = Packer(seq_len) if seq_len is not None else None
     for raw in open_source(path, split, allow_outside_media, columns).iterate_once():
-        loaded = policy.attempt(read_record, raw, processor, packer)
+        loaded = policy.attempt(read_record, raw, processor, packer, None, image_caption)
         if loaded is not None:
             yield loaded.sample, loaded.encoded
 
