@@ -247,6 +247,8 @@ def test_rendered_shapes_have_their_colour_and_cell():
 def test_videos_decode_and_the_shape_moves_the_stated_way(runs):
     decord = pytest.importorskip("decord")
     root = runs["a"]
+    size = json.loads((root / "meta.json").read_text())["video_size"]
+    assert size == 490  # a crop's size: read without a resize
     directions = set()
     for split in ("train", "test"):
         for r in [r for r in _lines(root / f"chat_{split}.jsonl") if r["qtype"] == "direction"]:
@@ -255,19 +257,19 @@ def test_videos_decode_and_the_shape_moves_the_stated_way(runs):
             reader = decord.VideoReader(str(root / r["video"]["path"]))
             assert len(reader) == r["video"]["num_frames"] == 8
             frames = reader.get_batch(list(range(8))).asnumpy()
-            assert frames.shape == (8, 160, 160, 3)
+            assert frames.shape == (8, size, size, 3)
             background = np.median(frames[0].reshape(-1, 3), axis=0)
             want = list(COLOURS).index(colour)
             centres = []
             for f in frames:
-                labels = _nearest(f.reshape(-1, 3), background).reshape(160, 160)
+                labels = _nearest(f.reshape(-1, 3), background).reshape(size, size)
                 shape_px = Counter(labels[labels < len(COLOURS)].tolist())
                 assert shape_px.most_common(1)[0][0] == want and shape_px[want] > 0.8 * sum(shape_px.values())
                 ys, xs = np.nonzero(labels == want)
                 centres.append((xs.mean(), ys.mean()))
             dx, dy = np.diff(np.array(centres), axis=0).T  # (F-1,) steps
             along, across = {"left": (-dx, dy), "right": (dx, dy), "up": (-dy, dx), "down": (dy, dx)}[answer]
-            assert (along > 1).all() and along.sum() > 0.3 * 160 and np.abs(across).max() < 2, (r["id"], centres)
+            assert (along > 1).all() and along.sum() > 0.3 * size and np.abs(across).max() < 2, (r["id"], centres)
             directions.add(answer)
     assert directions == set(ANSWERS["direction"])
 
