@@ -93,6 +93,8 @@ CASES = [
           "parallel.checkpoint_decoder=true"),
     _case("z3-bf16-T2048", 2, "parallel.zero_stage=3", "parallel.precision=bf16", "train.seq_len=2048"),
     _case("z2-fp32-sp2-T2048", 2, "parallel.zero_stage=2", "parallel.sp_size=2", "train.seq_len=2048"),
+    _case("z2-bf16-sp2-T2048-img", 2, "parallel.zero_stage=2", "parallel.sp_size=2", "parallel.precision=bf16",
+          "train.seq_len=2048", crops=8),
     _case("z2-bf16-sp2-ep2-T2048-ckpt-chunk", 2, "parallel.zero_stage=2", "parallel.sp_size=2", "parallel.ep_size=2",
           "parallel.precision=bf16", "train.seq_len=2048", "parallel.checkpoint_decoder=true",
           "model.moe.token_chunk=256"),
