@@ -3,7 +3,7 @@
     python scripts/check_plan.py [--quick] [--cases NAME,...] [--json OUT]
 
 For every case of the matrix (a narrow-but-not-tiny Aria; ZeRO 0-3; expert parallelism 1 and 2;
-with and without activation checkpointing; two sequence lengths; fp32 and bf16; text rows and rows
+sequence parallelism 1 and 2; with and without activation checkpointing; two sequence lengths; fp32 and bf16; text rows and rows
 with images; gradient accumulation) it runs two optimizer steps exactly as the trainer does them
 (``Trainer.build_model``, ``engine.build_engine``, ``Trainer._accumulate``, ``engine.step``) in 1 or 2
 forked gloo processes, measures the peak of each process, and prints it beside the plan of the same

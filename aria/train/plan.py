@@ -49,7 +49,8 @@ Design decisions:
   foreach setting). The steady state is planned: optimizer states exist, as from the second step.
   The engine's construction (flattening copies, weight loading) and checkpoint writes are not.
 - Checked against measured peaks of real DeepSpeed steps on the CPU (``scripts/check_plan.py``,
-  ``docs/performance.md``): within 5% over ZeRO 0-3, expert parallelism, checkpointing, fp32/bf16.
+  ``docs/performance.md``): within 6.5% over ZeRO 0-3, expert and sequence parallelism,
+  checkpointing, fp32/bf16, text and image rows.
 - On top of the allocator's peak the GPU needs its CUDA context, NCCL buffers and allocator
   fragmentation: ``RUNTIME_RESERVE`` + ``FRAGMENTATION`` of the peak. A layout fits when that total
   is at most the GPU's memory. Memory is in GiB throughout (an "80 GB" H100 has 79.2 GiB).
