@@ -3,12 +3,12 @@
     python scripts/check_plan.py [--quick] [--cases NAME,...] [--json OUT]
 
 For every case of the matrix (a narrow-but-not-tiny Aria; ZeRO 0-3; expert parallelism 1 and 2;
-sequence parallelism 1 and 2; with and without activation checkpointing; two sequence lengths; fp32 and bf16; text rows and rows
-with images; gradient accumulation) it runs two optimizer steps exactly as the trainer does them
-(``Trainer.build_model``, ``engine.build_engine``, ``Trainer._accumulate``, ``engine.step``) in 1 or 2
-forked gloo processes, measures the peak of each process, and prints it beside the plan of the same
-config computed with ``device="cpu"`` (the dtype and AdamW kernels the CPU uses; everything else is
-the GPU plan's code).
+sequence parallelism 1 and 2; with and without activation checkpointing; two sequence lengths;
+fp32 and bf16; text rows and rows with images; gradient accumulation) it runs two optimizer steps
+exactly as the trainer does them (``Trainer.build_model``, ``engine.build_engine``,
+``Trainer._accumulate``, ``engine.step``) in 1 or 2 forked gloo processes, measures the peak of
+each process, and prints it beside the plan of the same config computed with ``device="cpu"`` (the
+dtype and AdamW kernels the CPU uses; everything else is the GPU plan's code).
 
 How the peak is measured (independently of the plan): torch's profiler with ``profile_memory=True``
 records every allocation and free of torch's CPU allocator with the running total of allocated
