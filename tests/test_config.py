@@ -163,3 +163,52 @@ def test_lower_parts_never_import_higher_ones():
         wrong += [f"{path.relative_to(root)} imports aria.{imported}" for imported in _imports(path)
                   if level[imported] > level[part]]
     assert not wrong, wrong
+
+
+def test_model_settings_a_starting_checkpoint_would_drop_are_refused(tmp_path, capsys):
+    """With init.from_checkpoint / init.from_hf the architecture comes from the weights: a
+    model.FIELD whose value the source does not have, or model=NAME of other parameter shapes, is
+    one config error naming each such field with the asked and the source's value. Training
+    options, the source's own values, model=NAME of the source's shapes and runs without a source
+    pass."""
+    import json
+
+    from aria.cli.train import main
+    from aria.convert.checkpoint import save_model_dir
+    from aria.convert.hf_config import to_hf_config
+    from aria.model import build_model
+    from aria.train.compose import compose_run
+    from aria.train.trainer import check_model_overrides
+
+    tiny = load_model_config("tiny")
+    ours, hf = tmp_path / "ours", tmp_path / "hf"
+    save_model_dir(build_model(tiny, device="meta").to_empty(device="cpu").state_dict(), tiny, ours)
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(to_hf_config(tiny)))
+    run = ["run_dir=/r", "data.train=/d", "data.tokenizer=/t"]
+
+    def check(*overrides: str) -> None:
+        check_model_overrides(compose_run("config", [*run, *overrides]), list(overrides))
+
+    with pytest.raises(ValueError, match=rf"comes from init.from_checkpoint={ours}, .*: "
+                                         r"model.vision.feature_layer 0 -> -1\. Drop them"):
+        check(f"init.from_checkpoint={ours}", "model.vision.feature_layer=0")
+    with pytest.raises(ValueError, match=r"comes from init.from_hf=.*: model.text.rope_theta 10000.0 -> "
+                                         r"100000.0; model.vision.num_heads 2 -> 4\. Drop"):
+        check(f"init.from_hf={hf}", "model.text.rope_theta=1e4", "model.vision.num_heads=2",
+              "model.moe.token_chunk=64")
+    with pytest.raises(ValueError, match=r"model.text.hidden_size 512 -> 128;"):
+        check(f"init.from_checkpoint={ours}", "model=narrow")
+    check(f"init.from_checkpoint={ours}", "model.moe.token_chunk=256", "model.vision.crop_chunk=2",
+          "model.moe.aux_loss_coeff=0")  # training options
+    check(f"init.from_checkpoint={ours}", "model=tiny", "model.vision.feature_layer=-1")  # the source's values
+    check(f"init.from_hf={hf}", "model=tiny", "stage=long_context")  # the stage sets the RoPE base
+    long = dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, rope_theta=5e6))  # a stage-3 checkpoint
+    save_model_dir(build_model(long, device="meta").to_empty(device="cpu").state_dict(), long, tmp_path / "long")
+    check(f"init.from_checkpoint={tmp_path / 'long'}", "model=tiny")  # a pipeline's model=NAME for every stage
+    check("model.vision.feature_layer=0")  # no source
+    check(f"init.from_checkpoint={tmp_path / 'nowhere'}", "model.vision.feature_layer=0")  # reported later
+
+    assert main([*run, f"init.from_checkpoint={ours}", "model.vision.feature_layer=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aria-train: config error: the model's architecture comes from") and err.count("\n") == 1

@@ -9,6 +9,7 @@ Re-running a command whose run_dir holds checkpoints resumes from the latest one
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -32,8 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # Hydra raises its own types for bad overrides
         print(f"aria-train: config error: {err}", file=sys.stderr)
         return 2
-    from aria.train.trainer import train
+    from aria.train.trainer import check_model_overrides, train
 
+    try:
+        check_model_overrides(cfg, overrides)
+    except ValueError as err:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line per node
+            print(f"aria-train: config error: {err}", file=sys.stderr)
+        return 2
     return train(cfg)
 
 

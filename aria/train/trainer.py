@@ -97,6 +97,62 @@ def resolve_model_config(cfg: RunConfig):
     return stage_model_config(model, cfg.stage)
 
 
+def _flat_fields(node, prefix: str = "") -> dict:
+    """A config dataclass as {dotted field: value} (``_path`` and the model's ``name`` left out)."""
+    out = {}
+    for f in dataclasses.fields(node):
+        if f.name in ("_path", "name"):
+            continue
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_flat_fields(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def _parameter_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in Aria(model_cfg).named_parameters()}
+
+
+def check_model_overrides(cfg: RunConfig, overrides: list[str]) -> None:
+    """``ValueError`` when the command line asks for a model that ``cfg`` would not build.
+
+    A run that starts from weights (``init.from_hf`` / ``init.from_checkpoint``) takes the whole
+    architecture from them (``resolve_model_config``): a ``model.FIELD=VALUE`` given with it would
+    be dropped, unless it is a training option (``TRAINING_ONLY_FIELDS``) or the source has that
+    value already. ``model=NAME`` is allowed (a pipeline passes it to every stage) as long as NAME
+    has the source's parameter shapes; each stage still sets its RoPE base (``stage.rope_theta``).
+    The error names every dropped field with both values. Nothing is checked without a source, or
+    with one that does not exist (``check_inputs`` reports it)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    source = cfg.init.from_hf or cfg.init.from_checkpoint
+    if not source or not Path(source).exists():
+        return
+    keys = [o.key_or_group.replace("/", ".") for o in OverridesParser.create().parse_overrides(overrides)]
+    fields = [k.removeprefix("model.") for k in keys if k.startswith("model.")]
+    if not fields and "model" not in keys:
+        return
+    run_only = [f"{node}.{f}" for node, names in TRAINING_ONLY_FIELDS.items() for f in names]
+    have_cfg = ckpt.source_model_config(source, hf=bool(cfg.init.from_hf))
+    asked, have = _flat_fields(cfg.model), _flat_fields(have_cfg)
+    differing = [f for f in asked if f not in run_only and asked[f] != have.get(f)]
+    if "model" in keys and _parameter_shapes(cfg.model) != _parameter_shapes(have_cfg):
+        ignored = differing
+    else:
+        ignored = [f for f in differing if any(f == k or f.startswith(k + ".") for k in fields)]
+    if ignored:
+        given = "init.from_hf" if cfg.init.from_hf else "init.from_checkpoint"
+        raise ValueError(f"the model's architecture comes from {given}={source}, so these settings "
+                         f"would be ignored (asked -> the source's): "
+                         f"{'; '.join(f'model.{f} {asked[f]!r} -> {have.get(f)!r}' for f in ignored)}. "
+                         f"Drop them; of the model's fields only the training options "
+                         f"{', '.join('model.' + f for f in run_only)} follow the command line (the "
+                         f"RoPE base: stage.rope_theta)")
+
+
 @torch.no_grad()
 def gradient_norm(model) -> float:
     """Global L2 norm of the (already all-reduced) gradients, whatever the layout."""
