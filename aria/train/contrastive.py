@@ -16,7 +16,7 @@ Design decisions:
 - ``pooled`` similarity (SigLIP's, the default): the cosine of the mean image token with the
   caption's last hidden state. ``late`` (FILIP's late interaction): the mean over caption j's
   tokens of each token's best cosine with one of image i's tokens, which asks each image token to
-  hold one region's object. The quickstart's measurements (README) use pooled.
+  hold one region's object. The quickstart's measurements (docs/quickstart_findings.md) use pooled.
 - All ranks take part: each rank scores its images against the captions of every rank (an
   all-gather whose backward all-reduces the gradient, so a caption's gradient from other ranks'
   images returns to its rank). The loss of the global micro-batch is the sum over its images of
