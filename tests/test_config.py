@@ -212,3 +212,6 @@ def test_model_settings_a_starting_checkpoint_would_drop_are_refused(tmp_path, c
     assert main([*run, f"init.from_checkpoint={ours}", "model.vision.feature_layer=0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("aria-train: config error: the model's architecture comes from") and err.count("\n") == 1
+    assert main([*run, f"init.from_checkpoint={tmp_path}", "model.vision.feature_layer=0"]) == 2  # no model there
+    err = capsys.readouterr().err
+    assert err.startswith(f"aria-train: config error: {tmp_path} is not a model directory") and err.count("\n") == 1

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_model_overrides(cfg, overrides)
-    except ValueError as err:
+    except (FileNotFoundError, ValueError) as err:  # also a source that holds no model
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line per node
             print(f"aria-train: config error: {err}", file=sys.stderr)
         return 2
