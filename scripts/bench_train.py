@@ -12,8 +12,11 @@ Cases (``--cases``), each at every ``--seq-lens`` T:
   across documents, so its column runs the row as one document (its ``text`` case).
 
 Both take the loss over the same supervised tokens (every next token that is text) and use
-``torch.optim.AdamW(fused=True)``; ours adds its router losses, as training does. Model FLOPs come
-from ``aria.model.flops`` (3x forward, causal attention within documents), the same count for
+``torch.optim.AdamW(fused=True)``; ours adds its router losses, as training does. Where both ran
+the same case, the table shows both language-model losses of the last timed step, a check that the
+two compute the same model on the device and in the dtype measured (both optimizers step the same
+shared tensors at lr 1e-6, which moves the losses far less than the dtype's rounding). Model FLOPs
+come from ``aria.model.flops`` (3x forward, causal attention within documents), the same count for
 both where they compute the same thing. Time, memory and peak: see ``bench_common``.
 """
 
@@ -65,19 +68,23 @@ def make_inputs(cfg, case: str, seq_len: int, doc_len: int, image_size: int, dev
         "pixels": None if pixels is None else pixels.to(device, dtype)}
 
 
-def step_fn(model, impl: str, inputs: dict, optimizer):
-    """One fwd + bwd + optimizer step as a closure."""
+def step_fn(model, impl: str, inputs: dict, optimizer, losses: dict | None = None):
+    """One fwd + bwd + optimizer step as a closure; it leaves the step's language-model loss (a
+    device tensor: no host sync) in ``losses[impl]``."""
+    losses = {} if losses is None else losses
     if impl == "ours":
         def step():
             out = model(inputs["ids"], inputs["pixels"], inputs["mask"], position_ids=inputs["positions"],
                         segment_ids=inputs["segments"], targets=inputs["targets"])
-            (out.loss_sum / out.num_targets + out.router_loss).backward()
+            losses[impl] = (out.loss_sum / out.num_targets).detach()
+            (losses[impl] + out.router_loss).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     else:
         def step():
             out = model(input_ids=inputs["ids"], pixel_values=inputs["pixels"], pixel_mask=inputs["mask"],
                         labels=inputs["labels"])
+            losses[impl] = out.loss.detach()
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -146,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for seq_len in seq_lens:
         for case in cases:
-            calls, flops = {}, {}
+            calls, flops, losses = {}, {}, {}
             for impl, model in models.items():
                 c = case if impl == "ours" else hf_case(case)
                 inputs = make_inputs(cfg, c, seq_len, args.doc_len, args.image_size, args.device, dtype)
-                calls[impl] = step_fn(model, impl, inputs, optimizers[impl])
+                calls[impl] = step_fn(model, impl, inputs, optimizers[impl], losses)
                 flops[impl] = model_flops(cfg, c, seq_len, inputs["doc"], args.image_size)
             seconds = bc.interleaved(calls, args.device, args.warmup, args.repeats)
             for impl in models:
@@ -158,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(dict(impl=impl, case=case, ran=hf_case(case) if impl == "hf" else case,
                                     seq_len=seq_len, seconds=s, all_seconds=seconds[impl],
                                     tokens_per_s=seq_len / s, tflops=flops[impl] / s / 1e12,
-                                    mfu=flops[impl] / s / peak, peak_bytes=peak_bytes))
+                                    mfu=flops[impl] / s / peak, peak_bytes=peak_bytes,
+                                    loss=float(losses[impl])))
                 bc.progress(f"{impl} {case} T={seq_len}: {s:.2f} s, peak {bc.mib(peak_bytes)} MiB")
     report(results, args, peak)
     bc.write_json(args.json, dict(machine=bc.machine(args.device), model=args.model, dtype=args.dtype,
@@ -178,11 +186,12 @@ def report(results: list[dict], args, peak: float) -> None:
         if hf is not None:
             row += [f"{hf['seconds']:.2f}", f"{hf['tokens_per_s']:.0f}", f"{100 * hf['mfu']:.1f}%",
                     bc.mib(hf["peak_bytes"]), bc.ratio(r["seconds"], hf["seconds"]),
-                    bc.ratio(r["peak_bytes"], hf["peak_bytes"])]
+                    bc.ratio(r["peak_bytes"], hf["peak_bytes"]),
+                    "-" if hf["ran"] != r["ran"] else f"{r['loss']:.4f} / {hf['loss']:.4f}"]
         rows.append(row)
     header = ["T", "case", "ours s", "tok/s", "TFLOP/s", "MFU", "MiB"]
     if "hf" in args.impls:
-        header += ["hf s", "hf tok/s", "hf MFU", "hf MiB", "speed-up", "memory hf/ours"]
+        header += ["hf s", "hf tok/s", "hf MFU", "hf MiB", "speed-up", "memory hf/ours", "LM loss ours / hf"]
     bc.print_table(header, rows)
     if "packed" in {r["case"] for r in results} and "hf" in args.impls:
         print(f"packed: ours attends within documents of {args.doc_len} tokens; transformers runs the "

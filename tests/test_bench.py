@@ -5,6 +5,7 @@ measurement sees what a call allocates."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -101,12 +102,14 @@ def test_bench_train_runs_every_case_and_counts_the_same_flops_for_the_same_work
 
     out = tmp_path / "train.json"
     assert bench_train.main(["--model", "tiny", "--seq-lens", "256", "--doc-len", "64", "--repeats", "1",
-                             "--warmup", "0", "--json", str(out)]) == 0
+                             "--warmup", "0", "--dtype", "fp32", "--json", str(out)]) == 0
     results = {(r["impl"], r["case"]): r for r in json.loads(out.read_text())["results"]}
     assert set(results) == {(i, c) for i in ("ours", "hf") for c in bench_train.CASES}
     for case in ("text", "image"):  # the same work: the same model FLOPs per second times seconds
         ours, hf = results["ours", case], results["hf", case]
         assert ours["tflops"] * ours["seconds"] == pytest.approx(hf["tflops"] * hf["seconds"])
+        # and the same language-model loss (ours without its router losses)
+        assert ours["loss"] == pytest.approx(hf["loss"], rel=1e-4)
     # packed: ours attends within 64-token documents, transformers over the whole row
     assert results["ours", "packed"]["tflops"] * results["ours", "packed"]["seconds"] < \
         results["hf", "packed"]["tflops"] * results["hf", "packed"]["seconds"]
@@ -141,3 +144,29 @@ def test_bench_video_times_and_measures_both_and_they_answer_alike(tmp_path):
     assert [(r["impl"], r["frames"]) for r in results] == [("ours", 2), ("hf", 2), ("ours", 3), ("hf", 3)]
     assert all(isinstance(r["seconds"], float) and r["peak_bytes"] > 0 for r in results)
     assert [r["first_difference"] for r in results if r["impl"] == "hf"] == [None, None]
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_every_section_and_records_each_exit(tmp_path):
+    """The GPU wrapper goes on past a failing section and records it; on this CPU every section
+    fails at once with the scripts' own 'no CUDA device' error. An unknown section runs nothing."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "BENCH_ARGS": "--no-memory"}
+    run = subprocess.run(["bash", str(script), str(tmp_path / "out"), "train", "attention"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "== train: bench_train.py --device cuda --model proxy" in summary
+    assert "--json " + str(tmp_path / "out" / "train.json") + " --no-memory" in summary
+    assert "== attention: bench_attention.py --device cuda" in summary
+    assert "--no-memory" not in summary.split("== attention")[1]  # not a side-by-side script
+    assert summary.count("   exit 2 after") == 2
+    for name in ("train", "attention"):
+        assert "--device cuda: no CUDA device is visible to torch" in (tmp_path / "out" / f"{name}.log").read_text()
+
+    run = subprocess.run(["bash", str(script), str(tmp_path / "none"), "train", "decode"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "unknown section 'decode'" in run.stderr
+    assert not (tmp_path / "none").exists()
