@@ -10,9 +10,12 @@ of the same length (no padding). Both generate ``--new-tokens`` tokens greedily 
 at an end token (ours: ``aria.model.generate``; transformers: ``generate(do_sample=False)``).
 Prefill = the time to the first new token (a generation of one token); decode tokens/s = the
 batch's further tokens over the rest of the time. Outputs: the number of rows whose tokens are
-all equal, and the first position where a row differs (bf16 rounding can flip a near-tie argmax
-between two correct implementations; fp32 should agree everywhere). Memory: peak of a whole
-generation in a fresh process above the loaded model (see ``bench_common``).
+all equal, the first position where a row differs, and the largest difference between the two
+implementations' next-token logits after the prompts beside the smallest gap between a row's two
+largest logits: bf16 rounding flips a near-tie argmax between two correct implementations where
+the difference reaches that gap (random weights make such ties common); fp32 should agree
+everywhere. Memory: peak of a whole generation in a fresh process above the loaded model (see
+``bench_common``).
 """
 
 from __future__ import annotations
@@ -85,6 +88,22 @@ def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[int, int | None
     return equal_rows, int(first[0]) if len(first) else None
 
 
+def prompt_logits(model, prompts: dict) -> torch.Tensor:
+    """The next-token logits after each prompt, (B, V) in fp32 (both take the same keywords)."""
+    with torch.no_grad():
+        return model(input_ids=prompts["ids"], pixel_values=prompts["pixels"], pixel_mask=prompts["mask"],
+                     logits_to_keep=1).logits[:, -1].float()
+
+
+def logits_agreement(ours_BV: torch.Tensor, theirs_BV: torch.Tensor) -> dict:
+    """How far transformers' prompt logits are from ours, against how close ours come to a tie: a
+    token differs by rounding where the difference reaches the gap between a row's two largest."""
+    top2 = ours_BV.topk(2, dim=-1).values
+    return dict(logits_max_diff=(ours_BV - theirs_BV).abs().max().item(),
+                top2_gap_min=(top2[:, 0] - top2[:, 1]).min().item(),
+                same_argmax=int((ours_BV.argmax(-1) == theirs_BV.argmax(-1)).sum()))
+
+
 def batch_prompts(args: argparse.Namespace, cfg, batch: int) -> dict:
     return make_prompts(cfg, batch, args.prompt_len, args.image_size, args.device, bc.DTYPES[args.dtype],
                         seed=batch)
@@ -131,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             calls[impl] = generate_fn(model, impl, prompts, args.new_tokens, args.decode)
         seconds = bc.interleaved(calls, args.device, args.warmup, args.repeats)
         tokens = {impl: calls[impl]() for impl in models}
+        logits = {impl: prompt_logits(model, prompts) for impl, model in models.items()}
         for impl in models:
             prefill, total = statistics.median(seconds[f"{impl} prefill"]), statistics.median(seconds[impl])
             peak_bytes = memory[impl, batch_prompts, batch]
@@ -141,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                           peak_bytes=peak_bytes)
             if impl != "ours" and "ours" in tokens:
                 result["equal_rows"], result["first_difference"] = agreement(tokens["ours"], tokens[impl])
+                result |= logits_agreement(logits["ours"], logits[impl])
             results.append(result)
             bc.progress(f"{impl} batch {batch}: prefill {result['prefill_ms']:.0f} ms, decode "
                         f"{fixed(result['decode_tokens_per_s'])} tokens/s, peak {bc.mib(peak_bytes)} MiB")
@@ -172,12 +193,14 @@ def report(results: list[dict], args) -> None:
                 "" if hf["first_difference"] is None else f" (from token {hf['first_difference']})")
             row += [f"{hf['prefill_ms']:.0f}", fixed(hf["decode_tokens_per_s"]), bc.mib(hf["peak_bytes"]),
                     bc.ratio(r["prefill_ms"], hf["prefill_ms"]),
-                    bc.ratio(hf["decode_tokens_per_s"], r["decode_tokens_per_s"]), same]
+                    bc.ratio(hf["decode_tokens_per_s"], r["decode_tokens_per_s"]), same,
+                    f"{hf['logits_max_diff']:.2g} / {hf['top2_gap_min']:.2g}"]
         rows.append(row)
     header = ["batch", "prefill ms", "decode tok/s", "MiB"]
     if "hf" in args.impls:
         header += ["hf prefill ms", "hf decode tok/s", "hf MiB", "prefill speed-up", "decode speed-up",
-                   "equal rows"]
+                   "equal rows",
+                   "logits diff / top-2 gap"]
     bc.print_table(header, rows)
 
 

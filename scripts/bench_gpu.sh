@@ -48,6 +48,11 @@ command_of() {
 for name in "${sections[@]}"; do
     command_of "$name" >/dev/null || { echo "bench_gpu: unknown section '$name'" >&2; exit 2; }
 done
+if ! "$python" -c 'import torch, transformers, hydra, omegaconf, yaml, safetensors' 2>/dev/null; then
+    echo "bench_gpu: $python cannot import torch, transformers, hydra, omegaconf, yaml and safetensors," \
+         "which the benchmarks need (set PYTHON, or install the project into this interpreter)" >&2
+    exit 2
+fi
 mkdir -p "$out"
 {
     date -u

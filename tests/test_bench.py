@@ -83,6 +83,7 @@ def test_bench_generate_fp32_agrees_with_transformers_token_for_token(tmp_path, 
     results = json.loads(out.read_text())["results"]
     hf = [r for r in results if r["impl"] == "hf"]
     assert [(r["batch"], r["equal_rows"], r["first_difference"]) for r in hf] == [(1, 1, None), (3, 3, None)]
+    assert all(r["logits_max_diff"] < 1e-4 < r["top2_gap_min"] and r["same_argmax"] == r["batch"] for r in hf)
     # decode speed is None only where timing noise exceeds the decode time (one short repeat)
     assert all(r["prefill_ms"] > 0 and (r["decode_tokens_per_s"] or 1) > 0 for r in results)
 
@@ -149,7 +150,8 @@ def test_bench_video_times_and_measures_both_and_they_answer_alike(tmp_path):
 @pytest.mark.slow
 def test_bench_gpu_runs_every_section_and_records_each_exit(tmp_path):
     """The GPU wrapper goes on past a failing section and records it; on this CPU every section
-    fails at once with the scripts' own 'no CUDA device' error. An unknown section runs nothing."""
+    fails at once with the scripts' own 'no CUDA device' error. An unknown section, or an
+    interpreter without the benchmarks' packages, runs nothing."""
     import subprocess
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.sh"
@@ -169,4 +171,8 @@ def test_bench_gpu_runs_every_section_and_records_each_exit(tmp_path):
     run = subprocess.run(["bash", str(script), str(tmp_path / "none"), "train", "decode"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "unknown section 'decode'" in run.stderr
+    assert not (tmp_path / "none").exists()
+    run = subprocess.run(["bash", str(script), str(tmp_path / "none"), "train"],
+                         env={**env, "PYTHON": str(tmp_path / "no-python")}, capture_output=True, text=True)
+    assert run.returncode == 2 and "cannot import torch, transformers, hydra" in run.stderr
     assert not (tmp_path / "none").exists()
