@@ -12,9 +12,9 @@ Prefill = the time to the first new token (a generation of one token); decode to
 batch's further tokens over the rest of the time. Outputs: the number of rows whose tokens are
 all equal, the first position where a row differs, and the largest difference between the two
 implementations' next-token logits after the prompts beside the smallest gap between a row's two
-largest logits: bf16 rounding flips a near-tie argmax between two correct implementations where
-the difference reaches that gap (random weights make such ties common); fp32 should agree
-everywhere. Memory: peak of a whole generation in a fresh process above the loaded model (see
+largest logits: bf16 rounding can flip a near-tie argmax between two correct implementations
+where twice that difference reaches the gap (random weights make such ties common); fp32 should
+agree everywhere. Memory: peak of a whole generation in a fresh process above the loaded model (see
 ``bench_common``).
 """
 
@@ -96,8 +96,9 @@ def prompt_logits(model, prompts: dict) -> torch.Tensor:
 
 
 def logits_agreement(ours_BV: torch.Tensor, theirs_BV: torch.Tensor) -> dict:
-    """How far transformers' prompt logits are from ours, against how close ours come to a tie: a
-    token differs by rounding where the difference reaches the gap between a row's two largest."""
+    """How far transformers' prompt logits are from ours, against how close ours come to a tie:
+    rounding can change a row's argmax where twice the largest difference reaches the gap between
+    its two largest logits."""
     top2 = ours_BV.topk(2, dim=-1).values
     return dict(logits_max_diff=(ours_BV - theirs_BV).abs().max().item(),
                 top2_gap_min=(top2[:, 0] - top2[:, 1]).min().item(),

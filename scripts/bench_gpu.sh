@@ -2,7 +2,8 @@
 # The GPU measurements of docs/performance.md, one after the other, each under a time limit, so that
 # one failing or slow section does not cost the others. Every section writes OUT_DIR/NAME.log (its
 # output) and OUT_DIR/NAME.json (its results); OUT_DIR/summary.txt gets the machine, the versions and
-# one line per section: exit status and seconds.
+# one line per section: exit status and seconds. It exits 1 when a section failed, 130 when
+# interrupted (after the running section ends).
 #
 #   bash scripts/bench_gpu.sh OUT_DIR [SECTION...]        # default: every section, in this order
 #
@@ -17,7 +18,7 @@
 # --repeats 2"), BENCH_LIMIT is each section's limit in seconds (default 900), PYTHON the interpreter.
 set -uo pipefail
 if [[ $# -lt 1 ]]; then
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -48,7 +49,7 @@ command_of() {
 for name in "${sections[@]}"; do
     command_of "$name" >/dev/null || { echo "bench_gpu: unknown section '$name'" >&2; exit 2; }
 done
-if ! "$python" -c 'import torch, transformers, hydra, omegaconf, yaml, safetensors' 2>/dev/null; then
+if ! "$python" -c 'import torch, transformers, hydra, omegaconf, yaml, safetensors'; then
     echo "bench_gpu: $python cannot import torch, transformers, hydra, omegaconf, yaml and safetensors," \
          "which the benchmarks need (set PYTHON, or install the project into this interpreter)" >&2
     exit 2
@@ -60,14 +61,18 @@ mkdir -p "$out"
     "$python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' 2>&1
 } >"$out/summary.txt"
 
+trap 'echo "bench_gpu: interrupted" | tee -a "$out/summary.txt" >&2; exit 130' INT TERM
+failed=0
 for name in "${sections[@]}"; do
     read -r -a cmd <<<"$(command_of "$name")"
     args=("${cmd[@]:1}" --json "$out/$name.json")
-    [[ $name == attention ]] || args+=("${extra[@]}")
+    [[ $name == attention ]] || args+=(${extra[@]+"${extra[@]}"})
     echo "== $name: ${cmd[0]} ${args[*]}" | tee -a "$out/summary.txt"
     start=$SECONDS
-    timeout "$limit" "$python" "$here/${cmd[0]}" "${args[@]}" >"$out/$name.log" 2>&1
+    timeout -k 30 "$limit" "$python" "$here/${cmd[0]}" "${args[@]}" >"$out/$name.log" 2>&1
     rc=$?
+    [[ $rc -eq 0 ]] || failed=1
     echo "   exit $rc after $((SECONDS - start)) s" | tee -a "$out/summary.txt"
     tail -n 12 "$out/$name.log"
 done
+exit $failed

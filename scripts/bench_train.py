@@ -13,9 +13,10 @@ Cases (``--cases``), each at every ``--seq-lens`` T:
 
 Both take the loss over the same supervised tokens (every next token that is text) and use
 ``torch.optim.AdamW(fused=True)``; ours adds its router losses, as training does. Where both ran
-the same case, the table shows both language-model losses of the last timed step, a check that the
-two compute the same model on the device and in the dtype measured (both optimizers step the same
-shared tensors at lr 1e-6, which moves the losses far less than the dtype's rounding). Model FLOPs
+the same case, the table shows both language-model losses of one forward without gradients before
+the case's first step, on the same weights (with ``--weights`` each steps its own copy, so after the
+first case the two copies may differ by the steps' lr 1e-6): a check that the two compute the same
+model on the device and in the dtype measured. Model FLOPs
 come from ``aria.model.flops`` (3x forward, causal attention within documents), the same count for
 both where they compute the same thing. Time, memory and peak: see ``bench_common``.
 """
@@ -68,27 +69,34 @@ def make_inputs(cfg, case: str, seq_len: int, doc_len: int, image_size: int, dev
         "pixels": None if pixels is None else pixels.to(device, dtype)}
 
 
-def step_fn(model, impl: str, inputs: dict, optimizer, losses: dict | None = None):
-    """One fwd + bwd + optimizer step as a closure; it leaves the step's language-model loss (a
-    device tensor: no host sync) in ``losses[impl]``."""
-    losses = {} if losses is None else losses
+def step_fn(model, impl: str, inputs: dict, optimizer):
+    """One fwd + bwd + optimizer step as a closure."""
     if impl == "ours":
         def step():
             out = model(inputs["ids"], inputs["pixels"], inputs["mask"], position_ids=inputs["positions"],
                         segment_ids=inputs["segments"], targets=inputs["targets"])
-            losses[impl] = (out.loss_sum / out.num_targets).detach()
-            (losses[impl] + out.router_loss).backward()
+            (out.loss_sum / out.num_targets + out.router_loss).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     else:
         def step():
             out = model(input_ids=inputs["ids"], pixel_values=inputs["pixels"], pixel_mask=inputs["mask"],
                         labels=inputs["labels"])
-            losses[impl] = out.loss.detach()
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return step
+
+
+def lm_loss(model, impl: str, inputs: dict) -> float:
+    """The language-model loss of one forward without gradients (ours without its router losses)."""
+    with torch.no_grad():
+        if impl == "ours":
+            out = model(inputs["ids"], inputs["pixels"], inputs["mask"], position_ids=inputs["positions"],
+                        segment_ids=inputs["segments"], targets=inputs["targets"])
+            return float(out.loss_sum / out.num_targets)
+        return float(model(input_ids=inputs["ids"], pixel_values=inputs["pixels"], pixel_mask=inputs["mask"],
+                           labels=inputs["labels"]).loss)
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -157,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             for impl, model in models.items():
                 c = case if impl == "ours" else hf_case(case)
                 inputs = make_inputs(cfg, c, seq_len, args.doc_len, args.image_size, args.device, dtype)
-                calls[impl] = step_fn(model, impl, inputs, optimizers[impl], losses)
+                calls[impl] = step_fn(model, impl, inputs, optimizers[impl])
+                losses[impl] = lm_loss(model, impl, inputs)  # before any step of the case: the same weights
                 flops[impl] = model_flops(cfg, c, seq_len, inputs["doc"], args.image_size)
             seconds = bc.interleaved(calls, args.device, args.warmup, args.repeats)
             for impl in models:
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                     seq_len=seq_len, seconds=s, all_seconds=seconds[impl],
                                     tokens_per_s=seq_len / s, tflops=flops[impl] / s / 1e12,
                                     mfu=flops[impl] / s / peak, peak_bytes=peak_bytes,
-                                    loss=float(losses[impl])))
+                                    loss=losses[impl]))
                 bc.progress(f"{impl} {case} T={seq_len}: {s:.2f} s, peak {bc.mib(peak_bytes)} MiB")
     report(results, args, peak)
     bc.write_json(args.json, dict(machine=bc.machine(args.device), model=args.model, dtype=args.dtype,
