@@ -8,8 +8,9 @@ peak, interleaved timing, peak memory of one case in a fresh process, tables and
   (``aria.convert.checkpoint.ours_to_hf_tensors``, the export's renaming, then ``from_pretrained``
   with that ``state_dict``): it holds the very same storage as ours, so at ``model=aria`` the two
   take 51 GB of a GPU together instead of 102, and no 51 GB export goes through the disk (in
-  ``bench_train.py`` both optimizers then step the same tensors, at lr 1e-6: it times the steps and
-  compares no weights). Both run in ``--dtype`` on ``--device``; transformers uses its SDPA attention.
+  ``bench_train.py`` both optimizers then step the same tensors, at lr 1e-6: it times the steps,
+  compares no weights, and takes both losses it shows from forwards before a case's first step).
+  Both run in ``--dtype`` on ``--device``; transformers uses its SDPA attention.
 - **Time**: the cases of both implementations alternate in one process (``interleaved``), so a
   machine's slow minute hits both; ``--warmup`` rounds are dropped, the median of ``--repeats``
   rounds is reported. CUDA is synchronised around every timed call.
