@@ -200,8 +200,7 @@ def report(results: list[dict], args) -> None:
     header = ["batch", "prefill ms", "decode tok/s", "MiB"]
     if "hf" in args.impls:
         header += ["hf prefill ms", "hf decode tok/s", "hf MiB", "prefill speed-up", "decode speed-up",
-                   "equal rows",
-                   "logits diff / top-2 gap"]
+                   "equal rows", "logits diff / top-2 gap"]
     bc.print_table(header, rows)
 
 

@@ -12,13 +12,13 @@ Cases (``--cases``), each at every ``--seq-lens`` T:
   across documents, so its column runs the row as one document (its ``text`` case).
 
 Both take the loss over the same supervised tokens (every next token that is text) and use
-``torch.optim.AdamW(fused=True)``; ours adds its router losses, as training does. Where both ran
-the same case, the table shows both language-model losses of one forward without gradients before
-the case's first step, on the same weights (with ``--weights`` each steps its own copy, so after the
+``torch.optim.AdamW(fused=True)``; ours adds its router losses, as training does. Where both ran the
+same case, the table shows both language-model losses of one forward without gradients before the
+case's first step, on the same weights (with ``--weights`` each steps its own copy, so after the
 first case the two copies may differ by the steps' lr 1e-6): a check that the two compute the same
-model on the device and in the dtype measured. Model FLOPs
-come from ``aria.model.flops`` (3x forward, causal attention within documents), the same count for
-both where they compute the same thing. Time, memory and peak: see ``bench_common``.
+model on the device and in the dtype measured. Model FLOPs come from ``aria.model.flops`` (3x
+forward, causal attention within documents), the same count for both where they compute the same
+thing. Time, memory and peak: see ``bench_common``.
 """
 
 from __future__ import annotations
