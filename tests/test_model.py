@@ -126,6 +126,56 @@ def test_bf16_detection_without_the_probes_assumes_native(monkeypatch):
     assert layers.cpu_native_bf16() and layers.slow_bf16_warning("cpu", torch.bfloat16, "use fp32") is None
 
 
+def test_rms_norm_rounds_once_in_bf16_and_matches_the_reference_form_in_fp32():
+    """In bf16 every output is the exact result rounded once (within half a bf16 step); in fp32 it
+    is the reference's form (normalise in fp32, cast, then multiply by the weight)."""
+    torch.manual_seed(0)
+    norm = layers.RMSNorm(256, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.5)
+    x = torch.randn(64, 256) * 3
+    x_fp32 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(norm(x), norm.weight * x_fp32, rtol=1e-6, atol=1e-6)
+    x16, norm16 = x.bfloat16(), norm.bfloat16()
+    x64, w64 = x16.double(), norm16.weight.double()
+    exact = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64
+    out = norm16(x16).double()
+    half_step = 2.0 ** (torch.floor(torch.log2(exact.abs())) - 8)  # bf16 keeps 8 significant bits
+    assert ((out - exact).abs() <= half_step * (1 + 1e-3)).all()
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_rms_norm_on_fake_tensors_keeps_what_the_planned_devices_kernel_keeps(device):
+    """The memory plan's trace: standing for a GPU, the norm keeps what CUDA's fused kernel keeps
+    for backward (its bf16 input, the weight, an fp32 1/rms per row); standing for the CPU, what
+    torch's composite form keeps there, which includes an fp32 copy of the input."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    norm = layers.RMSNorm(64, eps=1e-6).bfloat16()
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    planned = layers.FAKE_DEVICE.set(device)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.empty(3, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = norm(x)
+            grad_x, grad_w = torch.autograd.grad(out.sum(), (x, norm.weight))
+    finally:
+        layers.FAKE_DEVICE.reset(planned)
+    assert out.shape == grad_x.shape == x.shape and grad_w.shape == norm.weight.shape
+    assert out.dtype == grad_x.dtype == grad_w.dtype == torch.bfloat16
+    fused = x.nbytes + norm.weight.nbytes + 3 * 5 * 4
+    if device == "cuda":
+        assert sum(saved.values()) == fused
+    else:
+        assert sum(saved.values()) >= fused - x.nbytes + 2 * x.nbytes
+
+
 @pytest.mark.parametrize("shape", [(1, 64), (1, 1, 512), (1, 1, 333)])
 def test_one_bf16_row_takes_the_matrix_vector_kernel_with_the_same_bits(shape):
     from aria.model.layers import Linear, linear

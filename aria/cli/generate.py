@@ -46,7 +46,7 @@ Design decisions:
   fails in seconds. Errors a user can cause (a missing file, an unreadable image or video, a
   directory that is not a model, a bad line) print one message naming the file and exit 1.
 - ``--decode cuda_graph`` (CUDA, bf16) replays one captured decode step per token instead of
-  launching its ~3,200 ops one by one (see ``aria.model.generation``).
+  launching its ~3,000 ops one by one (see ``aria.model.generation``).
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ Design decisions:
 - Rows that finished keep emitting ``pad_token_id``; the loop stops when every row has finished
   (one host check per step, which streaming needs anyway).
 - ``decode="cuda_graph"``: at batch 1 a decode step is many small kernels, each far shorter than
-  the host's time to launch it: a full-size step dispatches ~3,200 aten ops (113 per layer, 71 of
-  them not views: norms, attention with RoPE and the cache, router, dispatch, grouped GEMMs,
-  combine, shared experts; counted on fake tensors), 16-32 ms of host time at an eager op's 5-10 us,
+  the host's time to launch it: a full-size step dispatches ~3,000 aten ops (about 100 per layer:
+  norms, attention with RoPE and the cache, router, dispatch, grouped GEMMs, combine, shared
+  experts; counted on fake tensors), 15-30 ms of host time at an eager op's 5-10 us,
   where the GPU needs ~2 ms to read the step's ~7 GB of active bf16 weights: eager decoding waits
   on Python, not on the GPU. So after the prefill the KV cache turns static
   (``KVCache.make_static``: fixed shapes, a device-side write slot), the first decode step runs

@@ -4,8 +4,15 @@ Letters: B batch, T query length, S key length, H query heads, Hkv key/value hea
 D model width, N = B * T tokens of the rows laid end to end, R documents of all rows (R + 1 offsets).
 
 Design decisions:
-- RMSNorm normalises in fp32, casts back to the input dtype, *then* multiplies by the weight, as the
-  reference does; the order matters in bf16.
+- RMSNorm is ``F.rms_norm``: it normalises and multiplies by the weight in fp32 and rounds once to
+  the input dtype. The reference rounds the normalised input to bf16 before the weight multiplies
+  it (a second rounding): in fp32 the two are the same bits; in bf16 ours is closer to the exact
+  result (within half a bf16 step, tested). On CUDA it is one fused kernel where the reference's
+  form is five (square, mean, add, rsqrt, multiply, plus the casts); a full-size decode step on an
+  H200 ran 7% faster (7.87 -> 7.33 ms at batch 1, CUDA graphs). For backward that kernel keeps its
+  input and the fp32 1/rms of each row, where the composite form torch runs elsewhere keeps fp32
+  copies of the input: on fake tensors standing for a GPU (``FAKE_DEVICE``, the memory plan) the
+  norm keeps what the CUDA kernel keeps (``_FusedRMSNormFootprint``).
 - RoPE uses the rotate-half layout (HF checkpoints store q/k in that layout), cos/sin computed once
   per forward from ``position_ids`` and shared by all layers.
 - Packed rows carry ``segment_ids`` (B, T): a token attends to the tokens of its own segment at or
@@ -45,6 +52,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 from dataclasses import dataclass
@@ -75,9 +83,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_fp32 = x.float()
-        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x_fp32.to(x.dtype)
+        if holds_no_data(x) and FAKE_DEVICE.get() == "cuda" and torch.is_grad_enabled():
+            return _FusedRMSNormFootprint.apply(x, self.weight)
+        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+
+
+class _FusedRMSNormFootprint(torch.autograd.Function):
+    """Shapes only: the tensors CUDA's fused RMSNorm allocates and keeps for backward (its input,
+    the weight, the fp32 1/rms per row), for the memory plan's trace on fake tensors."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        inv_rms = x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+        ctx.save_for_backward(x, weight, inv_rms)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, weight, _ = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(weight)
 
 
 class RotaryEmbedding(nn.Module):
@@ -161,6 +185,10 @@ def slow_bf16_warning(device: torch.device | str, dtype: torch.dtype, fix: str) 
     return (f"warning: bf16 on a CPU without AVX512-BF16 or AMX (torch uses "
             f"{torch.backends.cpu.get_cpu_capability()}): its bf16 matmuls run ~50-100x slower than "
             f"fp32 there; {fix}")
+
+
+FAKE_DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("fake_device", default="cuda")
+"""The device type that fake tensors stand for (``aria.train.plan`` sets it to the planned device)."""
 
 
 def holds_no_data(t: torch.Tensor) -> bool:

@@ -29,12 +29,10 @@ Design decisions:
 
 from __future__ import annotations
 
-import contextvars
-
 import torch
 
 from aria.config import IGNORE_INDEX
-from aria.model.layers import holds_no_data
+from aria.model.layers import FAKE_DEVICE, holds_no_data
 
 LOGITS_BUDGET = 2 ** 27  # fp32 logit elements per chunk (512 MiB)
 CACHE_BLOCK = 2 ** 21  # fp32 logit elements per row block on the CPU (8 MiB)
@@ -43,10 +41,6 @@ GPU_BLOCK = LOGITS_BUDGET // 4  # fp32 logit elements per row block on a GPU (12
 
 def default_chunk_size(vocab_size: int) -> int:
     return max(64, LOGITS_BUDGET // vocab_size)
-
-
-FAKE_DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("fake_device", default="cuda")
-"""The device type that fake tensors stand for (``aria.train.plan`` sets it to the planned device)."""
 
 
 def _row_block(logits_nV: torch.Tensor) -> int:

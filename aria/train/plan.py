@@ -30,7 +30,7 @@ Design decisions:
   of its input's size), and fp32 ``grouped_mm``, whose meta kernel applies CUDA's bf16-only rule,
   is shaped in bf16 (CPU validation runs are fp32; on a GPU the model takes that path in bf16).
   Where the model code takes another path on the CPU, the trace takes the planned device's
-  (``aria.model.loss.FAKE_DEVICE``).
+  (``aria.model.layers.FAKE_DEVICE``).
 - DeepSpeed's own memory is modelled from what DeepSpeed 0.19.8 allocates for the JSON
   ``aria.parallel.engine.deepspeed_config`` gives it, with the exact parameter groups of
   ``engine.param_groups`` (and DeepSpeed's MoE group split) and its partitioning arithmetic
@@ -410,7 +410,7 @@ class FakeModel:
     def trace(self, work: Workload, device: str = "cuda") -> Trace:
         """Forward + backward of one micro-batch as ``Trainer._accumulate`` runs it on ``device``
         (where the code takes another path on the CPU)."""
-        from aria.model.loss import FAKE_DEVICE
+        from aria.model.layers import FAKE_DEVICE
 
         started = time.perf_counter()
         tracker = _storage_tracker([*self.model.parameters(), *self.model.buffers()])
