@@ -22,6 +22,11 @@ peak, interleaved timing, peak memory of one case in a fresh process, tables and
   cleanly instead of the kernel killing the machine's processes).
 - **Peak**: a square ``--dtype`` matmul measured on the device (2048 on the CPU, 8192 on CUDA);
   MFU = model FLOPs per second / that peak.
+- **Where the time goes** (``--profile FILE``, ``bench_train.py`` and ``bench_generate.py``): after
+  the timed rounds, one more call of each case under ``torch.profiler``, and a table per call in
+  FILE: on CUDA the kernels' own device time (CUDA graph replays included), grouped (GEMMs,
+  grouped GEMMs, attention, routing, norms, copies, elementwise, optimizer) and the largest
+  kernels, against the call's wall time; on the CPU the same for aten ops' own CPU time.
 """
 
 from __future__ import annotations
@@ -183,6 +188,78 @@ def describe_hf(models: dict) -> str:
     text = models["hf"].config.text_config
     return (f"; transformers {transformers.__version__} (attention {text._attn_implementation}, experts "
             f"{getattr(text, '_experts_implementation', 'eager')})")
+
+
+def add_profile_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                        help="profile one more call of each case and write where its time went to FILE")
+
+
+def print_header(header: str, profile: Path | None) -> None:
+    """The run's first line, also the first line of the ``--profile`` file (which it starts)."""
+    print(header, flush=True)
+    if profile is not None:
+        profile.write_text(header + "\n\n")
+
+
+# (group, pattern in a lower-cased kernel or op name): the first that matches names the group
+TIME_GROUPS = (
+    ("attention", r"flash|fmha|sdpa|attention"),
+    ("grouped GEMM", r"group"),
+    ("GEMM", r"gemm|gemv|nvjet|cutlass|cublas|xmma|dot_kernel|aten::(mm|addmm|bmm|mv|dot)$"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("routing, indexing", r"sort|topk|scan|index|gather|scatter|nonzero|cumsum|bincount|histc"),
+    ("norms, reductions", r"norm|reduce|mean|sum|softmax|logsumexp|max"),
+    ("copies, fills", r"copy|memcpy|memset|fill|cat|clone|zero|empty"),
+    ("elementwise", r"elementwise|aten::"),
+)
+
+
+def time_group(name: str) -> str:
+    lowered = name.lower()
+    return next((group for group, pattern in TIME_GROUPS if re.search(pattern, lowered)), "other")
+
+
+def profile_call(call: Callable[[], object], device: str, path: Path, label: str, top: int = 25) -> dict:
+    """Runs ``call`` once under ``torch.profiler`` and appends to ``path`` where its time went (see
+    the module docstring); returns the groups' milliseconds, the total and the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    rows = []  # (ms, calls, name)
+    for event in prof.key_averages():
+        if cuda and event.device_type == torch.autograd.DeviceType.CUDA:
+            us = event.self_device_time_total
+        elif not cuda and event.key.startswith("aten::"):
+            us = event.self_cpu_time_total
+        else:
+            continue
+        if us > 0:
+            rows.append((us / 1e3, event.count, event.key))
+    rows.sort(key=lambda row: -row[0])
+    total = sum(ms for ms, _, _ in rows)
+    groups: dict[str, list] = {}
+    for ms, count, name in rows:
+        entry = groups.setdefault(time_group(name), [0.0, 0])
+        entry[0] += ms
+        entry[1] += count
+    what = "kernels (device time)" if cuda else "aten ops (own CPU time)"
+    lines = [f"== {label}: wall {wall_ms:.2f} ms; {what} {total:.2f} ms "
+             f"({100 * total / wall_ms:.0f}% of the wall), {sum(c for _, c, _ in rows)} calls"]
+    lines += [f"{'group':>20} | {'ms':>9} | share | calls"]
+    for group, (ms, count) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"{group:>20} | {ms:9.3f} | {100 * ms / total:4.1f}% | {count}")
+    lines += [f"largest {min(top, len(rows))}:", f"{'ms':>9} | {'calls':>6} | name"]
+    lines += [f"{ms:9.3f} | {count:6d} | {name[:140]}" for ms, count, name in rows[:top]]
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n\n")
+    return dict(wall_ms=wall_ms, total_ms=total, groups_ms={g: v[0] for g, v in groups.items()})
 
 
 def synchronize(device) -> None:

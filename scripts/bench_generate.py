@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=490)
     add_decode_argument(parser)
+    bc.add_profile_argument(parser)
     args = parser.parse_args(argv)
     bc.check_arguments(parser, args)
     check_decode(parser, args)
@@ -138,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     memory = bc.peaks(args, [(batch_prompts, batch) for batch in batches], generation_peak)
     models = {impl: m.eval() for impl, m in bc.build_models(args).items()}
-    print(f"{bc.machine(args.device)}{bc.describe_hf(models)}; model={args.model} ({cfg.name}), {args.dtype}; prompts of "
-          f"{args.prompt_len} tokens with one {args.image_size} px image, {args.new_tokens} new tokens, "
-          f"greedy; ours decodes {args.decode}; median of {args.repeats} after {args.warmup} warm-up")
+    header = (f"{bc.machine(args.device)}{bc.describe_hf(models)}; model={args.model} ({cfg.name}), {args.dtype}; prompts of "
+              f"{args.prompt_len} tokens with one {args.image_size} px image, {args.new_tokens} new tokens, "
+              f"greedy; ours decodes {args.decode}; median of {args.repeats} after {args.warmup} warm-up")
+    bc.print_header(header, args.profile)
 
     results = []
     for batch in batches:
@@ -151,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             calls[impl] = generate_fn(model, impl, prompts, args.new_tokens, args.decode)
         seconds = bc.interleaved(calls, args.device, args.warmup, args.repeats)
         tokens = {impl: calls[impl]() for impl in models}
+        profiles = {impl: bc.profile_call(calls[impl], args.device, args.profile,
+                                          f"{impl} batch {batch}, prefill + {args.new_tokens - 1} decode steps")
+                    for impl in models} if args.profile else {}
         logits = {impl: prompt_logits(model, prompts) for impl, model in models.items()}
         for impl in models:
             prefill, total = statistics.median(seconds[f"{impl} prefill"]), statistics.median(seconds[impl])
@@ -160,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                           decode_tokens_per_s=(batch * (args.new_tokens - 1) / (total - prefill)
                                                if total > prefill else None),
                           peak_bytes=peak_bytes)
+            if impl in profiles:
+                result["profile"] = profiles[impl]
             if impl != "ours" and "ours" in tokens:
                 result["equal_rows"], result["first_difference"] = agreement(tokens["ours"], tokens[impl])
                 result |= logits_agreement(logits["ours"], logits[impl])

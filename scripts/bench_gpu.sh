@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/performance.md, one after the other, each under a time limit, so that
 # one failing or slow section does not cost the others. Every section writes OUT_DIR/NAME.log (its
-# output) and OUT_DIR/NAME.json (its results); OUT_DIR/summary.txt gets the machine, the versions and
-# one line per section: exit status and seconds. It exits 1 when a section failed, 130 when
-# interrupted (after the running section ends).
+# output) and OUT_DIR/NAME.json (its results); train, train_64k and generate_graph also write
+# OUT_DIR/NAME.profile.txt (where a call's time went, kernel by kernel). OUT_DIR/summary.txt gets the
+# machine, the versions and one line per section: exit status and seconds. It exits 1 when a
+# section failed, 130 when interrupted (after the running section ends).
 #
 #   bash scripts/bench_gpu.sh OUT_DIR [SECTION...]        # default: every section, in this order
 #
@@ -18,7 +19,7 @@
 # --repeats 2"), BENCH_LIMIT is each section's limit in seconds (default 900), PYTHON the interpreter.
 set -uo pipefail
 if [[ $# -lt 1 ]]; then
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -67,6 +68,7 @@ for name in "${sections[@]}"; do
     read -r -a cmd <<<"$(command_of "$name")"
     args=("${cmd[@]:1}" --json "$out/$name.json")
     [[ $name == attention ]] || args+=(${extra[@]+"${extra[@]}"})
+    case $name in train | train_64k | generate_graph) args+=(--profile "$out/$name.profile.txt") ;; esac
     echo "== $name: ${cmd[0]} ${args[*]}" | tee -a "$out/summary.txt"
     start=$SECONDS
     timeout -k 30 "$limit" "$python" "$here/${cmd[0]}" "${args[@]}" >"$out/$name.log" 2>&1

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {', '.join(CASES)}")
     parser.add_argument("--doc-len", type=int, default=1024, help="tokens per document in 'packed'")
     parser.add_argument("--image-size", type=int, default=490)
+    bc.add_profile_argument(parser)
     args = parser.parse_args(argv)
     bc.check_arguments(parser, args)
     cases = args.cases.split(",")
@@ -154,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     memory = bc.peaks(args, [(case, seq_len) for seq_len in seq_lens for case in cases], memory_case)
     models = {impl: m.train() for impl, m in bc.build_models(args).items()}
     optimizers = {impl: adamw(m) for impl, m in models.items()}
-    print(f"{bc.machine(args.device)}{bc.describe_hf(models)}; model={args.model} ({cfg.name}), {args.dtype}, "
-          f"{args.dtype} matmul peak {peak / 1e12:.2f} TFLOP/s; fwd + bwd + fused AdamW of one row; "
-          f"median of {args.repeats} after {args.warmup} warm-up; memory: peak above the step's start")
+    header = (f"{bc.machine(args.device)}{bc.describe_hf(models)}; model={args.model} ({cfg.name}), {args.dtype}, "
+              f"{args.dtype} matmul peak {peak / 1e12:.2f} TFLOP/s; fwd + bwd + fused AdamW of one row; "
+              f"median of {args.repeats} after {args.warmup} warm-up; memory: peak above the step's start")
+    bc.print_header(header, args.profile)
 
     results = []
     for seq_len in seq_lens:
@@ -169,13 +171,15 @@ def main(argv: list[str] | None = None) -> int:
                 losses[impl] = lm_loss(model, impl, inputs)  # before any step of the case: the same weights
                 flops[impl] = model_flops(cfg, c, seq_len, inputs["doc"], args.image_size)
             seconds = bc.interleaved(calls, args.device, args.warmup, args.repeats)
+            profiles = {impl: bc.profile_call(calls[impl], args.device, args.profile, f"{impl} {case} T={seq_len}")
+                        for impl in models} if args.profile else {}
             for impl in models:
                 s, peak_bytes = statistics.median(seconds[impl]), memory[impl, case, seq_len]
                 results.append(dict(impl=impl, case=case, ran=hf_case(case) if impl == "hf" else case,
                                     seq_len=seq_len, seconds=s, all_seconds=seconds[impl],
                                     tokens_per_s=seq_len / s, tflops=flops[impl] / s / 1e12,
                                     mfu=flops[impl] / s / peak, peak_bytes=peak_bytes,
-                                    loss=losses[impl]))
+                                    loss=losses[impl]) | ({"profile": profiles[impl]} if profiles else {}))
                 bc.progress(f"{impl} {case} T={seq_len}: {s:.2f} s, peak {bc.mib(peak_bytes)} MiB")
     report(results, args, peak)
     bc.write_json(args.json, dict(machine=bc.machine(args.device), model=args.model, dtype=args.dtype,

@@ -102,10 +102,18 @@ def test_bench_train_runs_every_case_and_counts_the_same_flops_for_the_same_work
     import bench_train
 
     out = tmp_path / "train.json"
+    profile = tmp_path / "train.profile.txt"
     assert bench_train.main(["--model", "tiny", "--seq-lens", "256", "--doc-len", "64", "--repeats", "1",
-                             "--warmup", "0", "--dtype", "fp32", "--json", str(out)]) == 0
+                             "--warmup", "0", "--dtype", "fp32", "--json", str(out), "--profile", str(profile)]) == 0
     results = {(r["impl"], r["case"]): r for r in json.loads(out.read_text())["results"]}
     assert set(results) == {(i, c) for i in ("ours", "hf") for c in bench_train.CASES}
+    # --profile: one table per implementation and case, its ops' time within the call's wall time
+    sections = profile.read_text().split("\n== ")[1:]
+    assert sorted(s.split(":")[0] for s in sections) == sorted(f"{i} {c} T=256" for i, c in results)
+    for r in results.values():
+        p = r["profile"]
+        assert 0 < p["total_ms"] <= p["wall_ms"] and p["groups_ms"]["GEMM"] > 0
+        assert sum(p["groups_ms"].values()) == pytest.approx(p["total_ms"])
     for case in ("text", "image"):  # the same work: the same model FLOPs per second times seconds
         ours, hf = results["ours", case], results["hf", case]
         assert ours["tflops"] * ours["seconds"] == pytest.approx(hf["tflops"] * hf["seconds"])
@@ -181,6 +189,7 @@ def test_bench_gpu_runs_every_section_and_records_each_exit(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "== train: bench_train.py --device cuda --model proxy" in summary
     assert "--json " + str(tmp_path / "out" / "train.json") + " --no-memory" in summary
+    assert "--profile " + str(tmp_path / "out" / "train.profile.txt") in summary
     assert "== attention: bench_attention.py --device cuda" in summary
     assert "--no-memory" not in summary.split("== attention")[1]  # not a side-by-side script
     assert summary.count("   exit 2 after") == 2
@@ -195,6 +204,29 @@ def test_bench_gpu_runs_every_section_and_records_each_exit(tmp_path):
                          env={**env, "PYTHON": str(tmp_path / "no-python")}, capture_output=True, text=True)
     assert run.returncode == 2 and "cannot import torch, transformers, hydra" in run.stderr
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("name, group", [  # kernel names from an H200 profile of a decode step, aten ops
+    ("_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel13Gemm"
+     "UniversalINS5_17GroupProblemShapeIN4cute5tupleIJiiiEEEEENS_4gemm10collective", "grouped GEMM"),
+    ("void at::cuda::detail::prepare_grouped_gemm_data<cutlass::bfloat16_t, cutlass::bfloat16_t>", "grouped GEMM"),
+    ("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT", "GEMM"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>", "GEMM"),
+    ("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16_knob_35_16x128x128", "attention"),
+    ("void at::native::radixSortKVInPlace<-2, -1, 16, 2, long, long, unsigned int>", "routing, indexing"),
+    ("void at::native::sbtopk::gatherTopK<float, unsigned int, 1, false>", "routing, indexing"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float, true>",
+     "norms, reductions"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda", "copies, fills"),
+    ("Memcpy DtoD (Device -> Device)", "copies, fills"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::rsqrt_kernel_cuda>", "elementwise"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("aten::mm", "GEMM"), ("aten::_grouped_mm", "grouped GEMM"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"), ("aten::mul", "elementwise"),
+    ("aten::index_select", "routing, indexing"), ("aten::copy_", "copies, fills"),
+])
+def test_profile_groups_name_the_kernels_they_hold(name, group):
+    assert bc.time_group(name) == group
 
 
 def test_logits_agreement_measures_the_difference_against_the_closest_tie():
