@@ -356,6 +356,43 @@ def test_generation_refuses_right_padding(model):
         generate(model, ids, attention_mask=mask, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("ahead", [False, True])
+def test_generation_stops_at_eos_streams_each_token_once_and_queues_at_most_one_step_ahead(
+        model, monkeypatch, ahead):
+    """Stopping at an end token gives the same tokens whether or not the next step is queued before
+    the host reads the stop flag (what CUDA does, forced here on the CPU); ``on_token`` sees each
+    step's tokens once, in order; queuing ahead computes exactly one step more, and only when the
+    rows finish before ``max_new_tokens``."""
+    from aria.model import generation
+
+    ids = torch.randint(10, 99, (2, 6), generator=torch.Generator().manual_seed(1))
+    reference = generate(model, ids, max_new_tokens=8, eos_token_ids=[])
+    monkeypatch.setattr(generation, "queue_ahead", lambda device: ahead)
+    steps = []
+    make_step = generation.decode_step
+
+    def counting_decode_step(*args, **kwargs):
+        step = make_step(*args, **kwargs)
+        return lambda token_B: steps.append(1) or step(token_B)
+
+    monkeypatch.setattr(generation, "decode_step", counting_decode_step)
+    # each row stops at its own token 3 (or earlier, where that token comes sooner in the row)
+    eos = reference[:, 3].tolist()
+    stop_at = [next(i for i, t in enumerate(row) if t in eos) for row in reference.tolist()]
+    streamed = []
+    out = generate(model, ids, max_new_tokens=8, eos_token_ids=eos, pad_token_id=0,
+                   on_token=lambda token_B: streamed.append(token_B.tolist()))
+    n = max(stop_at) + 1
+    assert out.shape == (2, n) and streamed == out.t().tolist()
+    for row, stop in enumerate(stop_at):
+        assert out[row, :stop + 1].tolist() == reference[row, :stop + 1].tolist()
+        assert (out[row, stop + 1:] == 0).all()
+    assert len(steps) == n - 1 + ahead
+    steps.clear()
+    assert torch.equal(generate(model, ids, max_new_tokens=8, eos_token_ids=[]), reference)
+    assert len(steps) == 7  # stopped by max_new_tokens: no step ahead to throw away
+
+
 def test_crops_of_two_sizes_fill_their_slots_in_order(model):
     """980-style and 490-style crops in one batch: per-size groups plus the slot order."""
     from aria.data.processor import group_crops

@@ -9,7 +9,12 @@ Design decisions:
   token attends to it) and positions count real tokens only, so each row generates exactly what it
   would alone.
 - Rows that finished keep emitting ``pad_token_id``; the loop stops when every row has finished
-  (one host check per step, which streaming needs anyway).
+  (one host check per step, which streaming needs anyway). On CUDA the host must not wait for a
+  step's tokens before it queues the next step, or the GPU idles while Python samples, checks and
+  launches: the tokens and the stop flag are copied to pinned host buffers behind an event, the
+  next decode step is queued, and only then does the host wait for the copies (``HostCopy``). When
+  every row has finished, that queued step is one step of work thrown away. ``on_token`` gets
+  each step's tokens on the host. Elsewhere the step runs after the check, as the code reads.
 - ``decode="cuda_graph"``: at batch 1 a decode step is many small kernels, each far shorter than
   the host's time to launch it: a full-size step dispatches ~3,000 aten ops (about 100 per layer:
   norms, attention with RoPE and the cache, router, dispatch, grouped GEMMs, combine, shared
@@ -64,7 +69,8 @@ def generate(model: Aria, input_ids: torch.Tensor, pixel_values: torch.Tensor | 
              image_feature_order: torch.Tensor | None = None, decode: str = "dynamic") -> torch.Tensor:
     """Returns the new tokens (B, n <= max_new_tokens). ``temperature`` 0 means greedy. Crops of
     several sizes come as per-size lists plus ``image_feature_order`` (see ``Aria.embed``).
-    ``decode``: how steps after the prefill run (see the module docstring)."""
+    ``decode``: how steps after the prefill run; ``on_token``: called with each step's tokens (B,),
+    on the host (see the module docstring)."""
     B, T = input_ids.shape
     dtype = next(model.parameters()).dtype
     if decode not in DECODE_MODES:
@@ -92,18 +98,59 @@ def generate(model: Aria, input_ids: torch.Tensor, pixel_values: torch.Tensor | 
 
     logits_BV = out.logits[:, -1]
     finished_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    host = HostCopy(B, input_ids.device)
     new_tokens = []
     for i in range(max_new_tokens):
         token_B = sample_next(logits_BV, temperature, top_p, generator)
         token_B = torch.where(finished_B, pad, token_B)
         new_tokens.append(token_B)
-        if on_token is not None:
-            on_token(token_B)
         finished_B |= torch.isin(token_B, eos)
-        if i == max_new_tokens - 1 or bool(finished_B.all()):
+        host.start(token_B, finished_B.all())
+        last = i == max_new_tokens - 1
+        if host.ahead and not last:
+            logits_BV = step(token_B)
+        tokens_B, done = host.wait()
+        if on_token is not None:
+            on_token(tokens_B)
+        if last or done:
             break
-        logits_BV = step(token_B)
+        if not host.ahead:
+            logits_BV = step(token_B)
     return torch.stack(new_tokens, dim=1)
+
+
+def queue_ahead(device: torch.device) -> bool:
+    """Whether the next decode step is queued before the host reads this step's tokens."""
+    return device.type == "cuda"
+
+
+class HostCopy:
+    """A step's tokens and stop flag on the host. With ``ahead`` (CUDA) ``start`` queues their
+    copies into pinned buffers behind an event, and ``wait`` waits for that event only, not for
+    work queued after it; otherwise ``wait`` reads them there and then."""
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.ahead = queue_ahead(device)
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.tokens_B = torch.empty(batch, dtype=torch.long, pin_memory=True)
+            self.done = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.copied = torch.cuda.Event()
+
+    def start(self, tokens_B: torch.Tensor, done: torch.Tensor) -> None:
+        if self.cuda:
+            self.tokens_B.copy_(tokens_B, non_blocking=True)
+            self.done.copy_(done, non_blocking=True)
+            self.copied.record()
+        else:
+            self.pending = tokens_B, done
+
+    def wait(self) -> tuple[torch.Tensor, bool]:
+        if self.cuda:
+            self.copied.synchronize()
+            return self.tokens_B.clone(), bool(self.done)
+        tokens_B, done = self.pending
+        return tokens_B, bool(done)
 
 
 def decode_step(model: Aria, cache: KVCache, next_pos_B1: torch.Tensor, padded: bool, mode: str
