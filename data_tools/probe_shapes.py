@@ -28,6 +28,11 @@ Design decisions:
   near chance there however well the flattened tokens score. "patch, own region" is the same probe
   on the patch embeddings, local by construction: its baseline (a 70 px patch shows part of a
   shape, so its shape score is low too).
+- The projector's attention is summarised too (test images): how far from uniform a query's
+  weights over the patches are (entropy as a fraction of the uniform one's), its largest weight, and
+  how many patches are some query's most attended one. A uniform attention gives every image token
+  the same mixture of the image, a saturated one locks each query onto a few patches; either way
+  the tokens cannot hold their regions.
 - Images go through the model at their own size, which must be a crop size of the model's
   projector table (the shapes world renders 490 px).
 """
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -50,6 +56,7 @@ from data_tools.binding_testbed import cell_mixing
 FEATURES = ("patch embedding", "vision output", "projector output")
 PER_TOKEN = {"patch, own region": "patch embedding", "image token, own region": "projector output"}
 PLACES = FEATURES + tuple(PER_TOKEN)
+ATTENTION = "projector attention"
 ATTRIBUTES = {"shape": ms.SHAPES, "colour": tuple(ms.COLOURS)}
 
 
@@ -63,11 +70,26 @@ def cell_labels(plan, attribute: str) -> torch.Tensor:
     return labels
 
 
+def attention_summary(weights_NHQG: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image (N,), of the projector's attention weights (every patch valid): the entropy of a
+    query's weights over the patches as a fraction of the uniform one's, and its largest weight,
+    both averaged over heads and queries; and how many distinct patches are some (head, query)'s
+    most attended one."""
+    N, H, Q, G = weights_NHQG.shape
+    entropy = -(weights_NHQG * weights_NHQG.clamp_min(1e-30).log()).sum(-1) / math.log(G)
+    largest, top_NHQ = weights_NHQG.max(-1)
+    read = torch.stack([top.unique().numel() * torch.ones(()) for top in top_NHQ.flatten(1)])
+    return {"entropy": entropy.mean((1, 2)), "largest_weight": largest.mean((1, 2)), "patches_read": read}
+
+
 @torch.no_grad()
-def image_features(model, paths: list[Path], batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """For each place, (images, features) fp32: the model's activations flattened per image."""
+def image_features(model, paths: list[Path], batch_size: int = 64
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """For each place, (images, features) fp32: the model's activations flattened per image; and
+    the projector's attention per image (``attention_summary``)."""
     vision, projector = model.vision, model.projector
     out: dict[str, list[torch.Tensor]] = {place: [] for place in FEATURES}
+    attention: dict[str, list[torch.Tensor]] = {}
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     for start in range(0, len(paths), batch_size):
         pixels = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB"))
@@ -77,7 +99,11 @@ def image_features(model, paths: list[Path], batch_size: int = 64) -> dict[str, 
         tokens = projector(patches, valid)
         for place, x in zip(FEATURES, (vision.patch_embed(pixels), patches, tokens)):
             out[place].append(x.flatten(1).float().cpu())
-    return {place: torch.cat(xs) for place, xs in out.items()}
+        weights = projector.cross_attn.attention_weights(projector.queries(patches), patches, valid)
+        for key, values in attention_summary(weights.float().cpu()).items():
+            attention.setdefault(key, []).append(values)
+    return ({place: torch.cat(xs) for place, xs in out.items()},
+            {key: torch.cat(xs) for key, xs in attention.items()})
 
 
 def token_rows(tokens_NF: torch.Tensor, labels_NC: torch.Tensor, queries: int
@@ -120,8 +146,9 @@ def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor
 
 
 def probe(model_path: str, data: Path, train_images: int | None = None, test_images: int | None = None,
-          device: str = "cpu") -> dict[str, dict[str, dict[str, float]]]:
-    """{place: {attribute: accuracies}} for a model on a shapes-world directory."""
+          device: str = "cpu") -> dict:
+    """{place: {attribute: accuracies}} for a model on a shapes-world directory, and under
+    ``ATTENTION`` the projector's attention on the test images (``attention_summary``, averaged)."""
     from aria.inference import load_model
 
     plan_train, plan_test = ms.plans_of(data, train_images, test_images)
@@ -131,9 +158,11 @@ def probe(model_path: str, data: Path, train_images: int | None = None, test_ima
     queries = model.projector.num_queries(patches)  # a clear error for a crop size the model has no queries for
     tokens = {"patch embedding": patches, "projector output": queries}
     square = {place: round(n ** 0.5) ** 2 == n for place, n in tokens.items()}
-    features = {split: image_features(model, [data / "images" / f"{split}_{i:06d}.png" for i in range(len(plan))])
-                for split, plan in (("train", plan_train), ("test", plan_test))}
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    (train, _), (test, attention) = (image_features(model, [data / "images" / f"{split}_{i:06d}.png"
+                                                            for i in range(len(plan))])
+                                     for split, plan in (("train", plan_train), ("test", plan_test)))
+    features = {"train": train, "test": test}
+    results: dict = {}
     for place in [p for p in PLACES if p not in PER_TOKEN or square[PER_TOKEN[p]]]:
         results[place] = {}
         for attribute, values in ATTRIBUTES.items():
@@ -146,17 +175,24 @@ def probe(model_path: str, data: Path, train_images: int | None = None, test_ima
             else:
                 x_train, x_test = x_train[place], x_test[place]
             results[place][attribute] = fit_probe(x_train, y_train, x_test, y_test, num_classes=1 + len(values))
+    results[ATTENTION] = {key: values.mean().item() for key, values in attention.items()} | {"patches": patches}
     return results
 
 
-def report(results: dict[str, dict[str, dict[str, float]]]) -> str:
+def report(results: dict) -> str:
     lines = [f"{'features':24s} {'shape (occupied)':>17s} {'shape (all)':>12s} "
              f"{'colour (occupied)':>18s} {'colour (all)':>13s}"]
     for place, by_attribute in results.items():
+        if place == ATTENTION:
+            continue
         shape, colour = by_attribute["shape"], by_attribute["colour"]
         lines.append(f"{place:24s} {shape['occupied']:17.3f} {shape['all']:12.3f} "
                      f"{colour['occupied']:18.3f} {colour['all']:13.3f}")
     lines.append(f"chance on occupied cells: shape {1 / len(ms.SHAPES):.3f}, colour {1 / len(ms.COLOURS):.3f}")
+    a = results[ATTENTION]
+    lines.append(f"projector attention (test images): entropy {a['entropy']:.3f} of uniform, largest weight "
+                 f"{a['largest_weight']:.3f}; {a['patches_read']:.1f} of {a['patches']} patches are the most "
+                 "attended of some query in some head")
     return "\n".join(lines)
 
 

@@ -443,6 +443,30 @@ def test_patch_projection_is_the_stride_p_convolution():
     assert want.shape == (2, 6, cfg.hidden_size) and want.abs().max() > 0.5
 
 
+def test_projector_attention_weights_are_the_ones_its_forward_applies():
+    """``CrossAttention.attention_weights`` (diagnostics) against the forward's SDPA: the weights
+    times v, through the output projections, give the forward's output; padded patches get none."""
+    cfg = load_model_config("tiny")
+    torch.manual_seed(0)
+    projector = build_model(cfg).projector
+    projector.init_weights(0.15)  # weights far from uniform and from one-hot: their scale shows
+    attn, g = projector.cross_attn, torch.Generator().manual_seed(1)
+    patches = torch.randn(2, 49, cfg.vision.hidden_size, generator=g)
+    valid = torch.ones(2, 49, dtype=torch.bool)
+    valid[1, 40:] = False
+    queries = projector.queries(patches)
+    with torch.no_grad():
+        for mask in (None, valid):
+            weights = attn.attention_weights(queries, patches, mask)
+            _, _, v = attn.heads(queries, patches)
+            N, Q, D = queries.shape
+            mixed = (weights @ v).transpose(1, 2).reshape(N, Q, D)
+            torch.testing.assert_close(attn.linear(attn.out_proj(mixed)), attn(queries, patches, mask))
+            torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+        assert weights[1, ..., 40:].abs().max() == 0
+        assert 0.1 < weights.max(-1).values.mean() < 0.9
+
+
 def test_position_table_init_follows_siglip_unless_set():
     from dataclasses import replace
 

@@ -11,7 +11,8 @@ from aria.config import load_model_config
 from aria.convert.checkpoint import save_model_dir
 from aria.model import build_model
 from data_tools.make_shapes import POSITIONS, SHAPES, make_shapes, plan_images
-from data_tools.probe_shapes import FEATURES, PLACES, cell_labels, fit_probe, main, token_rows
+from data_tools.probe_shapes import (ATTENTION, FEATURES, PLACES, attention_summary, cell_labels, fit_probe, main,
+                                    token_rows)
 
 
 def test_cell_labels_name_each_shape_in_its_cell():
@@ -57,13 +58,31 @@ def test_command_probes_a_model_directory(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert all(place in printed for place in PLACES)
     results = json.loads(out.read_text())
-    assert set(results) == set(PLACES)
+    assert set(results) == set(PLACES) | {ATTENTION}
+    attention = results.pop(ATTENTION)
+    assert attention["patches"] == 49 and 1 <= attention["patches_read"] <= 49
+    assert 0 < attention["entropy"] <= 1 and 1 / 49 <= attention["largest_weight"] <= 1
+    assert "projector attention" in printed
     for by_attribute in results.values():
         assert set(by_attribute) == {"shape", "colour"}
         for accuracies in by_attribute.values():
             assert all(0.0 <= v <= 1.0 for v in accuracies.values())
     for place in FEATURES:  # 16 images: a linear map of all their features fits them
         assert all(results[place][a]["train_all"] > 0.9 for a in ("shape", "colour"))
+
+
+def test_attention_summary_tells_uniform_from_one_patch_per_query():
+    N, H, Q, G = 3, 2, 4, 9
+    uniform = attention_summary(torch.full((N, H, Q, G), 1 / G))
+    assert torch.allclose(uniform["entropy"], torch.ones(N))
+    assert torch.allclose(uniform["largest_weight"], torch.full((N,), 1 / G))
+    assert uniform["patches_read"].tolist() == [1] * N  # ties: every query's first patch
+    chosen = torch.tensor([0, 3, 3, 5, 7, 7, 7, 8]).view(H, Q)  # 5 distinct patches over heads x queries
+    one_hot = torch.nn.functional.one_hot(chosen, G).float().expand(N, H, Q, G)
+    sharp = attention_summary(one_hot)
+    assert torch.allclose(sharp["entropy"], torch.zeros(N), atol=1e-6)
+    assert torch.allclose(sharp["largest_weight"], torch.ones(N))
+    assert sharp["patches_read"].tolist() == [5] * N
 
 
 @pytest.mark.parametrize("args, message", [

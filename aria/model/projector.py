@@ -69,8 +69,9 @@ class CrossAttention(nn.Module):
         low = F.linear(dropped, self.lora_in_proj_A)
         return out + self.lora_scale * F.linear(low, self.lora_in_proj_B[rows])
 
-    def forward(self, queries_NQD: torch.Tensor, patches_NGD: torch.Tensor,
-                valid_NG: torch.Tensor | None) -> torch.Tensor:
+    def heads(self, queries_NQD: torch.Tensor, patches_NGD: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (N, H, Q, d), k and v (N, H, G, d): the attention's inputs, split into heads."""
         N, Q, D = queries_NQD.shape
         G = patches_NGD.shape[1]
         kv_NGD = self.norm_kv(patches_NGD)
@@ -78,13 +79,28 @@ class CrossAttention(nn.Module):
         k = self.in_proj(self.k_proj(kv_NGD), 1)
         v = self.in_proj(self.v_proj(kv_NGD), 2)
         d = D // self.num_heads
-        q = q.view(N, Q, self.num_heads, d).transpose(1, 2)
-        k = k.view(N, G, self.num_heads, d).transpose(1, 2)
-        v = v.view(N, G, self.num_heads, d).transpose(1, 2)
+        return (q.view(N, Q, self.num_heads, d).transpose(1, 2),
+                k.view(N, G, self.num_heads, d).transpose(1, 2),
+                v.view(N, G, self.num_heads, d).transpose(1, 2))
+
+    def forward(self, queries_NQD: torch.Tensor, patches_NGD: torch.Tensor,
+                valid_NG: torch.Tensor | None) -> torch.Tensor:
+        N, Q, D = queries_NQD.shape
+        q, k, v = self.heads(queries_NQD, patches_NGD)
         mask = None if valid_NG is None else key_padding_mask(valid_NG)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = self.out_proj(out.transpose(1, 2).reshape(N, Q, D))
         return self.linear(out)
+
+    def attention_weights(self, queries_NQD: torch.Tensor, patches_NGD: torch.Tensor,
+                          valid_NG: torch.Tensor | None) -> torch.Tensor:
+        """(N, H, Q, G): the weights ``forward``'s attention gives each patch, for diagnostics
+        (``data_tools.probe_shapes``); forward itself never materialises them."""
+        q, k, _ = self.heads(queries_NQD, patches_NGD)
+        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if valid_NG is not None:
+            logits = logits.masked_fill(~valid_NG[:, None, None, :], float("-inf"))
+        return logits.softmax(-1)
 
 
 class Projector(nn.Module):
@@ -108,10 +124,13 @@ class Projector(nn.Module):
                              f"{sizes}); resize crops to one of those sizes or add an entry")
         return self.patch_to_query[num_patches]
 
-    def forward(self, patches_NGD: torch.Tensor, valid_NG: torch.Tensor | None) -> torch.Tensor:
+    def queries(self, patches_NGD: torch.Tensor) -> torch.Tensor:
+        """(N, Q, Dv): the first Q rows of the query table for each crop of G patches."""
         N, G, _ = patches_NGD.shape
-        queries_NQD = self.query[: self.num_queries(G)].unsqueeze(0).expand(N, -1, -1)
-        out_NQD = self.cross_attn(queries_NQD, patches_NGD, valid_NG)
+        return self.query[: self.num_queries(G)].unsqueeze(0).expand(N, -1, -1)
+
+    def forward(self, patches_NGD: torch.Tensor, valid_NG: torch.Tensor | None) -> torch.Tensor:
+        out_NQD = self.cross_attn(self.queries(patches_NGD), patches_NGD, valid_NG)
         return self.ffn_out(F.gelu(self.ffn_in(self.norm_ffn(out_NQD)), approximate="tanh"))
 
     def init_weights(self, std: float) -> None:
