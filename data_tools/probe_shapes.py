@@ -31,8 +31,9 @@ Design decisions:
 - The projector's attention is summarised too (test images): how far from uniform a query's
   weights over the patches are (entropy as a fraction of the uniform one's), its largest weight, and
   how many patches are some query's most attended one. A uniform attention gives every image token
-  the same mixture of the image, a saturated one locks each query onto a few patches; either way
-  the tokens cannot hold their regions.
+  the same mixture of the image; a saturated one reads a single patch per query and head, and
+  leaves unread the patches no query picks (both seen in the quickstart:
+  ``docs/quickstart_findings.md``).
 - Images go through the model at their own size, which must be a crop size of the model's
   projector table (the shapes world renders 490 px).
 """
@@ -78,7 +79,7 @@ def attention_summary(weights_NHQG: torch.Tensor) -> dict[str, torch.Tensor]:
     N, H, Q, G = weights_NHQG.shape
     entropy = -(weights_NHQG * weights_NHQG.clamp_min(1e-30).log()).sum(-1) / math.log(G)
     largest, top_NHQ = weights_NHQG.max(-1)
-    read = torch.stack([top.unique().numel() * torch.ones(()) for top in top_NHQ.flatten(1)])
+    read = torch.tensor([float(top.unique().numel()) for top in top_NHQ.flatten(1)])
     return {"entropy": entropy.mean((1, 2)), "largest_weight": largest.mean((1, 2)), "patches_read": read}
 
 
