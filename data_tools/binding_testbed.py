@@ -1,7 +1,8 @@
 """The language model alone on ideal image tokens: can it learn the shapes world's binding in time?
 
     python -m data_tools.binding_testbed [--model tiny] [--steps 1000] [--batch 40] [--grid 3|4]
-        [--no-place] [--shape-seen P] [--blind] [--lr 1e-3] [--init-std S] [--seed 0]
+        [--no-place] [--shape-seen P] [--blind] [--lr 1e-3] [--init-std S] [--pool N]
+        [--schedule cosine|linear|constant|anneal] [--min-lr-ratio R] [--seed 0]
         [--eval-every 250] [--json OUT]
 
 The quickstart's answers name things the scene has but not which colour, shape and place belong
@@ -16,7 +17,8 @@ Design decisions:
   one object per cell, shapes drawn freely; per scene a dialog of its four image question types in a
   random order (colour of a shape that occurs once, shape at a place, place of a colour + shape,
   count), as ``dialog_train.jsonl`` asks them. Scenes are drawn fresh for every step (no
-  memorisation); held-out scenes come from another seed, and each of their questions is scored in a
+  memorisation), or with ``--pool N`` from a fixed set of N training scenes, as a shapes world's
+  N training images are seen again and again (each visit draws its questions anew); held-out scenes come from another seed, and each of their questions is scored in a
   row of its own (in a dialog, earlier turns give part of the later answers away: a blind model
   learns to use that).
 - **Ideal tokens**: ``grid x grid`` tokens over the image; token t = sum over the cells c it
@@ -31,8 +33,9 @@ Design decisions:
 - **Words are single tokens** with ids of their own (no tokenizer), and a fixed run of template
   tokens stands between a question and its answer, as the chat template does; the loss is on the
   answer and the end token after it, and accuracy is the greedy answer token.
-- Training: AdamW (beta2 0.95, no weight decay, gradients clipped at 1), warm-up then cosine, the
-  router's load-balancing loss added as in training.
+- Training: AdamW (beta2 0.95, no weight decay, gradients clipped at 1), the router's
+  load-balancing loss added as in training; the learning rate follows the trainer's schedule
+  (``aria.train.schedule``: 20 warm-up steps, then ``--schedule``, down to ``--min-lr-ratio``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import math
 import sys
 import time
 from pathlib import Path
@@ -192,11 +194,13 @@ class IdealTokens(nn.Module):
 def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid: int = 3,
         place: bool = True, blind: bool = False, lr: float = 1e-3, init_std: float | None = None,
         warmup: int = 20, seed: int = 0, eval_every: int = 250, eval_scenes: int = 600,
-        shape_seen: float = 1.0, log=print) -> dict:
+        shape_seen: float = 1.0, schedule: str = "cosine", min_lr_ratio: float = 0.0, pool: int = 0,
+        log=print) -> dict:
     """Trains the model's language model on ideal tokens; returns the accuracy history.
     ``init_std``: the language model's ``initializer_range`` (default: the config's)."""
-    from aria.config import load_model_config
+    from aria.config import OptimConfig, load_model_config
     from aria.model.aria import Aria
+    from aria.train.schedule import lr_multiplier
 
     torch.manual_seed(seed)
     cfg = load_model_config(model_name)
@@ -232,13 +236,18 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
         decoder.train()
         return {q: a / n for q, (a, n) in right.items()}
 
+    lr_at = lr_multiplier(OptimConfig(lr=lr, schedule=schedule, warmup_steps=warmup,
+                                      min_lr_ratio=min_lr_ratio), steps)
     rng = np.random.default_rng([seed, 0])
+    pool_rng = np.random.default_rng([seed, 2])  # the fixed training scenes, if any
+    scenes = [draw_scene(pool_rng) for _ in range(pool)]
     history, start = [], time.time()
     for step in range(1, steps + 1):
-        scale = min(1.0, step / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
         for group in optimizer.param_groups:
-            group["lr"] = lr * scale
-        batch = make_batch([draw_scene(rng) for _ in range(batch_size)], rng, grid)
+            group["lr"] = lr * lr_at(step - 1)
+        drawn = ([scenes[i] for i in rng.integers(pool, size=batch_size)] if pool
+                 else [draw_scene(rng) for _ in range(batch_size)])
+        batch = make_batch(drawn, rng, grid)
         out = hidden(batch)
         logits_BTV = lm_head(out.hidden_BTD)
         loss = F.cross_entropy(logits_BTV.flatten(0, 1), batch.targets_BT.flatten(), ignore_index=IGNORE)
@@ -252,8 +261,8 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
             log(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
     return {"settings": dict(model=model_name, steps=steps, batch_size=batch_size, grid=grid,
                              place=place, shape_seen=shape_seen, blind=blind, lr=lr,
-                             init_std=cfg.text.initializer_range,
-                             seed=seed),
+                             init_std=cfg.text.initializer_range, schedule=schedule,
+                             min_lr_ratio=min_lr_ratio, pool=pool, seed=seed),
             "history": history}
 
 
@@ -280,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init-std", type=float, default=None,
                         help="the language model's initializer_range (default: the model config's; "
                              "recipe=quickstart uses 0.1)")
+    parser.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant", "anneal"),
+                        help="the learning-rate schedule after warm-up (aria.train.schedule)")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.0,
+                        help="where a decaying schedule ends, as a fraction of --lr (the recipes: 0.1)")
+    parser.add_argument("--pool", type=int, default=0,
+                        help="draw training scenes from a fixed set of this many (a world's training "
+                             "images; 0: fresh scenes every step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--json", type=Path, default=None, help="also write the settings and history here")
@@ -288,9 +304,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--grid, --steps and --batch must be >= 1")
     if not 0 <= args.shape_seen <= 1:
         parser.error(f"--shape-seen must be in [0, 1], got {args.shape_seen}")
+    if args.pool < 0:
+        parser.error(f"--pool must be >= 0, got {args.pool}")
+    if not 0 <= args.min_lr_ratio <= 1:
+        parser.error(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
     return run_report("binding_testbed", lambda: run(
         args.model, args.steps, args.batch, args.grid, not args.no_place, args.blind, args.lr,
-        args.init_std, seed=args.seed, eval_every=args.eval_every, shape_seen=args.shape_seen),
+        args.init_std, seed=args.seed, eval_every=args.eval_every, shape_seen=args.shape_seen,
+        schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, pool=args.pool),
         report, args.json)
 
 

@@ -108,7 +108,29 @@ def test_unseen_shapes_leave_colour_and_place():
         assert not torch.equal(tokens_BGD[0, 4], tokens_BGD[2, 4])  # the object shows where it is
 
 
-@pytest.mark.parametrize("argv, flag", [(["--grid", "0"], "--grid"), (["--shape-seen", "1.5"], "--shape-seen")])
+def test_a_pool_gives_the_same_few_training_scenes(monkeypatch):
+    """--pool N: every training batch draws its scenes from one fixed set of N; without it, fresh
+    scenes every step. Held-out scenes (one question per row) are not from the pool."""
+    seen = {"train": [], "held_out": []}
+    make_batch = bt.make_batch
+
+    def recording(scenes, rng, grid, one_question=False):
+        seen["held_out" if one_question else "train"].extend(map(tuple, scenes))
+        return make_batch(scenes, rng, grid, one_question)
+
+    monkeypatch.setattr(bt, "make_batch", recording)
+    for pool in (3, 0):
+        seen = {"train": [], "held_out": []}
+        bt.run(steps=4, batch_size=8, pool=pool, eval_every=4, eval_scenes=50, log=lambda _: None)
+        distinct = set(seen["train"])
+        assert len(seen["train"]) == 32
+        assert (len(distinct) == 3) if pool else (len(distinct) > 20), distinct
+        if pool:
+            assert not distinct & set(seen["held_out"])
+
+
+@pytest.mark.parametrize("argv, flag", [(["--grid", "0"], "--grid"), (["--shape-seen", "1.5"], "--shape-seen"),
+                                        (["--min-lr-ratio", "2"], "--min-lr-ratio"), (["--pool", "-1"], "--pool")])
 def test_bad_arguments_are_one_line(capsys, argv, flag):
     with pytest.raises(SystemExit) as exit_info:
         bt.main(argv)
