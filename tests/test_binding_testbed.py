@@ -129,6 +129,24 @@ def test_a_pool_gives_the_same_few_training_scenes(monkeypatch):
             assert not distinct & set(seen["held_out"])
 
 
+def test_the_learning_rate_follows_the_trainers_anneal_schedule(monkeypatch):
+    """--schedule anneal --min-lr-ratio 0.1 over 30 steps (20 warm-up): a linear ramp from lr/20,
+    the peak held, then a linear decay over the last 6 steps to 0.1 lr."""
+    rates = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    bt.run(steps=30, batch_size=2, lr=1e-3, schedule="anneal", min_lr_ratio=0.1, eval_every=30,
+           eval_scenes=10, log=lambda _: None)
+    expected = [1e-3 * (i + 1) / 20 for i in range(20)] + [1e-3] * 4 + \
+        [1e-3 * (1 - 0.9 * k / 5) for k in range(6)]
+    assert rates == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("argv, flag", [(["--grid", "0"], "--grid"), (["--shape-seen", "1.5"], "--shape-seen"),
                                         (["--min-lr-ratio", "2"], "--min-lr-ratio"), (["--pool", "-1"], "--pool")])
 def test_bad_arguments_are_one_line(capsys, argv, flag):
