@@ -9,6 +9,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# scripts/setup_env.sh's allocator setting, for pytest run without it (read once, at torch's import)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 @pytest.fixture(scope="session")
