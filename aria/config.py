@@ -635,7 +635,7 @@ class StageConfig:
                f"{p}.rope_theta", self.rope_theta, "null or a positive number")
 
 
-OBJECTIVES = ("lm", "contrastive")
+OBJECTIVES = ("lm", "contrastive", "caption_words")
 SIMILARITIES = ("pooled", "late")
 
 
@@ -645,7 +645,8 @@ class TrainConfig:
 
     objective: str = "lm"
     """lm: next-token cross-entropy on the supervised tokens; contrastive: stage 0, the sigmoid
-    image-caption loss of ``aria.train.contrastive`` (see the ``contrastive`` node)."""
+    image-caption loss of ``aria.train.contrastive`` (see the ``contrastive`` node); caption_words:
+    stage 0, each image predicts which tokens its caption holds (``aria.train.caption_words``)."""
     max_steps: int = 100
     """Optimizer steps."""
     micro_batch_size: int = 1
@@ -851,9 +852,10 @@ class RunConfig:
                 raise ValueError(f"config field 'parallel.sp_size' = {sp} must divide {field} = {value} "
                                  "(sequence parallelism splits the tokens of a row, and the heads inside "
                                  "attention, over its ranks)")
-        if cfg.train.objective == "contrastive" and sp != 1:
-            raise ValueError(f"config field 'parallel.sp_size' = {sp} with train.objective=contrastive: "
-                             "stage 0 scores whole captions on one rank; set parallel.sp_size=1")
+        if cfg.train.objective != "lm" and sp != 1:
+            raise ValueError(f"config field 'parallel.sp_size' = {sp} with train.objective="
+                             f"{cfg.train.objective}: stage 0 scores whole documents on one rank; set "
+                             "parallel.sp_size=1")
         if cfg.parallel.ep_size != "node" and model.moe.num_experts % cfg.parallel.ep_size:
             raise ValueError(f"config field 'parallel.ep_size' = {cfg.parallel.ep_size} must divide "
                              f"model.moe.num_experts = {model.moe.num_experts}")

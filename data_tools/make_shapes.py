@@ -7,6 +7,7 @@ Run ``python -m data_tools.make_shapes --out DIR --seed S`` (see ``--help``). It
     chat_{split}.jsonl              single-turn questions with a one-word/phrase answer
     dialog_{split}.jsonl            the same questions, one multi-turn conversation per image or video
     caption_{split}.jsonl           {"kind": "caption"} / {"kind": "video"} documents
+    image_caption_{split}.jsonl     the image ("kind": "caption") half of caption_{split}.jsonl
     text_{split}.jsonl              {"kind": "text"} scene descriptions in words only
     meta.json                       seed, sizes, counts, answer vocabularies, question templates
     wds/{kind}_{split}-{n:06d}.tar  the same four datasets as webdataset shards (media inside)
@@ -480,6 +481,7 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
         _dump(chat, out / f"chat_{split}.jsonl")
         _dump(dialogs, out / f"dialog_{split}.jsonl")
         _dump(captions, out / f"caption_{split}.jsonl")
+        _dump([c for c in captions if c["kind"] == "caption"], out / f"image_caption_{split}.jsonl")
         _dump(texts, out / f"text_{split}.jsonl")
         answers = {q: {a: asked[q, a] for a in vocab} for q, vocab in ANSWERS.items()}
         meta_counts[split] = {"images": len(image_plans[split]), "videos": len(video_plans[split]),

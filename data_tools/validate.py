@@ -17,9 +17,10 @@ processed, and it is tokenized exactly as training would, so what passes here tr
 tokenizer, the model (its crop table) and every image/video setting from a run's resolved config
 (and ``--seq-len`` from ``train.seq_len`` unless given, the column mapping from the config's
 dataset entry with this path unless ``--columns`` is given); the processing flags are then not
-allowed. ``--image-caption`` checks a stage-0 dataset (``train.objective=contrastive``, implied by
-such a ``--config``): a sample that is not an image or a video followed by its text is bad
-(``not_image_caption``). Exits 1 if any record is bad, 2 if the dataset cannot be read at all.
+allowed. ``--image-caption`` checks a stage-0 dataset (``train.objective`` contrastive or
+caption_words, implied by such a ``--config``): a sample that is not an image or a video followed by
+its text is bad (``not_image_caption``). Exits 1 if any record is bad, 2 if the dataset cannot be
+read at all.
 """
 
 from __future__ import annotations
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", nargs="+", default=None, metavar="FIELD=COLUMN",
                         help="the dataset's column mapping, e.g. conversations=dialog image=picture")
     parser.add_argument("--image-caption", action="store_true",
-                        help="as stage 0 (train.objective=contrastive) reads it: only an image or a "
-                             "video followed by its text")
+                        help="as stage 0 (train.objective=contrastive or caption_words) reads it: only an "
+                             "image or a video followed by its text")
     args = parser.parse_args(argv)
     given = sorted(f"--{k.replace('_', '-')}" for k in PROCESSING_FLAGS if getattr(args, k) is not None)
     allow_outside, image_caption = args.allow_outside_media, args.image_caption
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             processor = Processor.from_config(cfg.data, cfg.model, tokenizer)
             seq_len = args.seq_len if args.seq_len is not None else cfg.train.seq_len
             allow_outside = allow_outside or cfg.data.allow_outside_media
-            image_caption = image_caption or cfg.train.objective == "contrastive"
+            image_caption = image_caption or cfg.train.objective != "lm"
             if columns is None:
                 entries = parse_mixture(cfg.data.train) + parse_mixture(cfg.data.eval, "data.eval")
                 columns = next((e.columns for e in entries if e.path == args.dataset), None)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The quickstart, on the CPU: set up .venv, show the model (counts, a forward pass with an image,
 # KV-cache generation, the same logits from transformers), then the whole workflow on the shapes
-# world: make the data, train a tokenizer, train model=tiny (recipe=quickstart), measure its answer
-# accuracy on the test split, export it to a Hugging Face directory and ask it about an image;
-# last, its training curves (curves.png).
+# world: make the data, train a tokenizer, pretrain model=tiny's vision encoder on the captions
+# (recipe=quickstart_vision: each image predicts its caption's tokens), train model=tiny from it
+# (recipe=quickstart), measure its answer accuracy on the test split, export it to a Hugging Face
+# directory and ask it about an image; last, its training curves (curves.png).
 #
 #   bash scripts/quickstart.sh [key=value ...]      # overrides go to the training run
 #
@@ -15,29 +16,34 @@ source scripts/setup_env.sh
 OUT=${QUICKSTART_DIR:-runs/quickstart}
 DATA=$OUT/data
 
-echo "== 1/6 the model"
+echo "== 1/7 the model"
 python scripts/quickstart.py
 
-echo "== 2/6 the shapes world -> $DATA"
-if [[ ! -f $DATA/meta.json ]]; then
+echo "== 2/7 the shapes world -> $DATA"
+if [[ ! -f $DATA/image_caption_train.jsonl ]]; then   # (a world of an older make_shapes lacks it)
   python -m data_tools.make_shapes --out "$DATA" --seed 0 --no-wds
 fi
 
-echo "== 3/6 a tokenizer -> $DATA/tokenizer"
+echo "== 3/7 a tokenizer -> $DATA/tokenizer"
 if [[ ! -f $DATA/tokenizer/tokenizer.model ]]; then
   python -m data_tools.train_tokenizer --input "$DATA/text_train.jsonl" "$DATA/chat_train.jsonl" \
     --out "$DATA/tokenizer" --vocab-size 1024
 fi
 
-echo "== 4/6 training model=tiny (recipe=quickstart) -> $OUT/run"
+echo "== 4/7 stage 0: the vision encoder learns the images from their captions' tokens -> $OUT/vision"
+python -m aria.train recipe=quickstart_vision run_dir="$OUT/vision" data.train="$DATA/image_caption_train.jsonl" \
+  data.tokenizer="$DATA/tokenizer" logging.wandb=disabled
+
+echo "== 5/7 training model=tiny from stage 0's vision encoder and projector (recipe=quickstart) -> $OUT/run"
 python -m aria.train recipe=quickstart run_dir="$OUT/run" \
   "data.train=[{path:'$DATA/dialog_train.jsonl',weight:1},{path:'$DATA/caption_train.jsonl',weight:1}]" \
-  data.tokenizer="$DATA/tokenizer" logging.wandb=disabled "$@"
+  data.tokenizer="$DATA/tokenizer" init.from_checkpoint="$OUT/vision" 'init.groups=[vision,projector]' \
+  logging.wandb=disabled "$@"
 
-echo "== 5/6 answer accuracy on the test split"
+echo "== 6/7 answer accuracy on the test split"
 aria-eval "$OUT/run" "$DATA/chat_test.jsonl" --batch-size 32 --out "$OUT/eval.jsonl"
 
-echo "== 6/6 export to Hugging Face ($OUT/hf) and ask about a test image"
+echo "== 7/7 export to Hugging Face ($OUT/hf) and ask about a test image"
 aria-convert to-hf "$OUT/run" "$OUT/hf"
 head -4 "$DATA/chat_test.jsonl" > "$DATA/ask.jsonl"   # four questions about test image 0
 aria-generate "$OUT/hf" --batch "$DATA/ask.jsonl" --out "$OUT/answers.jsonl" --greedy --max-new-tokens 8

@@ -87,6 +87,30 @@ def export_hf_with_tokenizer(model, tokenizer_dir: Path, out: Path) -> Path:
     return Path(out)
 
 
+def packed_documents(layout: list[list[tuple[int, int, int]]], T: int, caption_tokens, image_id: int):
+    """Packed rows of stage-0 documents: ``layout`` gives per row, per document, (tokens before its
+    images, image slots, caption tokens). Returns input_ids, segment_ids, targets (the caption
+    positions hold ``caption_tokens(n)``) and per document (row, image positions, caption positions)."""
+    from aria.config import IGNORE_INDEX
+
+    B = len(layout)
+    input_ids = torch.full((B, T), 5)
+    segment_ids = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE_INDEX)
+    docs = []
+    for b, row in enumerate(layout):
+        t = 0
+        for s, (before, images, caption) in enumerate(row, start=1):
+            image_pos = list(range(t + before, t + before + images))
+            text_pos = list(range(t + before + images, t + before + images + caption))
+            input_ids[b, image_pos] = image_id
+            targets[b, text_pos] = caption_tokens(caption)
+            segment_ids[b, t:t + before + images + caption] = s
+            docs.append((b, image_pos, text_pos))
+            t += before + images + caption
+    return input_ids, segment_ids, targets, docs
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

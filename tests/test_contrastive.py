@@ -18,7 +18,7 @@ from aria.train import weights
 from aria.train.contrastive import contrastive_loss_sum
 from aria.train.compose import compose_run
 from aria.train.trainer import train
-from helpers import rewind, run_distributed, shapes_world
+from helpers import packed_documents, rewind, run_distributed, shapes_world
 
 IMG = 9  # model=tiny's <|img|> id
 
@@ -31,23 +31,9 @@ def packed(layout, T: int = 26, D: int = 8, seed: int = 0):
     """Random embeddings and hidden states over packed rows, and per document the (row, positions)
     of its image slots and of its caption (supervised) tokens."""
     g = torch.Generator().manual_seed(seed)
-    B = len(layout)
-    input_ids = torch.full((B, T), 5)
-    segment_ids = torch.zeros(B, T, dtype=torch.long)
-    targets = torch.full((B, T), IGNORE_INDEX)
-    docs = []
-    for b, row in enumerate(layout):
-        t = 0
-        for s, (before, images, caption) in enumerate(row, start=1):
-            image_pos = list(range(t + before, t + before + images))
-            text_pos = list(range(t + before + images, t + before + images + caption))
-            input_ids[b, image_pos] = IMG
-            targets[b, text_pos] = 7
-            segment_ids[b, t:t + before + images + caption] = s
-            docs.append((b, image_pos, text_pos))
-            t += before + images + caption
-    embeds = torch.randn(B, T, D, generator=g)
-    hidden = torch.randn(B, T, D, generator=g)
+    input_ids, segment_ids, targets, docs = packed_documents(layout, T, lambda n: 7, IMG)
+    embeds = torch.randn(len(layout), T, D, generator=g)
+    hidden = torch.randn(len(layout), T, D, generator=g)
     return embeds, hidden, input_ids, segment_ids, targets, docs
 
 
@@ -171,6 +157,7 @@ def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tm
               f"data.eval={data / 'caption_test.jsonl'}",
               "train.max_steps=3", "train.seq_len=48", "checkpoint.every_steps=0", "data.num_workers=0",
               "optim.eps=1e-3", f"contrastive.similarity={similarity}", "model.moe.aux_loss_coeff=0",
+              "train.objective=contrastive",  # (recipe=quickstart_vision's own stage 0 is caption words)
               # bias 0: other ranks' captions weigh as much as the own one (at -10 their gradient
               # is 1e-4 of it, too little to tell a lost cross-rank gradient from rounding)
               "contrastive.bias=0", "contrastive.scale=5", f"parallel.zero_stage={zero}",

@@ -805,7 +805,7 @@ def stage0_dataset(good_image: Path, out: Path) -> Path:
 
 
 def test_stage0_data_takes_only_an_image_then_its_text(tok, bad_dataset, tmp_path):
-    """With ``image_caption`` (train.objective=contrastive) a sample that is not an image (or a
+    """With ``image_caption`` (stage 0's objectives) a sample that is not an image (or a
     video) followed by its text is skipped as ``not_image_caption``, counted by the train loader and
     raised with its line in strict mode; images followed by their text pass."""
     data = stage0_dataset(bad_dataset[0] / "images" / "good.png", tmp_path)
@@ -834,7 +834,8 @@ def test_stage0_data_takes_only_an_image_then_its_text(tok, bad_dataset, tmp_pat
     assert documents >= 5
     it.close()
     assert got.skipped()["not_image_caption"] >= 4
-    with pytest.raises(DataError, match=r"stage0\.jsonl:2: train\.objective=contrastive takes an image"):
+    with pytest.raises(DataError, match=r"stage0\.jsonl:2: stage 0 \(train\.objective=contrastive or "
+                                        r"caption_words\) takes an image"):
         list(eval_batches(str(data), proc, 128, 1, strict=True, image_caption=True))
 
 
@@ -1095,7 +1096,7 @@ def test_validate_checks_a_stage0_dataset(tok_dir, bad_dataset, tmp_path, capsys
     code, out = validate(capsys, str(data), *settings)
     assert code == 0, out
     code, out = validate(capsys, str(data), *settings, "--image-caption")
-    assert code == 1 and "4 bad record(s)" in out and f"{data}:6: train.objective=contrastive" in out
+    assert code == 1 and "4 bad record(s)" in out and f"{data}:6: stage 0 (train.objective=contrastive" in out
     cfg = RunConfig.from_dict({"run_dir": str(tmp_path / "run"), "model": TINY.to_dict(),
                                "train": {"objective": "contrastive"},
                                "data": {"tokenizer": str(tok_dir), "image_size": 490, "video": {"num_frames": 2}}})

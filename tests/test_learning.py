@@ -1,13 +1,15 @@
 """model=tiny learns to read images: the short version of the quickstart's learning check.
 
-The quickstart recipe trains ``model=tiny`` from scratch for about two minutes on a small shapes
-world (image questions as dialogs, plus captions). The measure is the held-out answer loss of the
-multiple-choice read-out: each test question scored against every answer of its type, the options'
-log-probabilities normalised into a distribution, and the negative log-probability of the truth.
-The shapes world balances every question type's answers and keeps the question text independent
-of them, so no model that ignores the image can do better on average than log(number of answers)
-per question: that is the image-blind bound. The trained model must get far below it, and the same
-model shown the wrong image (each test question paired with another test scene) must not.
+The quickstart's two recipes, shortened: a stage 0 (``recipe=quickstart_vision``: each image
+predicts its caption's tokens), then the quickstart recipe from its vision encoder and projector,
+``model=tiny`` for about two minutes on a small shapes world (image questions as dialogs, plus
+captions). The measure is the held-out answer loss of the multiple-choice read-out: each test
+question scored against every answer of its type, the options' log-probabilities normalised into a
+distribution, and the negative log-probability of the truth. The shapes world balances every
+question type's answers and keeps the question text independent of them, so no model that ignores
+the image can do better on average than log(number of answers) per question: that is the
+image-blind bound. The trained model must get far below it, and the same model shown the wrong
+image (each test question paired with another test scene) must not.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from aria.train.trainer import train
 from data_tools.make_shapes import ANSWERS
 from helpers import run_distributed, shapes_world
 
-STEPS = 400
+STEPS, VISION_STEPS = 400, 150
 
 
-def _train(rank: int, world: int, args: list[str]) -> None:
-    assert train(compose_run("quickstart", args)) == 0
+def _train(rank: int, world: int, recipe: str, args: list[str]) -> None:
+    assert train(compose_run(recipe, args)) == 0
 
 
 def with_options(src: Path, dst: Path, swap_images: bool = False) -> Path:
@@ -61,11 +63,19 @@ def answer_losses(model, processor, path: Path) -> tuple[dict[str, float], float
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("learning")
     data, tok = shapes_world(root, train_images=400, test_images=40, train_videos=0, test_videos=0)
-    run_dir = root / "run"
-    run_distributed(_train, 1, ([
-        f"run_dir={run_dir}", f"data.tokenizer={tok}", "logging=quiet", f"train.max_steps={STEPS}",
+    vision, run_dir = root / "vision", root / "run"
+    common = [f"data.tokenizer={tok}", "logging=quiet", "train.seq_len=512", "checkpoint.every_steps=0",
+              "data.num_workers=1"]
+    run_distributed(_train, 1, ("quickstart_vision", [
+        f"run_dir={vision}", f"train.max_steps={VISION_STEPS}", f"data.train={data / 'image_caption_train.jsonl'}",
+        *common]), timeout=300)
+    losses = [r["loss"] for r in map(json.loads, open(vision / "metrics.jsonl")) if "loss" in r]
+    assert len(losses) == VISION_STEPS and sum(losses[-10:]) < 0.5 * sum(losses[:10]), losses
+    run_distributed(_train, 1, ("quickstart", [
+        f"run_dir={run_dir}", f"train.max_steps={STEPS}", f"init.from_checkpoint={vision}",
+        "init.groups=[vision,projector]",
         f"data.train=[{{path:'{data / 'dialog_train.jsonl'}',weight:1}},{{path:'{data / 'caption_train.jsonl'}',weight:1}}]",
-        "train.seq_len=512", "checkpoint.every_steps=0", "data.num_workers=1"],), timeout=600)
+        *common]), timeout=600)
     model, processor = load_inference(run_dir, device="cpu")
     return data, model, processor
 

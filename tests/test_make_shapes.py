@@ -85,6 +85,9 @@ def test_records_follow_the_schema(runs):
         n_img, n_vid = SMALL[f"{split}_images"], SMALL[f"{split}_videos"]
         assert len(chat) == 4 * n_img + n_vid and len(docs) == 2 * (n_img + n_vid)
         assert Counter(d["kind"] for d in docs) == {"caption": n_img, "video": n_vid, "text": n_img + n_vid}
+        images_only = _lines(root / f"image_caption_{split}.jsonl")
+        assert images_only == [d for d in _lines(root / f"caption_{split}.jsonl") if d["kind"] == "caption"]
+        assert len(images_only) == n_img
         assert len({r["id"] for r in chat}) == len(chat)
 
 

@@ -104,6 +104,11 @@ def test_batch_flops_matches_per_token_count():
     cfg = make_config()
     n = 37  # one document: its tokens x text_flops_per_token(n)
     assert batch_flops(cfg, n, n * (n + 1) // 2, {}) == pytest.approx(n * text_flops_per_token(cfg, n))
+    # stage 0's caption words run no decoder: the vision encoder alone is counted
+    crops = {cfg.vision.image_size: 3}
+    vision = batch_flops(cfg, n, n * (n + 1) // 2, crops, decoder=False)
+    assert vision == batch_flops(cfg, 0, 0, crops) > 0
+    assert batch_flops(cfg, n, n * (n + 1) // 2, crops) == pytest.approx(vision + n * text_flops_per_token(cfg, n))
 
 
 # ---------------------------------------------------------------------------- expert load, throughput

@@ -40,10 +40,11 @@ Design decisions:
   ``pin_memory``, whose thread binds to the CUDA device current when its iterator is created (before
   the trainer chose its GPU when ``start()`` comes first) and would allocate on GPU 0 of every rank.
 - Bad samples go through ``BadInputPolicy``: skipped and counted by reason, or raised in strict
-  mode. Stage 0 (``train.objective=contrastive``) adds a rule: a sample that is not an image or a
-  video followed by its text is bad (``not_image_caption``, ``check_image_caption``). A strict-mode error in a worker travels to the training process as a value (the DataLoader
-  would re-raise it by message only) and is raised there as the same ``DataError``, kind and
-  location intact. A source that gives a stream no usable sample in a whole epoch is an error,
+  mode. Stage 0 (``train.objective`` contrastive or caption_words) adds a rule: a sample that is
+  not an image or a video followed by its text is bad (``not_image_caption``,
+  ``check_image_caption``). A strict-mode error in a worker travels to the training process as a
+  value (the DataLoader would re-raise it by message only) and is raised there as the same
+  ``DataError``, kind and location intact. A source that gives a stream no usable sample in a whole epoch is an error,
   never an endless loop (judged per epoch once the source says the stream has had all of it: a
   shuffle buffer interleaves epochs); a worker that produces nothing for ``timeout`` seconds (a
   decoder hang) too.
@@ -101,8 +102,9 @@ def check_image_caption(encoded: EncodedSample, image_id: int) -> None:
     if not len(images) or not len(supervised) or int(images[-1]) > int(supervised[0]):
         what = ("no image" if not len(images) else "no supervised text" if not len(supervised)
                 else "text supervised before an image")
-        raise DataError(f"train.objective=contrastive takes an image or a video followed by its "
-                        f"text (caption and video records); this sample has {what}", "not_image_caption")
+        raise DataError(f"stage 0 (train.objective=contrastive or caption_words) takes an image or a video "
+                        f"followed by its text (caption and video records); this sample has {what}",
+                        "not_image_caption")
 
 
 def read_record(raw: RawRecord, processor: Processor | None = None, packer: Packer | None = None,

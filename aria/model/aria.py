@@ -21,6 +21,10 @@ Design decisions:
   decoder's last hidden states over the text alone: the <|img|> slots are padding (segment 0) and
   each run of text between them a document of its own (``text_runs``), so no text token sees an
   image.
+- ``words=True`` (stage 0's caption-word objective, ``aria.train.caption_words``) runs no decoder
+  layer and looks up no text embedding: each document's image tokens (the projector's outputs in
+  its <|img|> slots) are averaged and read by the final norm and the LM head, (S, V) logits of
+  "which tokens does the caption hold" for the S documents of the micro-batch, in row order.
 - Sequence parallelism (``aria.parallel.sequence``): embeddings, image features in their slots
   included, are made for whole rows; each rank of the group then keeps its tokens (and their
   positions and targets) while ``segment_ids`` stay whole, for attention over all of a row.
@@ -62,6 +66,8 @@ class AriaOutput(NamedTuple):
     """With ``towers=True``: the input embeddings, image features in their <|img|> slots."""
     hidden_BTD: torch.Tensor | None = None
     """With ``towers=True``: the decoder's last hidden states over the text alone."""
+    word_logits_SV: torch.Tensor | None = None
+    """With ``words=True``: the LM head over each document's mean image token."""
 
 
 def merge_image_features(embeds_BTD: torch.Tensor, slots_BT: torch.Tensor, num_slots: int,
@@ -81,6 +87,32 @@ def text_runs(segment_ids_BT: torch.Tensor, image_BT: torch.Tensor) -> torch.Ten
     continues_BT = torch.zeros_like(text_BT)
     continues_BT[:, 1:] = text_BT[:, :-1] & (segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1])
     return torch.where(text_BT, (text_BT & ~continues_BT).cumsum(1), 0)
+
+
+def document_ids(segment_ids_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, T) index of each token's document among all the rows' documents, in row order (-1 on
+    padding), and their number S (a host read; on tensors without values, one document per row)."""
+    if holds_no_data(segment_ids_BT):
+        rows_B1 = torch.arange(segment_ids_BT.shape[0], device=segment_ids_BT.device)[:, None]
+        return torch.where(segment_ids_BT > 0, rows_B1, -1), segment_ids_BT.shape[0]
+    per_row_B = segment_ids_BT.amax(1)
+    offsets_B = per_row_B.cumsum(0) - per_row_B
+    doc_BT = torch.where(segment_ids_BT > 0, offsets_B[:, None] + segment_ids_BT - 1, -1)
+    return doc_BT, int(per_row_B.sum())
+
+
+def document_means(values_BTD: torch.Tensor, take_BT: torch.Tensor, segment_ids_BT: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, D) fp32 mean of each document's taken positions (zero where it has none) and (S,) their
+    fp32 counts; no host read beyond ``document_ids``' (index_add over all positions, the others
+    weighted 0)."""
+    doc_BT, S = document_ids(segment_ids_BT)
+    weight_N = (take_BT & (doc_BT >= 0)).flatten().float()
+    index_N = doc_BT.clamp(min=0).flatten()
+    sums_SD = values_BTD.new_zeros(S, values_BTD.shape[-1], dtype=torch.float32).index_add(
+        0, index_N, values_BTD.flatten(0, 1).float() * weight_N[:, None])
+    counts_S = weight_N.new_zeros(S).index_add(0, index_N, weight_N)
+    return sums_SD / counts_S.clamp(min=1)[:, None], counts_S
 
 
 def unit_seed(seed: int, name: str) -> int:
@@ -176,8 +208,9 @@ class Aria(nn.Module):
         return self.projector(patches_NGD, valid_NG)
 
     def embed(self, input_ids_BT: torch.Tensor, pixel_values=None, pixel_mask=None,
-              image_feature_order: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with image features in the <|img|> slots.
+              image_feature_order: torch.Tensor | None = None, text: bool = True) -> torch.Tensor:
+        """Token embeddings with image features in the <|img|> slots (``text=False``: zeros outside
+        them, with no embedding lookup, and so no gradient for the embedding table).
 
         ``pixel_values`` is one (N, C, H, W) tensor, or a list of them (one per crop size, e.g. 980 px
         images and 490 px video frames) with ``image_feature_order`` giving, for each <|img|> slot,
@@ -195,7 +228,10 @@ class Aria(nn.Module):
             if lowest < 0 or highest >= self.cfg.text.vocab_size:
                 raise ValueError(f"input_ids hold ids in [{lowest}, {highest}] but the vocabulary has "
                                  f"{self.cfg.text.vocab_size} tokens (model.text.vocab_size)")
-        embeds_BTD = self.decoder.embed(input_ids_BT)
+        if text:
+            embeds_BTD = self.decoder.embed(input_ids_BT)
+        else:
+            embeds_BTD = self.decoder.embed.weight.new_zeros(*input_ids_BT.shape, self.cfg.text.hidden_size)
         if pixel_values is None:
             if num_slots:
                 raise ValueError(f"input_ids hold {num_slots} <|img|> tokens (id "
@@ -225,7 +261,7 @@ class Aria(nn.Module):
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_to_keep: int | None = None, image_feature_order: torch.Tensor | None = None,
-                towers: bool = False) -> AriaOutput:
+                towers: bool = False, words: bool = False) -> AriaOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         for name, value in (("position_ids", position_ids), ("segment_ids", segment_ids),
@@ -233,6 +269,12 @@ class Aria(nn.Module):
             if value is not None and value.shape != input_ids.shape:
                 raise ValueError(f"{name} of shape {tuple(value.shape)} does not match input_ids "
                                  f"{tuple(input_ids.shape)}")
+        if words:
+            if segment_ids is None or self.sequence_parallel is not None or cache is not None:
+                raise ValueError("words=True needs segment_ids, no KV cache and no sequence parallelism")
+            images_BTD = self.embed(input_ids, pixel_values, pixel_mask, image_feature_order, text=False)
+            image_SD, _ = document_means(images_BTD, input_ids == self.cfg.image_token_id, segment_ids)
+            return AriaOutput(word_logits_SV=self.lm_head(self.decoder.norm(image_SD.to(images_BTD.dtype))))
         embeds_BTD = self.embed(input_ids, pixel_values, pixel_mask, image_feature_order)
         if towers:
             if segment_ids is None or self.sequence_parallel is not None or cache is not None:

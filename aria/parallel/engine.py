@@ -140,6 +140,11 @@ def build_engine(model: nn.Module, cfg: RunConfig, lr_multiplier: Callable[[int]
 
         add_expert_parallel_marker(model, cfg.model.moe.num_experts, cfg.parallel.ep_size, ep_group_name)
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
+        if cfg.parallel.zero_stage in (1, 2) and not any(group.get("moe") for group in groups):  # ZeRO asserts
+            raise ValueError(f"config field 'parallel.ep_size' = {cfg.parallel.ep_size} with no trainable "
+                             "expert weight (stage.trainable.experts=false): DeepSpeed's expert "
+                             "parallelism trains the experts it shards; set parallel.ep_size=1 (ZeRO-3 "
+                             "partitions the frozen experts) or train them")
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)

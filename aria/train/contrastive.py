@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from aria.config import IGNORE_INDEX, ContrastiveConfig
+from aria.model.aria import document_ids
 
 
 class _GatherRows(torch.autograd.Function):
@@ -82,15 +83,6 @@ def documents(values_BTD: torch.Tensor, take_BT: torch.Tensor, doc_BT: torch.Ten
     valid_SK = torch.zeros(S, K, dtype=torch.bool, device=doc_N.device)
     valid_SK[doc_N, slot_N] = True
     return out_SKD, valid_SK
-
-
-def document_ids(segment_ids_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(B, T) index of each token's document among all the micro-batch's documents, in row order
-    (-1 on padding), and their number S (a host read)."""
-    per_row_B = segment_ids_BT.amax(1)
-    offsets_B = per_row_B.cumsum(0) - per_row_B
-    doc_BT = torch.where(segment_ids_BT > 0, offsets_B[:, None] + segment_ids_BT - 1, -1)
-    return doc_BT, int(per_row_B.sum())
 
 
 def similarities(image_SQD: torch.Tensor, image_valid_SQ: torch.Tensor, text_AKD: torch.Tensor,

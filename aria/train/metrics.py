@@ -73,19 +73,22 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def batch_flops(model_cfg: ModelConfig, num_tokens: int, attention_pairs: int,
-                crops: dict[int, int], training: bool = True, lm_head: bool = True) -> float:
+                crops: dict[int, int], training: bool = True, lm_head: bool = True,
+                decoder: bool = True) -> float:
     """FLOPs of one micro-batch of ``num_tokens`` tokens (image tokens included).
 
     ``attention_pairs``: causal query-key pairs, the sum over packed documents of n(n+1)/2.
     ``crops``: crop side in pixels -> number of crops of that side in the micro-batch.
     ``lm_head``: whether the LM head runs (not in stage 0's towers).
+    ``decoder``: whether the decoder runs over the tokens (not in stage 0's caption words, where
+    the vision encoder and projector are the whole step).
     """
     t = model_cfg.text
     # Per token: 2 x active decoder parameters + the LM head (counted even when tied, as
     # text_flops_per_token does: the matmul runs either way).
     matmul = 2 * (count_parameters(model_cfg).active_per_text_token + lm_head * t.vocab_size * t.hidden_size)
     attention = 4 * t.num_heads * t.head_dim * t.num_layers * attention_pairs
-    text = (3 if training else 1) * (matmul * num_tokens + attention)
+    text = (3 if training else 1) * (matmul * num_tokens + attention) * decoder
     patch = model_cfg.vision.patch_size
     vision = sum(count * vision_flops_per_crop(model_cfg, (side // patch) ** 2, training)
                  for side, count in crops.items())

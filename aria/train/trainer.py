@@ -20,8 +20,9 @@ Design decisions:
 - Loss: each micro-batch contributes ``W * CE_sum / N`` with N the supervised tokens of the whole
   step on all ranks (one all-reduce per step, before any backward), so DeepSpeed's average over
   ranks yields exactly the token-mean of the global batch, however tokens fall across ranks and
-  micro-batches. Router losses are averaged over micro-batches. With ``train.objective=contrastive``
-  (stage 0) CE_sum is the image-caption loss of ``aria.train.contrastive`` and N the step's images.
+  micro-batches. Router losses are averaged over micro-batches. In stage 0 CE_sum is the
+  image-caption loss of ``aria.train.contrastive`` (``train.objective=contrastive``) or the
+  caption-word loss of ``aria.train.caption_words`` (``caption_words``), and N the step's images.
 - One host sync per step: the all-reduce of token counts and, after backward, of the step's loss
   statistics, which also decides the non-finite check *before* the optimizer applies anything.
   The first also carries the number of bad samples the ranks have skipped: only when it grew do
@@ -71,6 +72,7 @@ from aria.parallel.shards import local_parts, sum_over_parts
 from aria.rundir import MODEL, RUN_CONFIG, latest_checkpoint, resolve_model_dir
 from aria.train import checkpoint as ckpt
 from aria.train import weights
+from aria.train.caption_words import caption_words_loss_sum, step_classes, word_losses
 from aria.train.contrastive import contrastive_loss_sum
 from aria.train.schedule import lr_multiplier
 from aria.train.stages import apply_stage, stage_model_config
@@ -319,7 +321,7 @@ class Trainer:
         loader = build_train_loader(data, self.processor, self.cfg.train.seq_len,
                                     self.cfg.train.micro_batch_size, rank, world, self.cfg.train.seed,
                                     data.prefetch_factor, data.loader_timeout,
-                                    image_caption=self.cfg.train.objective == "contrastive")
+                                    image_caption=self.cfg.train.objective != "lm")
         if self.resume_from is not None:
             states = ckpt.read_trainer_states(self.resume_from)
             old_sp = ckpt.read_layout(self.resume_from).get("sp_size", 1)  # a group's ranks hold one position
@@ -422,15 +424,23 @@ class Trainer:
 
     def _loss_count(self, batch) -> int:
         """What the loss of a micro-batch is a sum over: supervised tokens, or stage 0's images."""
-        return batch.num_samples if self.cfg.train.objective == "contrastive" else batch.num_targets
+        return batch.num_targets if self.cfg.train.objective == "lm" else batch.num_samples
 
     def _forward(self, engine, batch):
         """The micro-batch's forward and its summed loss: cross-entropy, or (``train.objective=
-        contrastive``) the image-caption loss of this rank's images against all ranks' captions."""
+        contrastive``) the image-caption loss of this rank's images against all ranks' captions, or
+        (``caption_words``) the caption-word loss of this rank's images."""
         inputs = to_device(batch.model_inputs(), self.info.device)
-        if self.cfg.train.objective == "lm":
+        objective = self.cfg.train.objective
+        if objective == "lm":
             out = engine(**inputs)
             return out, out.loss_sum
+        if objective == "caption_words":
+            out = engine(**inputs, words=True)
+            loss_sum, _ = caption_words_loss_sum(out.word_logits_SV, inputs["input_ids"], inputs["segment_ids"],
+                                                 inputs["targets"], self.model_cfg.image_token_id,
+                                                 self.word_classes_V, batch.where)
+            return out, loss_sum
         out = engine(**inputs, towers=True)
         loss_sum, _ = contrastive_loss_sum(out.embeds_BTD, out.hidden_BTD, inputs["input_ids"],
                                            inputs["segment_ids"], inputs["targets"],
@@ -439,15 +449,22 @@ class Trainer:
 
     def _agree(self, micro) -> tuple[float, bool, int]:
         """(supervised tokens, or stage 0's images, of the step on all ranks; whether any rank was
-        asked to stop; bad samples skipped so far on all ranks): one all-reduce, before any backward."""
+        asked to stop; bad samples skipped so far on all ranks): one all-reduce, before any backward.
+        With ``train.objective=caption_words`` it also carries the tokens of the step's captions,
+        whose union is the step's classes (``self.word_classes_V``)."""
         info, SP = self.info, self.cfg.parallel.sp_size
         agreed = torch.tensor([float(sum(self._loss_count(b) for b in micro)), float(self.stop_requested),
-                               float(sum(self.loader.skipped().values()))],
-                              dtype=torch.float64, device=info.device)
+                               float(sum(self.loader.skipped().values()))], dtype=torch.float64)
+        words = self.cfg.train.objective == "caption_words"
+        if words:
+            agreed = torch.cat([agreed, step_classes([b.targets for b in micro], self.model_cfg.text.vocab_size)])
+        agreed = agreed.to(info.device)
         if info.world_size > 1:
             dist.all_reduce(agreed)
+        if words:
+            self.word_classes_V = agreed[3:] > 0
         # the ranks of a sequence-parallel group hold the same rows: count them once
-        counts = agreed.tolist()
+        counts = agreed[:3].tolist()
         return max(counts[0] / SP, 1.0), counts[1] > 0, round(counts[2] / SP)
 
     def _skipped(self, total: int) -> dict:
@@ -571,7 +588,8 @@ class Trainer:
             for pv in ([pixels] if isinstance(pixels, torch.Tensor) else pixels or []):
                 crops[pv.shape[-1]] = crops.get(pv.shape[-1], 0) + pv.shape[0]
             flops += batch_flops(self.model_cfg, batch.num_tokens, attention_pairs(batch.segment_ids), crops,
-                                 lm_head=self.cfg.train.objective == "lm")
+                                 lm_head=self.cfg.train.objective == "lm",
+                                 decoder=self.cfg.train.objective != "caption_words")
             tokens += batch.num_tokens
         counts = torch.tensor([float(tokens), flops], device=device, dtype=torch.float64)
         totals = torch.cat([torch.stack([ce, aux, z]), counts])
@@ -601,16 +619,26 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             return int(flag.item())
 
+        # caption words: per-token loss sums and the held-out captions' tokens, for the set's classes
+        words, V = cfg.train.objective == "caption_words", self.model_cfg.text.vocab_size
         results, total_ce, total_n = {}, 0.0, 0.0
         for entry in parse_mixture(cfg.data.eval, "data.eval"):
-            sums = torch.zeros(2, dtype=torch.float64, device=info.device)
+            sums = torch.zeros(2 + 2 * V * words, dtype=torch.float64, device=info.device)
             sp = cfg.parallel.sp_size  # a sequence-parallel group reads the same rows
             batches = eval_batches(entry.path, self.processor, cfg.train.seq_len, cfg.train.micro_batch_size,
                                    info.rank // sp, info.world_size // sp, cfg.data.strict,
                                    cfg.data.allow_outside_media, entry.columns,
                                    most if info.world_size > 1 else None,
-                                   image_caption=cfg.train.objective == "contrastive")
+                                   image_caption=cfg.train.objective != "lm")
             for batch in itertools.islice(batches, cfg.train.eval_batches or None):
+                if words:
+                    inputs = to_device(batch.model_inputs(), info.device)
+                    out = engine(**inputs, words=True)
+                    loss_SV, words_SV = word_losses(out.word_logits_SV, inputs["input_ids"], inputs["segment_ids"],
+                                                    inputs["targets"], self.model_cfg.image_token_id, batch.where)
+                    sums[1] += loss_SV.shape[0]
+                    sums[2:] += torch.cat([loss_SV.sum(0), words_SV.sum(0)]).double()
+                    continue
                 out, loss_sum = self._forward(engine, batch)
                 # the model's count: under sequence parallelism each rank holds its part of the targets
                 count = out.num_targets if cfg.train.objective == "lm" else batch.num_samples
@@ -618,7 +646,10 @@ class Trainer:
                                                                         device=info.device)])
             if info.world_size > 1:
                 dist.all_reduce(sums)
-            ce_sum, n = sums.tolist()
+            if words:
+                classes_V = sums[2 + V:] > 0
+                sums[0] = sums[2:2 + V][classes_V].sum() / classes_V.sum().clamp(min=1)
+            ce_sum, n = sums[:2].tolist()
             results[f"eval_loss/{Path(entry.path).stem}"] = ce_sum / max(n, 1.0)
             total_ce, total_n = total_ce + ce_sum, total_n + n
         engine.module.train()
