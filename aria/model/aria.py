@@ -101,17 +101,22 @@ def document_ids(segment_ids_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
     return doc_BT, int(per_row_B.sum())
 
 
+def document_counts(doc_BT: torch.Tensor, S: int, take_BT: torch.Tensor) -> torch.Tensor:
+    """(S,) fp32 count of each document's taken positions (``doc_BT``, ``S``: ``document_ids``); an
+    index_add over all positions, the others weighted 0: no host read."""
+    weight_N = (take_BT & (doc_BT >= 0)).flatten().float()
+    return weight_N.new_zeros(S).index_add(0, doc_BT.clamp(min=0).flatten(), weight_N)
+
+
 def document_means(values_BTD: torch.Tensor, take_BT: torch.Tensor, segment_ids_BT: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, D) fp32 mean of each document's taken positions (zero where it has none) and (S,) their
-    fp32 counts; no host read beyond ``document_ids``' (index_add over all positions, the others
-    weighted 0)."""
+    counts; no host read beyond ``document_ids``'."""
     doc_BT, S = document_ids(segment_ids_BT)
     weight_N = (take_BT & (doc_BT >= 0)).flatten().float()
-    index_N = doc_BT.clamp(min=0).flatten()
     sums_SD = values_BTD.new_zeros(S, values_BTD.shape[-1], dtype=torch.float32).index_add(
-        0, index_N, values_BTD.flatten(0, 1).float() * weight_N[:, None])
-    counts_S = weight_N.new_zeros(S).index_add(0, index_N, weight_N)
+        0, doc_BT.clamp(min=0).flatten(), values_BTD.flatten(0, 1).float() * weight_N[:, None])
+    counts_S = document_counts(doc_BT, S, take_BT)
     return sums_SD / counts_S.clamp(min=1)[:, None], counts_S
 
 

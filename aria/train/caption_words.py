@@ -38,19 +38,16 @@ import torch
 import torch.nn.functional as F
 
 from aria.config import IGNORE_INDEX
-from aria.model.aria import document_ids
+from aria.model.aria import document_counts, document_ids
 
 
-def caption_words(targets_BT: torch.Tensor, segment_ids_BT: torch.Tensor, vocab_size: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, V) multi-hot of the token ids each document's supervised targets hold, and (S,) the
-    number of supervised targets of each document."""
-    doc_BT, S = document_ids(segment_ids_BT)
-    take_BT = (targets_BT != IGNORE_INDEX) & (doc_BT >= 0)
-    doc_N, token_N = doc_BT[take_BT], targets_BT[take_BT]
-    words_SV = torch.zeros(S, vocab_size, dtype=torch.float32, device=targets_BT.device)
-    words_SV[doc_N, token_N] = 1.0
-    return words_SV, torch.bincount(doc_N, minlength=S)
+def caption_words(targets_BT: torch.Tensor, doc_BT: torch.Tensor, S: int, vocab_size: int) -> torch.Tensor:
+    """(S, V) multi-hot of the token ids each document's supervised targets hold (``doc_BT``, ``S``:
+    ``document_ids``); a scatter over all positions, the others adding 0 (no host read)."""
+    take_N = ((targets_BT != IGNORE_INDEX) & (doc_BT >= 0)).flatten().float()
+    cell_N = (doc_BT.clamp(min=0) * vocab_size + targets_BT.clamp(min=0)).flatten()
+    words = torch.zeros(S * vocab_size, dtype=torch.float32, device=targets_BT.device)
+    return words.scatter_reduce(0, cell_N, take_N, "amax").view(S, vocab_size)
 
 
 def step_classes(targets: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
@@ -67,11 +64,12 @@ def word_losses(word_logits_SV: torch.Tensor, input_ids_BT: torch.Tensor, segmen
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, V) fp32 binary cross-entropy of every (document, token) against "its caption holds the
     token", and the (S, V) multi-hot of the caption tokens."""
-    words_SV, captions_S = caption_words(targets_BT, segment_ids_BT, word_logits_SV.shape[-1])
     doc_BT, S = document_ids(segment_ids_BT)
-    images_S = torch.bincount(doc_BT[(input_ids_BT == image_token_id) & (doc_BT >= 0)], minlength=S)
+    words_SV = caption_words(targets_BT, doc_BT, S, word_logits_SV.shape[-1])
+    images_S = document_counts(doc_BT, S, input_ids_BT == image_token_id)
+    captions_S = document_counts(doc_BT, S, targets_BT != IGNORE_INDEX)
     lacking_S = (images_S == 0) | (captions_S == 0)
-    if S and bool(lacking_S.any()):
+    if S and bool(lacking_S.any()):  # the one host read besides the document count
         bad = int(lacking_S.nonzero()[0])
         origin = f" ({where[bad]})" if where and bad < len(where) else ""
         raise ValueError(f"train.objective=caption_words needs documents of an image and its caption "
