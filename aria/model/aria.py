@@ -89,16 +89,17 @@ def text_runs(segment_ids_BT: torch.Tensor, image_BT: torch.Tensor) -> torch.Ten
     return torch.where(text_BT, (text_BT & ~continues_BT).cumsum(1), 0)
 
 
-def document_ids(segment_ids_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
+def document_ids(segment_ids_BT: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, int]:
     """(B, T) index of each token's document among all the rows' documents, in row order (-1 on
-    padding), and their number S (a host read; on tensors without values, one document per row)."""
+    padding), and their number S (a host read unless ``count`` gives it; on tensors without values,
+    one document per row)."""
     if holds_no_data(segment_ids_BT):
         rows_B1 = torch.arange(segment_ids_BT.shape[0], device=segment_ids_BT.device)[:, None]
         return torch.where(segment_ids_BT > 0, rows_B1, -1), segment_ids_BT.shape[0]
     per_row_B = segment_ids_BT.amax(1)
     offsets_B = per_row_B.cumsum(0) - per_row_B
     doc_BT = torch.where(segment_ids_BT > 0, offsets_B[:, None] + segment_ids_BT - 1, -1)
-    return doc_BT, int(per_row_B.sum())
+    return doc_BT, int(per_row_B.sum()) if count is None else count
 
 
 def document_counts(doc_BT: torch.Tensor, S: int, take_BT: torch.Tensor) -> torch.Tensor:

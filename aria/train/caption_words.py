@@ -25,8 +25,8 @@ Design decisions:
   give what 1 gives. The held-out loss takes the classes of the whole held-out set
   (``word_losses`` summed per token, reduced over ranks at the end).
 - Memory and bytes: (S, V) fp32 logits and losses, e.g. 64 documents x 100,352 tokens = 26 MB
-  each at full size. Host reads per micro-batch: the document count (``document_ids``) and the
-  check below; per step the classes' all-reduce (V x 8 bytes: 0.8 MB at full size).
+  each at full size. Host reads per micro-batch: the document count (``document_ids``, in the
+  forward) and the check below; per step the classes' all-reduce (V x 8 bytes: 0.8 MB at full size).
 - A document without image tokens or supervised text is a ``ValueError`` naming where it came from
   (the loader skips such samples, ``aria.data.loader.check_image_caption``, so only a batch the
   loader did not build can hold one).
@@ -64,12 +64,12 @@ def word_losses(word_logits_SV: torch.Tensor, input_ids_BT: torch.Tensor, segmen
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, V) fp32 binary cross-entropy of every (document, token) against "its caption holds the
     token", and the (S, V) multi-hot of the caption tokens."""
-    doc_BT, S = document_ids(segment_ids_BT)
+    doc_BT, S = document_ids(segment_ids_BT, word_logits_SV.shape[0])  # the forward read the count
     words_SV = caption_words(targets_BT, doc_BT, S, word_logits_SV.shape[-1])
     images_S = document_counts(doc_BT, S, input_ids_BT == image_token_id)
     captions_S = document_counts(doc_BT, S, targets_BT != IGNORE_INDEX)
     lacking_S = (images_S == 0) | (captions_S == 0)
-    if S and bool(lacking_S.any()):  # the one host read besides the document count
+    if S and bool(lacking_S.any()):  # the loss's one host read
         bad = int(lacking_S.nonzero()[0])
         origin = f" ({where[bad]})" if where and bad < len(where) else ""
         raise ValueError(f"train.objective=caption_words needs documents of an image and its caption "
