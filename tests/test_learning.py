@@ -64,8 +64,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("learning")
     data, tok = shapes_world(root, train_images=400, test_images=40, train_videos=0, test_videos=0)
     vision, run_dir = root / "vision", root / "run"
-    common = [f"data.tokenizer={tok}", "logging=quiet", "train.seq_len=512", "checkpoint.every_steps=0",
-              "data.num_workers=1"]
+    common = [f"data.tokenizer={tok}", "logging=quiet", "train.seq_len=512", "checkpoint.every_steps=0"]
     run_distributed(_train, 1, ("quickstart_vision", [
         f"run_dir={vision}", f"train.max_steps={VISION_STEPS}", f"data.train={data / 'image_caption_train.jsonl'}",
         *common]), timeout=300)

@@ -24,11 +24,12 @@ Design decisions:
 - Raw uint8 pixels (what the data loader ships) are normalised inside the patch projection: Aria's
   x * 2/255 - 1 is folded into its weights and bias, so the pixels are read once (the float cast)
   instead of three times; padding (a zero pixel) becomes -1, as in the reference processor.
-- The patch projection is a linear map of each flattened patch (the pixels reshaped to (N, G, K)
-  as uint8, then cast), not ``conv2d``: the same products as one GEMM. On the CPU (oneDNN), fwd+bwd of 51 crops of 490 px at P = 70, width 64 took 262 ms as
-  a convolution and 164 ms as the GEMM in fp32, 761 ms against 85 ms in bf16; 8 crops of 980 px at
-  Aria's P = 14, width 1152, in bf16: 1225 against 464 ms. The weight keeps the Conv2d layout of
-  the checkpoint and of transformers.
+- The patch projection is a linear map of each flattened patch (the pixels gathered into (N, G, K)
+  and cast in one copy), not ``conv2d``: the same products as one GEMM. On the CPU (oneDNN),
+  fwd+bwd of 51 crops of 490 px at P = 70, width 64 took 262 ms as a convolution and 164 ms as the
+  GEMM in fp32, 761 ms against 85 ms in bf16; 8 crops of 980 px at Aria's P = 14, width 1152, in
+  bf16: 1225 against 464 ms. The weight keeps the Conv2d layout of the checkpoint and of
+  transformers.
 - The features handed to the projector are the hidden state after ``feature_layer`` layers. There
   is no post-LayerNorm: Aria never used one (the HF checkpoint carries a dead one, which the
   converter writes as zeros).
@@ -45,10 +46,15 @@ from aria.model.layers import ACT_FNS, holds_no_data, key_padding_mask
 
 
 def patch_mask_from_pixels(pixel_mask_NHW: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(N, H, W) pixel mask -> (N, h, w) patch mask; a patch is valid if any pixel in it is."""
+    """(N, H, W) pixel mask -> (N, h, w) patch mask; a patch is valid if any pixel in it is.
+
+    The max of the mask's bytes, first down each patch's rows (contiguous runs of W), then across its
+    columns: on the CPU ~10x faster than ``any`` over the (N, h, P, w, P) view (1 against 11 ms for
+    45 crops of 490 px)."""
     N, H, W = pixel_mask_NHW.shape
-    blocks = pixel_mask_NHW.reshape(N, H // patch_size, patch_size, W // patch_size, patch_size)
-    return blocks.any(dim=4).any(dim=2)
+    P = patch_size
+    rows_NhW = pixel_mask_NHW.view(torch.uint8).reshape(N, H // P, P, W).amax(dim=2)
+    return rows_NhW.view(N, H // P, W // P, P).amax(dim=3).bool()
 
 
 def bucketed_position_ids(patch_mask_Nhw: torch.Tensor, grid: int) -> torch.Tensor:
@@ -84,9 +90,11 @@ class PatchEmbed(nn.Module):
         # weight: the same sums, in the layout the checkpoint keeps (module doc)
         N, C, H, W = pixels_NCHW.shape
         P = self.patch_size
-        patches_NGK = (pixels_NCHW.view(N, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5)
-                       .reshape(N, (H // P) * (W // P), C * P * P))
-        return F.linear(patches_NGK.to(weight.dtype), weight.flatten(1), bias)
+        patches = pixels_NCHW.view(N, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5)
+        # one pass: the gather into patch order and the cast to the weight's dtype (reshape, then
+        # ``to``, would copy the pixels twice)
+        patches_NGK = torch.empty(patches.shape, dtype=weight.dtype, device=patches.device).copy_(patches)
+        return F.linear(patches_NGK.view(N, (H // P) * (W // P), C * P * P), weight.flatten(1), bias)
 
 
 class VisionAttention(nn.Module):
