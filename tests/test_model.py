@@ -443,17 +443,16 @@ def test_patch_projection_is_the_stride_p_convolution():
     assert want.shape == (2, 6, cfg.hidden_size) and want.abs().max() > 0.5
 
 
-
 def test_patch_mask_marks_a_patch_valid_when_any_of_its_pixels_is():
     """Against a loop over the patches: bottom/right padding as the processor pads, single valid
-    pixels at a patch's corners, an empty crop and a non-contiguous mask."""
+    pixels at patch corners, an empty crop, a random sparse mask and a non-contiguous one."""
     from aria.model.vision import patch_mask_from_pixels
 
     P, g = 7, torch.Generator().manual_seed(0)
     mask = torch.zeros(4, 3 * P, 2 * P, dtype=torch.bool)
     mask[0] = True
     mask[1, : 2 * P + 1, : P - 2] = True      # one pixel row into the third patch row
-    mask[2, P, 2 * P - 1] = True               # a top-left corner and a bottom-right corner
+    mask[2, P, 2 * P - 1] = True               # one patch's top-right pixel, another's bottom-left
     mask[2, 3 * P - 1, 0] = True
     # mask[3] stays empty
     for m in (mask, torch.rand(3, 2 * P, 3 * P, generator=g) > 0.995, mask.transpose(1, 2)):
@@ -462,6 +461,7 @@ def test_patch_mask_marks_a_patch_valid_when_any_of_its_pixels_is():
                              for n in range(m.shape[0])])
         assert torch.equal(patch_mask_from_pixels(m, P), want)
     assert patch_mask_from_pixels(mask, P)[2].sum() == 2 and not patch_mask_from_pixels(mask, P)[3].any()
+
 
 def test_projector_attention_weights_are_the_ones_its_forward_applies():
     """``CrossAttention.attention_weights`` (diagnostics) against the forward's SDPA: the weights
