@@ -2,7 +2,7 @@
 
     python -m data_tools.binding_testbed [--model tiny] [--steps 1000] [--batch 40] [--grid 3|4]
         [--no-place] [--shape-seen P] [--blind] [--lr 1e-3] [--init-std S] [--pool N]
-        [--schedule cosine|linear|constant|anneal] [--min-lr-ratio R] [--seed 0]
+        [--schedule cosine|linear|constant|anneal] [--min-lr-ratio R] [--questions four|every] [--seed 0]
         [--eval-every 250] [--json OUT]
 
 The quickstart's answers name things the scene has but not which colour, shape and place belong
@@ -16,7 +16,10 @@ Design decisions:
 - **Scenes and questions are the shapes world's**: 1-3 objects on the 3x3 grid, distinct colours,
   one object per cell, shapes drawn freely; per scene a dialog of its four image question types in a
   random order (colour of a shape that occurs once, shape at a place, place of a colour + shape,
-  count), as ``dialog_train.jsonl`` asks them. Scenes are drawn fresh for every step (no
+  count), as ``dialog_train.jsonl`` asks them; with ``--questions every`` a training dialog asks
+  everything the scene answers instead (each object's shape by its place, its place by its colour
+  and shape, its colour when its shape is unique, and the count: 4-10 questions; the held-out
+  questions stay the four types). Scenes are drawn fresh for every step (no
   memorisation), or with ``--pool N`` from a fixed set of N training scenes, as a shapes world's
   N training images are seen again and again (each visit draws its questions anew); held-out
   scenes come from another seed, and each of their questions is scored in a row of its own (in a
@@ -57,6 +60,7 @@ from aria.commands import run_report
 from data_tools.make_shapes import COLOURS, MAX_SHAPES, POSITIONS, SHAPES
 
 QTYPES = ("colour", "shape", "position", "count")
+QUESTIONS = ("four", "every")  # what a training dialog asks (run's ``questions``)
 NUM_CELLS = len(POSITIONS)
 IGNORE = -100
 
@@ -89,19 +93,23 @@ def draw_scene(rng: np.random.Generator) -> list[tuple[int, int, int]]:
     return [(int(c), int(s), int(p)) for c, s, p in zip(colours, shapes, cells)]
 
 
-def draw_questions(scene, rng: np.random.Generator) -> list[tuple[str, list[int], int]]:
+def draw_questions(scene, rng: np.random.Generator, every: bool = False
+                   ) -> list[tuple[str, list[int], int]]:
     """(question type, question tokens, answer token) for each type, in a random order; no colour
-    question when every shape of the scene occurs twice (its answer would not be unique)."""
+    question when every shape of the scene occurs twice (its answer would not be unique). With
+    ``every``, the shape, position and (unique shapes only) colour question of every object."""
     shapes = [s for _, s, _ in scene]
-    questions = []
     unique = [o for o in scene if shapes.count(o[1]) == 1]
-    if unique:
-        colour, shape, _ = unique[rng.integers(len(unique))]
-        questions.append(("colour", [WORDS.shape[shape]], WORDS.colour[colour]))
-    colour, shape, cell = scene[rng.integers(len(scene))]
-    questions.append(("shape", [WORDS.place[cell]], WORDS.shape[shape]))
-    colour, shape, cell = scene[rng.integers(len(scene))]
-    questions.append(("position", [WORDS.colour[colour], WORDS.shape[shape]], WORDS.place[cell]))
+    if every:
+        colour_of, shape_of, position_of = unique, scene, scene
+    else:
+        colour_of = [unique[rng.integers(len(unique))]] if unique else []
+        shape_of = [scene[rng.integers(len(scene))]]
+        position_of = [scene[rng.integers(len(scene))]]
+    questions = [("colour", [WORDS.shape[shape]], WORDS.colour[colour]) for colour, shape, _ in colour_of]
+    questions += [("shape", [WORDS.place[cell]], WORDS.shape[shape]) for _, shape, cell in shape_of]
+    questions += [("position", [WORDS.colour[colour], WORDS.shape[shape]], WORDS.place[cell])
+                  for colour, shape, cell in position_of]
     questions.append(("count", [], WORDS.count[len(scene) - 1]))
     rng.shuffle(questions)
     return [(kind, [WORDS.question[QTYPES.index(kind)], *words, WORDS.question_mark], answer)
@@ -132,10 +140,12 @@ class Batch(NamedTuple):
     answers: list[list[tuple[int, str]]]  # per row: (position predicting an answer, its type)
 
 
-def make_batch(scenes, rng: np.random.Generator, grid: int, one_question: bool = False) -> Batch:
+def make_batch(scenes, rng: np.random.Generator, grid: int, one_question: bool = False,
+               every: bool = False) -> Batch:
     """One row per scene holding its dialog, or with ``one_question`` one row per question (how the
-    held-out questions are scored: in a dialog, earlier turns give away part of later answers)."""
-    dialogs = [(scene, draw_questions(scene, rng)) for scene in scenes]
+    held-out questions are scored: in a dialog, earlier turns give away part of later answers).
+    ``every``: the dialogs ask every question the scene answers (``draw_questions``)."""
+    dialogs = [(scene, draw_questions(scene, rng, every)) for scene in scenes]
     if one_question:
         dialogs = [(scene, [turn]) for scene, turns in dialogs for turn in turns]
     rows, targets, answers, cells = [], [], [], []
@@ -195,9 +205,12 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
         place: bool = True, blind: bool = False, lr: float = 1e-3, init_std: float | None = None,
         warmup: int = 20, seed: int = 0, eval_every: int = 250, eval_scenes: int = 600,
         shape_seen: float = 1.0, schedule: str = "cosine", min_lr_ratio: float = 0.0, pool: int = 0,
-        log=print) -> dict:
+        questions: str = "four", log=print) -> dict:
     """Trains the model's language model on ideal tokens; returns the accuracy history.
-    ``init_std``: the language model's ``initializer_range`` (default: the config's)."""
+    ``init_std``: the language model's ``initializer_range`` (default: the config's); ``questions``:
+    what a training dialog asks, "four" (one of each type) or "every" (``draw_questions``)."""
+    if questions not in QUESTIONS:
+        raise ValueError(f"questions must be one of {QUESTIONS}, got {questions!r}")
     from aria.config import OptimConfig, load_model_config
     from aria.model.aria import Aria
     from aria.train.schedule import lr_multiplier
@@ -247,7 +260,7 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
             group["lr"] = lr * lr_at(step - 1)
         drawn = ([scenes[i] for i in rng.integers(pool, size=batch_size)] if pool
                  else [draw_scene(rng) for _ in range(batch_size)])
-        batch = make_batch(drawn, rng, grid)
+        batch = make_batch(drawn, rng, grid, every=questions == "every")
         out = hidden(batch)
         logits_BTV = lm_head(out.hidden_BTD)
         loss = F.cross_entropy(logits_BTV.flatten(0, 1), batch.targets_BT.flatten(), ignore_index=IGNORE)
@@ -262,7 +275,7 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
     return {"settings": dict(model=model_name, steps=steps, batch_size=batch_size, grid=grid,
                              place=place, shape_seen=shape_seen, blind=blind, lr=lr,
                              init_std=cfg.text.initializer_range, schedule=schedule,
-                             min_lr_ratio=min_lr_ratio, pool=pool, seed=seed),
+                             min_lr_ratio=min_lr_ratio, pool=pool, questions=questions, seed=seed),
             "history": history}
 
 
@@ -296,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=0,
                         help="draw training scenes from a fixed set of this many (a world's training "
                              "images; 0: fresh scenes every step)")
+    parser.add_argument("--questions", default="four", choices=QUESTIONS,
+                        help="a training dialog's questions: one of each type, or every question "
+                             "the scene answers (held-out scoring is the same for both)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--json", type=Path, default=None, help="also write the settings and history here")
@@ -311,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_report("binding_testbed", lambda: run(
         args.model, args.steps, args.batch, args.grid, not args.no_place, args.blind, args.lr,
         args.init_std, seed=args.seed, eval_every=args.eval_every, shape_seen=args.shape_seen,
-        schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, pool=args.pool),
+        schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, pool=args.pool,
+        questions=args.questions),
         report, args.json)
 
 

@@ -40,11 +40,11 @@ def _answer_from_scene(scene, question):
     return w.place[cell]
 
 
-@pytest.mark.parametrize("grid", [3, 4])
-def test_every_target_is_the_answer_the_scene_gives(grid):
+@pytest.mark.parametrize("grid, every", [(3, False), (4, False), (4, True)])
+def test_every_target_is_the_answer_the_scene_gives(grid, every):
     rng = np.random.default_rng(0)
     scenes = [bt.draw_scene(rng) for _ in range(50)]
-    batch = bt.make_batch(scenes, rng, grid)
+    batch = bt.make_batch(scenes, rng, grid, every=every)
     ids, targets = batch.input_ids_BT, batch.targets_BT
     kinds = set()
     for i, (scene, row) in enumerate(zip(scenes, batch.answers)):
@@ -63,6 +63,46 @@ def test_every_target_is_the_answer_the_scene_gives(grid):
         for cell, (c, s, p) in enumerate(batch.cells_BC3[i].tolist()):
             assert p == cell and (c, s) == occupied.get(cell, (len(COLOURS), len(SHAPES)))
     assert kinds == set(bt.QTYPES)
+
+
+def test_every_question_dialogs_ask_each_objects_questions_once():
+    """--questions every: per object its shape (by place), its place (by colour and shape) and, when
+    its shape is unique in the scene, its colour (by shape); one count; in a random order."""
+    w = bt.WORDS
+    rng = np.random.default_rng(3)
+    orders = set()
+    for _ in range(200):
+        scene = bt.draw_scene(rng)
+        shapes = [s for _, s, _ in scene]
+        expected = [("count", (w.question[3], w.question_mark))]
+        for colour, shape, cell in scene:
+            expected += [("shape", (w.question[1], w.place[cell], w.question_mark)),
+                         ("position", (w.question[2], w.colour[colour], w.shape[shape], w.question_mark))]
+            if shapes.count(shape) == 1:
+                expected.append(("colour", (w.question[0], w.shape[shape], w.question_mark)))
+        asked = bt.draw_questions(scene, rng, every=True)
+        assert sorted((kind, tuple(words)) for kind, words, _ in asked) == sorted(expected)
+        assert 4 <= len(asked) <= 10
+        orders.add(tuple(kind for kind, _, _ in asked))
+    assert len(orders) > 20  # shuffled, not a fixed order
+
+
+def test_every_question_dialogs_train_and_the_four_types_are_scored(monkeypatch):
+    """run(questions="every") asks every question in the training dialogs only: the held-out rows
+    stay one of each type, as the quickstart's test split asks them."""
+    calls = []
+    make_batch = bt.make_batch
+
+    def recording(scenes, rng, grid, one_question=False, every=False):
+        calls.append((one_question, every))
+        return make_batch(scenes, rng, grid, one_question, every)
+
+    monkeypatch.setattr(bt, "make_batch", recording)
+    result = bt.run(steps=3, batch_size=4, questions="every", eval_every=3, eval_scenes=10, log=lambda _: None)
+    assert sorted(set(calls)) == [(False, True), (True, False)]
+    assert result["settings"]["questions"] == "every"
+    with pytest.raises(ValueError, match="questions"):
+        bt.run(steps=1, questions="all")
 
 
 def test_one_question_rows_hold_the_dialogs_turns_one_by_one():
@@ -114,9 +154,9 @@ def test_a_pool_gives_the_same_few_training_scenes(monkeypatch):
     seen = {"train": [], "held_out": []}
     make_batch = bt.make_batch
 
-    def recording(scenes, rng, grid, one_question=False):
+    def recording(scenes, rng, grid, one_question=False, every=False):
         seen["held_out" if one_question else "train"].extend(map(tuple, scenes))
-        return make_batch(scenes, rng, grid, one_question)
+        return make_batch(scenes, rng, grid, one_question, every)
 
     monkeypatch.setattr(bt, "make_batch", recording)
     for pool in (3, 0):
@@ -148,7 +188,8 @@ def test_the_learning_rate_follows_the_trainers_anneal_schedule(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, flag", [(["--grid", "0"], "--grid"), (["--shape-seen", "1.5"], "--shape-seen"),
-                                        (["--min-lr-ratio", "2"], "--min-lr-ratio"), (["--pool", "-1"], "--pool")])
+                                        (["--min-lr-ratio", "2"], "--min-lr-ratio"), (["--pool", "-1"], "--pool"),
+                                        (["--questions", "all"], "--questions")])
 def test_bad_arguments_are_one_line(capsys, argv, flag):
     with pytest.raises(SystemExit) as exit_info:
         bt.main(argv)
