@@ -2,8 +2,8 @@
 
     python -m data_tools.binding_testbed [--model tiny] [--steps 1000] [--batch 40] [--grid 3|4]
         [--no-place] [--shape-seen P] [--blind] [--lr 1e-3] [--init-std S] [--pool N]
-        [--schedule cosine|linear|constant|anneal] [--min-lr-ratio R] [--questions four|every] [--seed 0]
-        [--eval-every 250] [--json OUT]
+        [--schedule cosine|linear|constant|anneal] [--min-lr-ratio R] [--questions four|every]
+        [--tokenizer DIR] [--seed 0] [--eval-every 250] [--json OUT]
 
 The quickstart's answers name things the scene has but not which colour, shape and place belong
 together (``data_tools.binding_report``). This tool takes the vision side out of the question: each
@@ -35,7 +35,13 @@ Design decisions:
   control: the answers must then fall to chance).
 - **Words are single tokens** with ids of their own (no tokenizer), and a fixed run of template
   tokens stands between a question and its answer, as the chat template does; the loss is on the
-  answer and the end token after it, and accuracy is the greedy answer token.
+  answer and the end token after it, and accuracy is the greedy answer token. ``--tokenizer DIR``
+  writes the same dialogs as the quickstart's model reads them instead: the shapes world's sentences
+  (``make_shapes.TEMPLATES``), rendered and supervised by the training processor
+  (``aria.data.processor``: the chat template, one image block of ``grid x grid`` tokens) with a
+  trained tokenizer (``data_tools.train_tokenizer``); an answer is then right when every token of it
+  and of its ``<|im_end|>`` is (the greedy answer, exactly). The two differ only in the text, so
+  their gap is what the words, the template and multi-token answers cost.
 - Training: AdamW (beta2 0.95, no weight decay, gradients clipped at 1), the router's
   load-balancing loss added as in training; the learning rate follows the trainer's schedule
   (``aria.train.schedule``: 20 warm-up steps, then ``--schedule``, down to ``--min-lr-ratio``).
@@ -57,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aria.commands import run_report
-from data_tools.make_shapes import COLOURS, MAX_SHAPES, POSITIONS, SHAPES
+from data_tools.make_shapes import COLOURS, MAX_SHAPES, POSITIONS, SHAPES, TEMPLATES, at
 
 QTYPES = ("colour", "shape", "position", "count")
 QUESTIONS = ("four", "every")  # what a training dialog asks (run's ``questions``)
@@ -82,6 +88,9 @@ class Vocabulary:
 
 
 WORDS = Vocabulary()
+NAMES = {  # the testbed's word ids -> the shapes world's words
+    **dict(zip(WORDS.colour, COLOURS)), **dict(zip(WORDS.shape, SHAPES)), **dict(zip(WORDS.place, POSITIONS)),
+    **{token: str(n) for n, token in enumerate(WORDS.count, start=1)}}
 
 
 def draw_scene(rng: np.random.Generator) -> list[tuple[int, int, int]]:
@@ -116,6 +125,60 @@ def draw_questions(scene, rng: np.random.Generator, every: bool = False
             for kind, words, answer in questions]
 
 
+def spoken(kind: str, words: list[int], answer: int) -> tuple[str, str]:
+    """A question of ``draw_questions`` in the shapes world's words: (question, answer)."""
+    names = [NAMES[w] for w in words if w in NAMES]
+    if kind == "colour":
+        question = TEMPLATES[kind].format(shape=names[0])
+    elif kind == "shape":
+        question = TEMPLATES[kind].format(at_position=at(names[0]))
+    elif kind == "position":
+        question = TEMPLATES[kind].format(colour=names[0], shape=names[1])
+    else:
+        question = TEMPLATES[kind]
+    return question, NAMES[answer]
+
+
+class ChatText:
+    """Dialogs as the quickstart's model reads them: the world's sentences in the chat template,
+    tokenized by a trained tokenizer, supervised as in training (``Processor.encode``)."""
+
+    def __init__(self, tokenizer: str | Path, model_cfg, grid: int) -> None:
+        from PIL import Image
+
+        from aria.data.processor import Processor
+        from aria.data.tokenizer import Tokenizer
+
+        P = model_cfg.vision.patch_size
+        sides = {round(n ** 0.5) * P: q for n, q in model_cfg.projector.patch_to_query.items()}
+        side = next((s for s, q in sides.items() if q == grid * grid), None)
+        if side is None:
+            raise ValueError(f"--tokenizer: no crop of the model gives grid x grid = {grid * grid} image "
+                             f"tokens (crop side in px -> tokens: {sides}); choose --grid to match")
+        tokenizer = Tokenizer.load(tokenizer)
+        self.processor = Processor.for_model(tokenizer, model_cfg, image_size=side)
+        self.image_id, self.pad_id = tokenizer.image_id, tokenizer.pad_id
+        self.image = Image.new("RGB", (side, side), "white")  # its pixels are never read
+
+    def encode(self, turns: list[tuple[str, list[int], int]]) -> tuple[list[int], list[int], list]:
+        """ids, targets and (start, stop, type) of each answer of one dialog."""
+        from aria.data.records import MediaRef, Part, Sample, Turn
+
+        sample_turns, image = [], [Part("image", media=0)]
+        for kind, words, answer in turns:
+            question, reply = spoken(kind, words, answer)
+            sample_turns += [Turn("user", image + [Part("text", question)]),
+                             Turn("assistant", [Part("text", reply)])]
+            image = []
+        encoded = self.processor.encode(Sample("chat", sample_turns, [MediaRef("image", data=self.image)],
+                                               "binding testbed"))
+        ids, targets = encoded.input_ids.tolist(), encoded.targets.tolist()
+        # each assistant turn is one run of supervised targets: its answer, <|im_end|> and the line break
+        edges = np.flatnonzero(np.diff(np.r_[0, np.array(targets) != IGNORE, 0]))  # run starts, stops
+        assert len(edges) == 2 * len(turns), "one supervised run per answer"
+        return ids, targets, [(int(a), int(b), kind) for a, b, (kind, _, _) in zip(edges[::2], edges[1::2], turns)]
+
+
 def cell_mixing(grid: int) -> torch.Tensor:
     """(grid^2, 9): the share of image token t's area that lies in cell c (rows sum to 1)."""
     def spans(n):
@@ -137,42 +200,56 @@ class Batch(NamedTuple):
     targets_BT: torch.Tensor  # target of position t (the token at t + 1), IGNORE elsewhere
     segment_ids_BT: torch.Tensor  # 1 on tokens, 0 on padding
     cells_BC3: torch.Tensor  # (colour, shape, cell) of each of the 9 cells; empty = (6, 5, cell)
-    answers: list[list[tuple[int, str]]]  # per row: (position predicting an answer, its type)
+    answers: list[list[tuple[int, int, str]]]  # per row: (start, stop, type): positions start..stop-1
+    # predict an answer (its targets are the answer's tokens)
+
+
+def own_words(turns: list[tuple[str, list[int], int]], grid: int) -> tuple[list[int], list[int], list]:
+    """ids, targets and (start, stop, type) of each answer of one dialog in the testbed's own words."""
+    ids = [WORDS.bos] + [WORDS.image] * grid * grid
+    targets = [IGNORE] * len(ids)
+    answers = []
+    for kind, question, answer in turns:
+        prompt = question + list(WORDS.template)
+        ids += prompt
+        targets += [IGNORE] * (len(prompt) - 1) + [answer]
+        answers.append((len(ids) - 1, len(ids), kind))
+        ids += [answer, WORDS.eos]
+        targets += [WORDS.eos, IGNORE]
+    return ids, targets, answers
 
 
 def make_batch(scenes, rng: np.random.Generator, grid: int, one_question: bool = False,
-               every: bool = False) -> Batch:
+               every: bool = False, text: ChatText | None = None) -> Batch:
     """One row per scene holding its dialog, or with ``one_question`` one row per question (how the
     held-out questions are scored: in a dialog, earlier turns give away part of later answers).
-    ``every``: the dialogs ask every question the scene answers (``draw_questions``)."""
+    ``every``: the dialogs ask every question the scene answers (``draw_questions``); ``text``: the
+    dialogs in the chat template's text (else the testbed's own words)."""
     dialogs = [(scene, draw_questions(scene, rng, every)) for scene in scenes]
     if one_question:
         dialogs = [(scene, [turn]) for scene, turns in dialogs for turn in turns]
     rows, targets, answers, cells = [], [], [], []
     for scene, turns in dialogs:
-        ids = [WORDS.bos] + [WORDS.image] * grid * grid
-        tgt = [IGNORE] * len(ids)
-        row_answers = []
-        for kind, question, answer in turns:
-            prompt = question + list(WORDS.template)
-            ids += prompt
-            tgt += [IGNORE] * (len(prompt) - 1) + [answer]
-            row_answers.append((len(ids) - 1, kind))
-            ids += [answer, WORDS.eos]
-            tgt += [WORDS.eos, IGNORE]
+        ids, tgt, row_answers = text.encode(turns) if text else own_words(turns, grid)
         rows.append(ids), targets.append(tgt), answers.append(row_answers)
         grid_cells = [(len(COLOURS), len(SHAPES), c) for c in range(NUM_CELLS)]
         for colour, shape, cell in scene:
             grid_cells[cell] = (colour, shape, cell)
         cells.append(grid_cells)
     T = max(map(len, rows))
-    input_ids = torch.full((len(rows), T), WORDS.eos)
+    input_ids = torch.full((len(rows), T), text.pad_id if text else WORDS.eos)
     target_ids = torch.full((len(rows), T), IGNORE)
     segments = torch.zeros(len(rows), T, dtype=torch.long)
     for i, (ids, tgt) in enumerate(zip(rows, targets)):
         input_ids[i, :len(ids)], target_ids[i, :len(tgt)], segments[i, :len(ids)] = \
             torch.tensor(ids), torch.tensor(tgt), 1
     return Batch(input_ids, target_ids, segments, torch.tensor(cells), answers)
+
+
+def scored(predicted_BT: torch.Tensor, batch: Batch) -> list[tuple[str, bool]]:
+    """(type, right) of each answer: right when every token predicted for it is its target."""
+    return [(kind, torch.equal(predicted_BT[i, start:stop], batch.targets_BT[i, start:stop]))
+            for i, row in enumerate(batch.answers) for start, stop, kind in row]
 
 
 class IdealTokens(nn.Module):
@@ -205,10 +282,11 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
         place: bool = True, blind: bool = False, lr: float = 1e-3, init_std: float | None = None,
         warmup: int = 20, seed: int = 0, eval_every: int = 250, eval_scenes: int = 600,
         shape_seen: float = 1.0, schedule: str = "cosine", min_lr_ratio: float = 0.0, pool: int = 0,
-        questions: str = "four", log=print) -> dict:
+        questions: str = "four", tokenizer: str | Path | None = None, log=print) -> dict:
     """Trains the model's language model on ideal tokens; returns the accuracy history.
     ``init_std``: the language model's ``initializer_range`` (default: the config's); ``questions``:
-    what a training dialog asks, "four" (one of each type) or "every" (``draw_questions``)."""
+    what a training dialog asks, "four" (one of each type) or "every" (``draw_questions``);
+    ``tokenizer``: the dialogs in the chat template's text, tokenized by it (``ChatText``)."""
     if questions not in QUESTIONS:
         raise ValueError(f"questions must be one of {QUESTIONS}, got {questions!r}")
     from aria.config import OptimConfig, load_model_config
@@ -219,6 +297,8 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
     cfg = load_model_config(model_name)
     if init_std is not None:
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, initializer_range=init_std))
+    text = ChatText(tokenizer, cfg, grid) if tokenizer else None
+    image_id = text.image_id if text else WORDS.image
     model = Aria(cfg)
     model.init_weights(seed)
     decoder, lm_head = model.decoder, model.lm_head
@@ -229,7 +309,7 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
 
     def hidden(batch: Batch):
         embeds_BTD = decoder.embed(batch.input_ids_BT)
-        image_BT = batch.input_ids_BT == WORDS.image
+        image_BT = batch.input_ids_BT == image_id
         embeds_BTD = embeds_BTD.masked_scatter(image_BT[..., None], tokens(batch.cells_BC3).to(embeds_BTD.dtype))
         return decoder(embeds_BTD, None, batch.segment_ids_BT, None, batch.segment_ids_BT > 0)
 
@@ -240,12 +320,10 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
         right = {q: [0, 0] for q in QTYPES}
         for start in range(0, eval_scenes, 100):
             scenes = [draw_scene(rng) for _ in range(min(100, eval_scenes - start))]
-            batch = make_batch(scenes, rng, grid, one_question=True)
-            predicted_BT = lm_head(hidden(batch).hidden_BTD).argmax(-1)
-            for i, row in enumerate(batch.answers):
-                for position, kind in row:
-                    right[kind][0] += int(predicted_BT[i, position] == batch.input_ids_BT[i, position + 1])
-                    right[kind][1] += 1
+            batch = make_batch(scenes, rng, grid, one_question=True, text=text)
+            for kind, correct in scored(lm_head(hidden(batch).hidden_BTD).argmax(-1), batch):
+                right[kind][0] += correct
+                right[kind][1] += 1
         decoder.train()
         return {q: a / n for q, (a, n) in right.items()}
 
@@ -260,7 +338,7 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
             group["lr"] = lr * lr_at(step - 1)
         drawn = ([scenes[i] for i in rng.integers(pool, size=batch_size)] if pool
                  else [draw_scene(rng) for _ in range(batch_size)])
-        batch = make_batch(drawn, rng, grid, every=questions == "every")
+        batch = make_batch(drawn, rng, grid, every=questions == "every", text=text)
         out = hidden(batch)
         logits_BTV = lm_head(out.hidden_BTD)
         loss = F.cross_entropy(logits_BTV.flatten(0, 1), batch.targets_BT.flatten(), ignore_index=IGNORE)
@@ -275,7 +353,8 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
     return {"settings": dict(model=model_name, steps=steps, batch_size=batch_size, grid=grid,
                              place=place, shape_seen=shape_seen, blind=blind, lr=lr,
                              init_std=cfg.text.initializer_range, schedule=schedule,
-                             min_lr_ratio=min_lr_ratio, pool=pool, questions=questions, seed=seed),
+                             min_lr_ratio=min_lr_ratio, pool=pool, questions=questions,
+                             tokenizer=str(tokenizer) if tokenizer else None, seed=seed),
             "history": history}
 
 
@@ -312,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", default="four", choices=QUESTIONS,
                         help="a training dialog's questions: one of each type, or every question "
                              "the scene answers (held-out scoring is the same for both)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a trained tokenizer directory: the dialogs in the chat template's text "
+                             "(the world's sentences, multi-token answers) instead of the testbed's own words")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--json", type=Path, default=None, help="also write the settings and history here")
@@ -328,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.steps, args.batch, args.grid, not args.no_place, args.blind, args.lr,
         args.init_std, seed=args.seed, eval_every=args.eval_every, shape_seen=args.shape_seen,
         schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, pool=args.pool,
-        questions=args.questions),
+        questions=args.questions, tokenizer=args.tokenizer),
         report, args.json)
 
 

@@ -37,11 +37,14 @@ def special_symbols(image_token_id: int) -> list[str]:
 
 
 def record_texts(record: dict) -> Iterator[str]:
-    """Every text string of a record (docs/data_format.md)."""
+    """Every text string of a record (docs/data_format.md), and each message's role: the chat template
+    writes the role before every turn, so the vocabulary should hold it as a piece."""
     if isinstance(record.get("text"), str):
         yield record["text"]
     items = list(record.get("content") or []) if isinstance(record.get("content"), list) else []
     for message in record.get("messages") or []:
+        if isinstance(message, dict) and isinstance(message.get("role"), str):
+            yield message["role"]
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
             yield content

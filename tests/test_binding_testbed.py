@@ -3,12 +3,17 @@ from ideal tokens and not without them."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
+from aria.config import load_model_config
+from aria.data.tokenizer import Tokenizer
 from data_tools import binding_testbed as bt
-from data_tools.make_shapes import COLOURS, SHAPES
+from data_tools.make_shapes import COLOURS, POSITIONS, SHAPES, make_shapes
+from data_tools.train_tokenizer import train as train_tokenizer
 
 
 def test_cell_mixing_is_the_area_share_of_each_cell():
@@ -51,8 +56,9 @@ def test_every_target_is_the_answer_the_scene_gives(grid, every):
         assert (ids[i, 1:1 + grid * grid] == bt.WORDS.image).all()
         # every supervised position is an answer or the end token after one
         supervised = (targets[i] != bt.IGNORE).nonzero().flatten().tolist()
-        assert supervised == sorted([p for p, _ in row] + [p + 1 for p, _ in row])
-        for position, kind in row:
+        assert supervised == sorted([p for p, _, _ in row] + [p + 1 for p, _, _ in row])
+        for position, stop, kind in row:
+            assert stop == position + 1  # one answer token
             kinds.add(kind)
             start = max(j for j in range(position) if ids[i, j].item() in bt.WORDS.question)
             question = ids[i, start:position + 1 - len(bt.WORDS.template)].tolist()
@@ -93,9 +99,9 @@ def test_every_question_dialogs_train_and_the_four_types_are_scored(monkeypatch)
     calls = []
     make_batch = bt.make_batch
 
-    def recording(scenes, rng, grid, one_question=False, every=False):
+    def recording(scenes, rng, grid, one_question=False, every=False, text=None):
         calls.append((one_question, every))
-        return make_batch(scenes, rng, grid, one_question, every)
+        return make_batch(scenes, rng, grid, one_question, every, text)
 
     monkeypatch.setattr(bt, "make_batch", recording)
     result = bt.run(steps=3, batch_size=4, questions="every", eval_every=3, eval_scenes=10, log=lambda _: None)
@@ -112,8 +118,8 @@ def test_one_question_rows_hold_the_dialogs_turns_one_by_one():
 
     def turns(batch, i):  # (type, question word ids through the answer) of row i's turns
         ids = batch.input_ids_BT[i].tolist()
-        starts = [max(j for j in range(p) if ids[j] in bt.WORDS.question) for p, _ in batch.answers[i]]
-        return [(kind, ids[start:p + 2]) for start, (p, kind) in zip(starts, batch.answers[i])]
+        starts = [max(j for j in range(p) if ids[j] in bt.WORDS.question) for p, _, _ in batch.answers[i]]
+        return [(kind, ids[start:p + 2]) for start, (p, _, kind) in zip(starts, batch.answers[i])]
 
     expected = [turn for i in range(len(scenes)) for turn in turns(dialogs, i)]
     got = [turns(single, i) for i in range(len(single.answers))]
@@ -121,6 +127,84 @@ def test_one_question_rows_hold_the_dialogs_turns_one_by_one():
     # each row's image shows its own scene
     rows_per_scene = [len(row) for row in dialogs.answers]
     assert torch.equal(single.cells_BC3, dialogs.cells_BC3.repeat_interleave(torch.tensor(rows_per_scene), 0))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    world = tmp_path_factory.mktemp("world")
+    make_shapes(world, seed=0, train_images=40, test_images=2, train_videos=2, test_videos=1, wds=False,
+                workers=1)
+    return train_tokenizer([str(world / "chat_train.jsonl"), str(world / "text_train.jsonl")],
+                           tmp_path_factory.mktemp("tokenizer"), vocab_size=600)
+
+
+def _answer_from_question(scene, question: str) -> str:
+    """The scene's answer to a question in the shapes world's words, read from the sentence."""
+    objects = [(list(COLOURS)[c], SHAPES[s], POSITIONS[p]) for c, s, p in scene]
+    if m := re.fullmatch(r"What colour is the (\w+)\?", question):
+        (colour,) = [c for c, s, _ in objects if s == m[1]]  # asked only when the shape is unique
+        return colour
+    if m := re.fullmatch(r"What shape is (?:at|on|in) the ([\w ]+)\?", question):
+        (shape,) = [s for _, s, p in objects if p == m[1]]
+        return shape
+    if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
+        (place,) = [p for c, s, p in objects if (c, s) == (m[1], m[2])]
+        return place
+    assert question == "How many shapes are there?", question
+    return str(len(objects))
+
+
+@pytest.mark.parametrize("one_question", [False, True])
+def test_chat_text_rows_are_the_worlds_questions_and_the_scenes_answers(tokenizer_dir, one_question):
+    """--tokenizer: a row is the chat template's text of the world's questions about its scene, after
+    one image block of grid x grid tokens; each answer's scored targets are the scene's answer and
+    the end of its turn."""
+    tok = Tokenizer.load(tokenizer_dir)
+    text = bt.ChatText(tokenizer_dir, load_model_config("tiny"), grid=4)
+    rng = np.random.default_rng(0)
+    scenes = [bt.draw_scene(rng) for _ in range(40)]
+    batch = bt.make_batch(scenes, rng, 4, one_question=one_question, every=True, text=text)
+    answers, kinds = 0, set()
+    for i, row in enumerate(batch.answers):
+        scene = [(c, s, p) for c, s, p in batch.cells_BC3[i].tolist() if c < len(COLOURS)]  # its objects
+        ids = batch.input_ids_BT[i][batch.segment_ids_BT[i] > 0].tolist()
+        assert ids.count(tok.image_id) == 16
+        rendered = tok.decode(ids)
+        assert rendered.startswith("<|im_start|>user\n<fim_prefix>" + "<|img|>" * 16 + "<fim_suffix>")
+        questions = re.findall(r"<\|im_start\|>user\n(?:<fim_prefix>(?:<\|img\|>)+<fim_suffix>)?(.*?)<\|im_end\|>",
+                               rendered)
+        assert len(questions) == len(row) and (len(row) == 1 or not one_question)
+        for question, (start, stop, kind) in zip(questions, row):
+            expected = _answer_from_question(scene, question)
+            assert tok.decode(batch.targets_BT[i, start:stop].tolist()) == f"{expected}<|im_end|>\n"
+            answers, kinds = answers + 1, kinds | {kind}
+        supervised = (batch.targets_BT[i] != bt.IGNORE).sum().item()
+        assert supervised == sum(stop - start for start, stop, _ in row)  # nothing else is learnt
+    assert kinds == set(bt.QTYPES) and answers > 150
+
+
+def test_an_answer_is_right_only_when_all_its_tokens_are(tokenizer_dir):
+    text = bt.ChatText(tokenizer_dir, load_model_config("tiny"), grid=4)
+    rng = np.random.default_rng(1)
+    batch = bt.make_batch([bt.draw_scene(rng) for _ in range(8)], rng, 4, text=text)
+    perfect_BT = torch.where(batch.targets_BT == bt.IGNORE, 0, batch.targets_BT)
+    assert all(right for _, right in bt.scored(perfect_BT, batch))
+    # "top left" and its end of turn are several tokens: one wrong token makes the answer wrong
+    start, stop, kind = next(a for a in batch.answers[0] if a[1] - a[0] > 2)
+    wrong_BT = perfect_BT.clone()
+    wrong_BT[0, stop - 2] += 1  # the <|im_end|> after the answer
+    scored = bt.scored(wrong_BT, batch)
+    assert sum(not right for _, right in scored) == 1 and (kind, False) in scored
+
+
+def test_a_run_in_chat_text_trains_and_scores_the_four_types(tokenizer_dir):
+    result = bt.run(steps=2, batch_size=4, grid=4, tokenizer=tokenizer_dir, eval_every=2, eval_scenes=20,
+                    log=lambda _: None)
+    last = result["history"][-1]
+    assert result["settings"]["tokenizer"] == str(tokenizer_dir) and np.isfinite(last["loss"])
+    assert all(0 <= last[q] <= 1 for q in bt.QTYPES)
+    with pytest.raises(ValueError, match="--grid"):  # tiny's crops give 16 or 32 tokens, not 9
+        bt.ChatText(tokenizer_dir, load_model_config("tiny"), grid=3)
 
 
 @pytest.mark.slow
@@ -154,9 +238,9 @@ def test_a_pool_gives_the_same_few_training_scenes(monkeypatch):
     seen = {"train": [], "held_out": []}
     make_batch = bt.make_batch
 
-    def recording(scenes, rng, grid, one_question=False, every=False):
+    def recording(scenes, rng, grid, one_question=False, every=False, text=None):
         seen["held_out" if one_question else "train"].extend(map(tuple, scenes))
-        return make_batch(scenes, rng, grid, one_question, every)
+        return make_batch(scenes, rng, grid, one_question, every, text)
 
     monkeypatch.setattr(bt, "make_batch", recording)
     for pool in (3, 0):

@@ -106,6 +106,14 @@ def test_tokenizer_loads_in_transformers_and_both_backends_agree(tok_dir, tok):
     assert hf.decode(hf(text)["input_ids"], skip_special_tokens=True) == "user\nWhat colour is it? Ünïcode ✓\n"
 
 
+def test_trained_tokenizer_holds_each_chat_role_in_one_token(tok):
+    # the chat template writes "<|im_start|>{role}\n" before every turn: a role split into
+    # letters would cost every turn of every record several tokens
+    header = len(tok.encode("<|im_start|>\n"))
+    for role in ("user", "assistant"):
+        assert len(tok.encode(f"<|im_start|>{role}\n")) == header + 1, role
+
+
 def test_tokenizer_without_aria_tokens_is_refused(tmp_path):
     import sentencepiece as spm
 
@@ -681,7 +689,7 @@ BAD_CASES = [  # (name, record or raw JSON line, kind)
     ("unknown_message_key", {**GOOD, "messages": [{"role": "user", "content": "hi", "weight": 0}, ANSWER]},
      "invalid_record"),
 ]
-BAD_SEQ_LEN = 64  # one good sample per row (so that rows start at known places), too_long cases longer
+BAD_SEQ_LEN = 56  # one good sample per row (so that rows start at known places), too_long cases longer
 GOOD_TAIL = 9
 
 
