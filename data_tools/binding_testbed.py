@@ -158,7 +158,7 @@ class ChatText:
         tokenizer = Tokenizer.load(tokenizer)
         self.processor = Processor.for_model(tokenizer, model_cfg, image_size=side)
         self.image_id, self.pad_id = tokenizer.image_id, tokenizer.pad_id
-        self.image = Image.new("RGB", (side, side), "white")  # its pixels are never read
+        self.image = Image.new("RGB", (side, side), "white")  # ideal tokens replace its image tokens
 
     def encode(self, turns: list[tuple[str, list[int], int]]) -> tuple[list[int], list[int], list]:
         """ids, targets and (start, stop, type) of each answer of one dialog."""
@@ -176,7 +176,8 @@ class ChatText:
         # each assistant turn is one run of supervised targets: its answer, <|im_end|> and the line break
         edges = np.flatnonzero(np.diff(np.r_[0, np.array(targets) != IGNORE, 0]))  # run starts, stops
         assert len(edges) == 2 * len(turns), "one supervised run per answer"
-        return ids, targets, [(int(a), int(b), kind) for a, b, (kind, _, _) in zip(edges[::2], edges[1::2], turns)]
+        spans = zip(edges[::2].tolist(), edges[1::2].tolist())
+        return ids, targets, [(start, stop, kind) for (start, stop), (kind, _, _) in zip(spans, turns)]
 
 
 def cell_mixing(grid: int) -> torch.Tensor:
@@ -200,8 +201,7 @@ class Batch(NamedTuple):
     targets_BT: torch.Tensor  # target of position t (the token at t + 1), IGNORE elsewhere
     segment_ids_BT: torch.Tensor  # 1 on tokens, 0 on padding
     cells_BC3: torch.Tensor  # (colour, shape, cell) of each of the 9 cells; empty = (6, 5, cell)
-    answers: list[list[tuple[int, int, str]]]  # per row: (start, stop, type): positions start..stop-1
-    # predict an answer (its targets are the answer's tokens)
+    answers: list[list[tuple[int, int, str]]]  # per row (start, stop, type): start..stop-1 predict it
 
 
 def own_words(turns: list[tuple[str, list[int], int]], grid: int) -> tuple[list[int], list[int], list]:
