@@ -149,8 +149,7 @@ class ChatText:
         from aria.data.processor import Processor
         from aria.data.tokenizer import Tokenizer
 
-        P = model_cfg.vision.patch_size
-        sides = {round(n ** 0.5) * P: q for n, q in model_cfg.projector.patch_to_query.items()}
+        sides = Processor.crop_table(model_cfg)
         side = next((s for s, q in sides.items() if q == grid * grid), None)
         if side is None:
             raise ValueError(f"--tokenizer: no crop of the model gives grid x grid = {grid * grid} image "

@@ -170,15 +170,20 @@ class Processor:
                              min_image_size=data.min_image_size, split_image=data.split_image,
                              video=data.video, raw_pixels=True)
 
+    @staticmethod
+    def crop_table(model_cfg) -> dict[int, int]:
+        """Crop side in px -> image tokens per crop, from the model config (side = sqrt(patches) x
+        patch_size)."""
+        P = model_cfg.vision.patch_size
+        return {round(patches ** 0.5) * P: q for patches, q in model_cfg.projector.patch_to_query.items()}
+
     @classmethod
     def for_model(cls, tokenizer: Tokenizer, model_cfg, **kwargs) -> "Processor":
-        """Crop table from the model config: crop side = sqrt(patches) * patch_size."""
-        P = model_cfg.vision.patch_size
-        table = {round(patches ** 0.5) * P: q for patches, q in model_cfg.projector.patch_to_query.items()}
+        """The processor for the model config's crop table (``crop_table``)."""
         problem = tokenizer_mismatch(tokenizer, model_cfg)
         if problem is not None:
             raise ValueError(f"the tokenizer {problem}")
-        return cls(tokenizer, table, **kwargs)
+        return cls(tokenizer, cls.crop_table(model_cfg), **kwargs)
 
     # -- media: plan (sizes from headers), then decode ----------------------------------------
 
