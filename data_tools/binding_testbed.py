@@ -3,7 +3,7 @@
     python -m data_tools.binding_testbed [--model tiny] [--steps 1000] [--batch 40] [--grid 3|4]
         [--no-place] [--shape-seen P] [--blind] [--lr 1e-3] [--init-std S] [--pool N]
         [--schedule cosine|linear|constant|anneal] [--min-lr-ratio R] [--questions four|every]
-        [--tokenizer DIR] [--seed 0] [--eval-every 250] [--json OUT]
+        [--tokenizer DIR] [--tokens-from RUN WORLD] [--seed 0] [--eval-every 250] [--json OUT]
 
 The quickstart's answers name things the scene has but not which colour, shape and place belong
 together (``data_tools.binding_report``). This tool takes the vision side out of the question: each
@@ -42,6 +42,12 @@ Design decisions:
   trained tokenizer (``data_tools.train_tokenizer``); an answer is then right when every token of it
   and of its ``<|im_end|>`` is (the greedy answer, exactly). The two differ only in the text, so
   their gap is what the words, the template and multi-token answers cost.
+- **A run's own tokens**: ``--tokens-from RUN WORLD`` replaces the ideal tokens with what a trained
+  run's vision encoder and projector (frozen) make of a shapes world's images (``make_shapes``
+  directory WORLD): the training scenes are the world's training images (``--pool`` is then their
+  number), the held-out ones its test images, each question scored as above. A fresh language model
+  binding here where the run did not says the run's tokens hold the binding and its language model
+  did not learn to read it; not binding here either, the tokens do not hold it.
 - Training: AdamW (beta2 0.95, no weight decay, gradients clipped at 1), the router's
   load-balancing loss added as in training; the learning rate follows the trainer's schedule
   (``aria.train.schedule``: 20 warm-up steps, then ``--schedule``, down to ``--min-lr-ratio``).
@@ -200,6 +206,7 @@ class Batch(NamedTuple):
     targets_BT: torch.Tensor  # target of position t (the token at t + 1), IGNORE elsewhere
     segment_ids_BT: torch.Tensor  # 1 on tokens, 0 on padding
     cells_BC3: torch.Tensor  # (colour, shape, cell) of each of the 9 cells; empty = (6, 5, cell)
+    scene_B: torch.Tensor  # the index of each row's scene in the scenes given to make_batch
     answers: list[list[tuple[int, int, str]]]  # per row (start, stop, type): start..stop-1 predict it
 
 
@@ -224,11 +231,11 @@ def make_batch(scenes, rng: np.random.Generator, grid: int, one_question: bool =
     held-out questions are scored: in a dialog, earlier turns give away part of later answers).
     ``every``: the dialogs ask every question the scene answers (``draw_questions``); ``text``: the
     dialogs in the chat template's text (else the testbed's own words)."""
-    dialogs = [(scene, draw_questions(scene, rng, every)) for scene in scenes]
+    dialogs = [(k, scene, draw_questions(scene, rng, every)) for k, scene in enumerate(scenes)]
     if one_question:
-        dialogs = [(scene, [turn]) for scene, turns in dialogs for turn in turns]
+        dialogs = [(k, scene, [turn]) for k, scene, turns in dialogs for turn in turns]
     rows, targets, answers, cells = [], [], [], []
-    for scene, turns in dialogs:
+    for _, scene, turns in dialogs:
         ids, tgt, row_answers = text.encode(turns) if text else own_words(turns, grid)
         rows.append(ids), targets.append(tgt), answers.append(row_answers)
         grid_cells = [(len(COLOURS), len(SHAPES), c) for c in range(NUM_CELLS)]
@@ -242,7 +249,8 @@ def make_batch(scenes, rng: np.random.Generator, grid: int, one_question: bool =
     for i, (ids, tgt) in enumerate(zip(rows, targets)):
         input_ids[i, :len(ids)], target_ids[i, :len(tgt)], segments[i, :len(ids)] = \
             torch.tensor(ids), torch.tensor(tgt), 1
-    return Batch(input_ids, target_ids, segments, torch.tensor(cells), answers)
+    return Batch(input_ids, target_ids, segments, torch.tensor(cells), torch.tensor([k for k, _, _ in dialogs]),
+                 answers)
 
 
 def scored(predicted_BT: torch.Tensor, batch: Batch) -> list[tuple[str, bool]]:
@@ -277,15 +285,43 @@ class IdealTokens(nn.Module):
         return torch.einsum("gc,bcd->bgd", self.mix_GC, cell_BCD)
 
 
+class WorldTokens:
+    """A trained run's image tokens (its vision encoder and projector, frozen) for the images of a
+    shapes world, with each image's scene as ``draw_scene`` writes one."""
+
+    def __init__(self, run_dir: str | Path, world: str | Path, grid: int, width: int) -> None:
+        from aria.inference import load_model
+        from data_tools.make_shapes import plans_of
+        from data_tools.probe_shapes import image_features
+
+        world = Path(world)
+        plan_train, plan_test = plans_of(world)
+        model = load_model(run_dir).eval()
+        self.scenes, self.tokens_NGD = {}, {}
+        for split, plan in (("train", plan_train), ("test", plan_test)):
+            features, _ = image_features(model, [world / "images" / f"{split}_{i:06d}.png" for i in range(len(plan))])
+            tokens_NF = features["projector output"]
+            per_image = tokens_NF.shape[1] // width
+            if per_image * width != tokens_NF.shape[1] or per_image != grid * grid:
+                raise ValueError(f"--tokens-from {run_dir}: its image tokens ({tokens_NF.shape[1]} values per "
+                                 f"image) are not grid x grid = {grid * grid} tokens of the language model's "
+                                 f"width {width}; choose --grid and --model to match the run")
+            self.tokens_NGD[split] = tokens_NF.view(len(plan), per_image, width)
+            self.scenes[split] = [[(list(COLOURS).index(o.colour), SHAPES.index(o.shape), POSITIONS.index(o.position))
+                                   for o in scene.shapes] for scene, _ in plan]
+
+
 def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid: int = 3,
         place: bool = True, blind: bool = False, lr: float = 1e-3, init_std: float | None = None,
         warmup: int = 20, seed: int = 0, eval_every: int = 250, eval_scenes: int = 600,
         shape_seen: float = 1.0, schedule: str = "cosine", min_lr_ratio: float = 0.0, pool: int = 0,
-        questions: str = "four", tokenizer: str | Path | None = None, log=print) -> dict:
+        questions: str = "four", tokenizer: str | Path | None = None,
+        tokens_from: tuple[str | Path, str | Path] | None = None, log=print) -> dict:
     """Trains the model's language model on ideal tokens; returns the accuracy history.
     ``init_std``: the language model's ``initializer_range`` (default: the config's); ``questions``:
     what a training dialog asks, "four" (one of each type) or "every" (``draw_questions``);
-    ``tokenizer``: the dialogs in the chat template's text, tokenized by it (``ChatText``)."""
+    ``tokenizer``: the dialogs in the chat template's text, tokenized by it (``ChatText``);
+    ``tokens_from``: (run, world) whose frozen image tokens replace the ideal ones (``WorldTokens``)."""
     if questions not in QUESTIONS:
         raise ValueError(f"questions must be one of {QUESTIONS}, got {questions!r}")
     from aria.config import OptimConfig, load_model_config
@@ -301,15 +337,18 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
     model = Aria(cfg)
     model.init_weights(seed)
     decoder, lm_head = model.decoder, model.lm_head
+    world = WorldTokens(*tokens_from, grid, cfg.text.hidden_size) if tokens_from else None
     tokens = IdealTokens(cfg.text.hidden_size, grid, place, blind, shape_seen)
     params = list(decoder.parameters()) + list(lm_head.parameters())
-    optimizer = torch.optim.AdamW(params + list(tokens.parameters()), lr=lr, betas=(0.9, 0.95),
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params + ([] if world else list(tokens.parameters())), lr=lr,
+                                  betas=(0.9, 0.95), weight_decay=0.0)
 
-    def hidden(batch: Batch):
+    def hidden(batch: Batch, image_NGD: torch.Tensor | None = None):
+        """``image_NGD``: the world's tokens of the scenes the batch was made from (else ideal ones)."""
         embeds_BTD = decoder.embed(batch.input_ids_BT)
         image_BT = batch.input_ids_BT == image_id
-        embeds_BTD = embeds_BTD.masked_scatter(image_BT[..., None], tokens(batch.cells_BC3).to(embeds_BTD.dtype))
+        image_BGD = tokens(batch.cells_BC3) if image_NGD is None else image_NGD[batch.scene_B]
+        embeds_BTD = embeds_BTD.masked_scatter(image_BT[..., None], image_BGD.to(embeds_BTD.dtype))
         return decoder(embeds_BTD, None, batch.segment_ids_BT, None, batch.segment_ids_BT > 0)
 
     @torch.no_grad()
@@ -317,10 +356,15 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
         decoder.eval()
         rng = np.random.default_rng([seed, 1])  # held-out scenes: another stream than training's
         right = {q: [0, 0] for q in QTYPES}
-        for start in range(0, eval_scenes, 100):
-            scenes = [draw_scene(rng) for _ in range(min(100, eval_scenes - start))]
+        held_out = len(world.scenes["test"]) if world else eval_scenes
+        for start in range(0, held_out, 100):
+            stop = min(start + 100, held_out)
+            if world:
+                scenes, image_NGD = world.scenes["test"][start:stop], world.tokens_NGD["test"][start:stop]
+            else:
+                scenes, image_NGD = [draw_scene(rng) for _ in range(stop - start)], None
             batch = make_batch(scenes, rng, grid, one_question=True, text=text)
-            for kind, correct in scored(lm_head(hidden(batch).hidden_BTD).argmax(-1), batch):
+            for kind, correct in scored(lm_head(hidden(batch, image_NGD).hidden_BTD).argmax(-1), batch):
                 right[kind][0] += correct
                 right[kind][1] += 1
         decoder.train()
@@ -331,14 +375,16 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
     rng = np.random.default_rng([seed, 0])
     pool_rng = np.random.default_rng([seed, 2])  # the fixed training scenes, if any
     scenes = [draw_scene(pool_rng) for _ in range(pool)]
+    if world:
+        scenes, pool = world.scenes["train"], len(world.scenes["train"])
     history, start = [], time.time()
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_at(step - 1)
-        drawn = ([scenes[i] for i in rng.integers(pool, size=batch_size)] if pool
-                 else [draw_scene(rng) for _ in range(batch_size)])
+        picked = rng.integers(pool, size=batch_size) if pool else None
+        drawn = [scenes[i] for i in picked] if pool else [draw_scene(rng) for _ in range(batch_size)]
         batch = make_batch(drawn, rng, grid, every=questions == "every", text=text)
-        out = hidden(batch)
+        out = hidden(batch, world.tokens_NGD["train"][picked] if world else None)
         logits_BTV = lm_head(out.hidden_BTD)
         loss = F.cross_entropy(logits_BTV.flatten(0, 1), batch.targets_BT.flatten(), ignore_index=IGNORE)
         (loss + cfg.moe.aux_loss_coeff * out.aux_loss_L.sum()).backward()
@@ -353,7 +399,8 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
                              place=place, shape_seen=shape_seen, blind=blind, lr=lr,
                              init_std=cfg.text.initializer_range, schedule=schedule,
                              min_lr_ratio=min_lr_ratio, pool=pool, questions=questions,
-                             tokenizer=str(tokenizer) if tokenizer else None, seed=seed),
+                             tokenizer=str(tokenizer) if tokenizer else None,
+                             tokens_from=[str(p) for p in tokens_from] if tokens_from else None, seed=seed),
             "history": history}
 
 
@@ -393,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None,
                         help="a trained tokenizer directory: the dialogs in the chat template's text "
                              "(the world's sentences, multi-token answers) instead of the testbed's own words")
+    parser.add_argument("--tokens-from", nargs=2, metavar=("RUN", "WORLD"), default=None,
+                        help="a trained run's frozen image tokens of a shapes world's images instead "
+                             "of ideal ones (its training images are the pool, its test images held out)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--json", type=Path, default=None, help="also write the settings and history here")
@@ -401,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--grid, --steps and --batch must be >= 1")
     if not 0 <= args.shape_seen <= 1:
         parser.error(f"--shape-seen must be in [0, 1], got {args.shape_seen}")
+    if args.tokens_from and (args.pool or args.blind or args.no_place or args.shape_seen < 1):
+        parser.error("--tokens-from takes the run's tokens of the world's images: no --pool, --blind, "
+                     "--no-place or --shape-seen with it")
     if args.pool < 0:
         parser.error(f"--pool must be >= 0, got {args.pool}")
     if not 0 <= args.min_lr_ratio <= 1:
@@ -409,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.steps, args.batch, args.grid, not args.no_place, args.blind, args.lr,
         args.init_std, seed=args.seed, eval_every=args.eval_every, shape_seen=args.shape_seen,
         schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, pool=args.pool,
-        questions=args.questions, tokenizer=args.tokenizer),
+        questions=args.questions, tokenizer=args.tokenizer, tokens_from=args.tokens_from),
         report, args.json)
 
 

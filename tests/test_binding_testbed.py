@@ -3,14 +3,18 @@ from ideal tokens and not without them."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from aria.config import load_model_config
+from aria.convert.checkpoint import save_model_dir
 from aria.data.tokenizer import Tokenizer
+from aria.model.aria import Aria
 from data_tools import binding_testbed as bt
 from data_tools.make_shapes import COLOURS, POSITIONS, SHAPES, make_shapes
 from data_tools.train_tokenizer import train as train_tokenizer
@@ -127,13 +131,20 @@ def test_one_question_rows_hold_the_dialogs_turns_one_by_one():
     # each row's image shows its own scene
     rows_per_scene = [len(row) for row in dialogs.answers]
     assert torch.equal(single.cells_BC3, dialogs.cells_BC3.repeat_interleave(torch.tensor(rows_per_scene), 0))
+    assert torch.equal(dialogs.scene_B, torch.arange(len(scenes)))
+    assert torch.equal(single.scene_B, torch.arange(len(scenes)).repeat_interleave(torch.tensor(rows_per_scene)))
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
+def world(tmp_path_factory):
     world = tmp_path_factory.mktemp("world")
     make_shapes(world, seed=0, train_images=40, test_images=2, train_videos=2, test_videos=1, wds=False,
                 workers=1)
+    return world
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(world, tmp_path_factory):
     return train_tokenizer([str(world / "chat_train.jsonl"), str(world / "text_train.jsonl")],
                            tmp_path_factory.mktemp("tokenizer"), vocab_size=600)
 
@@ -207,6 +218,47 @@ def test_a_run_in_chat_text_trains_and_scores_the_four_types(tokenizer_dir):
         bt.ChatText(tokenizer_dir, load_model_config("tiny"), grid=3)
 
 
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A model=tiny model directory, as a trained run's vision encoder and projector would be read."""
+    cfg = load_model_config("tiny")
+    model = Aria(cfg)
+    model.init_weights(3)
+    directory = tmp_path_factory.mktemp("run")
+    save_model_dir(model.state_dict(), cfg, directory)
+    return directory, model.eval()
+
+
+def test_world_tokens_are_the_runs_image_tokens_of_each_image_and_its_scene(world, run_dir):
+    directory, model = run_dir
+    width = model.cfg.text.hidden_size
+    tokens = bt.WorldTokens(directory, world, grid=4, width=width)
+    for split in ("train", "test"):
+        n = len(list((world / "images").glob(f"{split}_*.png")))
+        assert tokens.tokens_NGD[split].shape == (n, 16, width) and len(tokens.scenes[split]) == n
+    caption = json.loads((world / "image_caption_train.jsonl").read_text().splitlines()[5])
+    assert caption["images"] == ["images/train_000005.png"]
+    pixels = torch.from_numpy(np.asarray(Image.open(world / caption["images"][0]).convert("RGB")))
+    with torch.no_grad():
+        expected = model.projector(*model.vision(pixels.permute(2, 0, 1)[None].contiguous()))[0]
+    torch.testing.assert_close(tokens.tokens_NGD["train"][5], expected)
+    # the scene, read back from the caption's words ("A red circle at the top left and ...")
+    scene = tokens.scenes["train"][5]
+    places = "|".join(sorted(POSITIONS, key=len, reverse=True))  # "top left" before "top"
+    said = re.findall(rf"({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) (?:at|on|in) the ({places})\b", caption["text"])
+    assert sorted(said) == sorted((list(COLOURS)[c], SHAPES[s], POSITIONS[p]) for c, s, p in scene)
+    with pytest.raises(ValueError, match="--grid"):
+        bt.WorldTokens(directory, world, grid=3, width=width)
+
+
+def test_a_run_on_a_runs_tokens_trains_on_its_images_and_scores_its_test_images(world, run_dir, tokenizer_dir):
+    result = bt.run(steps=2, batch_size=4, grid=4, tokenizer=tokenizer_dir, tokens_from=(run_dir[0], world),
+                    eval_every=2, log=lambda _: None)
+    last = result["history"][-1]
+    assert result["settings"]["pool"] == 40 and np.isfinite(last["loss"])
+    assert all(0 <= last[q] <= 1 for q in bt.QTYPES)
+
+
 @pytest.mark.slow
 def test_the_language_model_learns_from_ideal_tokens_and_not_blind():
     common = dict(steps=250, batch_size=32, init_std=0.1, eval_every=250, eval_scenes=300, log=lambda _: None)
@@ -273,7 +325,8 @@ def test_the_learning_rate_follows_the_trainers_anneal_schedule(monkeypatch):
 
 @pytest.mark.parametrize("argv, flag", [(["--grid", "0"], "--grid"), (["--shape-seen", "1.5"], "--shape-seen"),
                                         (["--min-lr-ratio", "2"], "--min-lr-ratio"), (["--pool", "-1"], "--pool"),
-                                        (["--questions", "all"], "--questions")])
+                                        (["--questions", "all"], "--questions"),
+                                        (["--tokens-from", "RUN", "WORLD", "--pool", "5"], "--tokens-from")])
 def test_bad_arguments_are_one_line(capsys, argv, flag):
     with pytest.raises(SystemExit) as exit_info:
         bt.main(argv)
