@@ -513,7 +513,8 @@ class OptimConfig:
     ``lr`` for its parameters; groups not named keep ``lr``. ``patch_embed`` names the vision
     encoder's patch projection alone (default: the vision scale): Adam moves each of its weights
     by about lr per step, so its output moves by up to lr x fan-in (3 x patch^2), which at a large
-    patch outgrows the position embedding within a few hundred steps."""
+    patch outgrows the position embedding within a few hundred steps. A scale of 0 freezes (no
+    gradient is computed: ``aria.train.stages.apply_stage``)."""
     _path: str = field(default="optim", repr=False, compare=False)
 
     def __post_init__(self) -> None:

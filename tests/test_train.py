@@ -580,6 +580,29 @@ def test_stage_freezes_exactly_its_groups():
     assert model.decoder.layers[0].attn.q_proj.weight.requires_grad
 
 
+def test_zero_lr_scale_freezes_its_parameters():
+    from aria.config import StageConfig
+    from aria.model.aria import module_groups
+    from aria.parallel.engine import param_groups
+    from aria.train.stages import apply_stage
+
+    model = build_model(load_model_config("tiny"), device="meta")
+    stage = StageConfig(trainable=dict.fromkeys(("vision", "projector", "language_model", "experts", "router"), True))
+    lr_scale = {"patch_embed": 0.0, "router": 0.0, "vision": 0.5}
+    counts = apply_stage(model, stage, lr_scale=lr_scale)
+    patch_embed = {id(p) for p in model.vision.patch_embed.parameters()}
+    groups = module_groups(model)
+    for name, params in groups.items():
+        for p in params:
+            assert p.requires_grad == (name != "router" and id(p) not in patch_embed), name
+    assert counts["router"] == 0
+    assert counts["vision"] == sum(p.numel() for p in groups["vision"]) - model.vision.patch_embed.weight.numel() \
+        - model.vision.patch_embed.bias.numel()
+    optimized = {id(p) for g in param_groups(model, 1e-3, 0.0, lr_scale) for p in g["params"]}
+    assert not optimized & patch_embed and not optimized & {id(p) for p in groups["router"]}
+    assert model.vision.layers[0].mlp.fc1.weight.requires_grad  # a scale of 0.5 still trains
+
+
 def test_lr_scale_gives_module_groups_their_own_learning_rate():
     from aria.config import OptimConfig
     from aria.parallel.engine import param_groups

@@ -373,7 +373,7 @@ class FakeModel:
                 for layer in model.moe_layers:  # DeepSpeed's MoE tags, as tag_expert_parameters sets them
                     for p in layer.experts.parameters():
                         p.allreduce, p.group_name = False, f"ep_size_{ep_size}"
-            apply_stage(model, cfg.stage, cfg.lora)
+            apply_stage(model, cfg.stage, cfg.lora, cfg.optim.lr_scale)
             model.set_gradient_checkpointing(vision=cfg.parallel.checkpoint_vision,
                                              decoder=cfg.parallel.checkpoint_decoder)
         self.model = model.train()

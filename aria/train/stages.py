@@ -24,20 +24,25 @@ from aria.config import LoRAConfig, ModelConfig, StageConfig
 from aria.model.aria import module_groups
 
 
-def apply_stage(model: nn.Module, stage: StageConfig, lora: LoRAConfig | None = None) -> dict[str, int]:
+def apply_stage(model: nn.Module, stage: StageConfig, lora: LoRAConfig | None = None,
+                lr_scale: dict[str, float] | None = None) -> dict[str, int]:
     """Freeze / unfreeze the groups; returns the trainable parameter count per group. With LoRA
     enabled the base weights of every group are frozen and a group the stage trains trains its
-    adapters only."""
+    adapters only. A group (or the patch projection, ``patch_embed``) whose ``optim.lr_scale`` is 0
+    is frozen too: no gradient is computed for it, where an optimizer group at LR 0 would still pay
+    for its gradient."""
     adapters = None
     if lora is not None and lora.enabled:
         from aria.model.lora import adapter_parameters
 
         adapters = {id(p) for p in adapter_parameters(model).values()}
+    lr_scale = lr_scale or {}
+    frozen = {id(p) for p in model.vision.patch_embed.parameters()} if lr_scale.get("patch_embed") == 0 else set()
     counts = {}
     for name, params in module_groups(model).items():
-        train = stage.trainable[name]
+        train = stage.trainable[name] and lr_scale.get(name) != 0
         for p in params:
-            p.requires_grad_(train and (adapters is None or id(p) in adapters))
+            p.requires_grad_(train and id(p) not in frozen and (adapters is None or id(p) in adapters))
         counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)  # ZeRO-3: whole
     return counts
 

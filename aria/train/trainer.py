@@ -305,7 +305,7 @@ class Trainer:
                                      f"{self.loaded.bytes_stored / 2**30:.3f} GiB")
             if cfg.lora.enabled and not (self.loaded and self.loaded.adapters):
                 init_adapters(model, cfg.train.seed)
-        self.trainable = apply_stage(model, cfg.stage, cfg.lora)
+        self.trainable = apply_stage(model, cfg.stage, cfg.lora, cfg.optim.lr_scale)
         model.set_gradient_checkpointing(vision=cfg.parallel.checkpoint_vision,
                                          decoder=cfg.parallel.checkpoint_decoder)
         return model.train()
