@@ -601,6 +601,9 @@ def test_zero_lr_scale_freezes_its_parameters():
     optimized = {id(p) for g in param_groups(model, 1e-3, 0.0, lr_scale) for p in g["params"]}
     assert not optimized & patch_embed and not optimized & {id(p) for p in groups["router"]}
     assert model.vision.layers[0].mlp.fc1.weight.requires_grad  # a scale of 0.5 still trains
+    # the patch projection's own scale wins over its group's, as in param_groups
+    apply_stage(model, stage, lr_scale={"vision": 0.0, "patch_embed": 0.1})
+    assert model.vision.patch_embed.weight.requires_grad and not model.vision.layers[0].mlp.fc1.weight.requires_grad
 
 
 def test_lr_scale_gives_module_groups_their_own_learning_rate():

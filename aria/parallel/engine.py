@@ -29,9 +29,9 @@ from aria.config import ModelConfig, RunConfig
 from aria.model.aria import module_groups
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_scale: dict[str, float]) -> list[dict]:
-    """Optimizer groups: decayed (>= 2-D) and not decayed parameters, split further by the module
-    groups (and the patch projection) whose learning rate ``optim.lr_scale`` changes."""
+def lr_scales(model: nn.Module, lr_scale: dict[str, float]) -> dict[int, float]:
+    """id(parameter) -> its ``optim.lr_scale``: its module group's, the patch projection's own
+    where ``patch_embed`` is named, else 1."""
     scale_of = {}
     for group, params in module_groups(model).items():
         for p in params:
@@ -39,6 +39,13 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_scale: dic
     if "patch_embed" in lr_scale:
         for p in model.vision.patch_embed.parameters():
             scale_of[id(p)] = lr_scale["patch_embed"]
+    return scale_of
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_scale: dict[str, float]) -> list[dict]:
+    """Optimizer groups: decayed (>= 2-D) and not decayed parameters, split further by the module
+    groups (and the patch projection) whose learning rate ``optim.lr_scale`` changes."""
+    scale_of = lr_scales(model, lr_scale)
     buckets: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:

@@ -22,6 +22,7 @@ from torch import nn
 
 from aria.config import LoRAConfig, ModelConfig, StageConfig
 from aria.model.aria import module_groups
+from aria.parallel.engine import lr_scales
 
 
 def apply_stage(model: nn.Module, stage: StageConfig, lora: LoRAConfig | None = None,
@@ -36,13 +37,12 @@ def apply_stage(model: nn.Module, stage: StageConfig, lora: LoRAConfig | None = 
         from aria.model.lora import adapter_parameters
 
         adapters = {id(p) for p in adapter_parameters(model).values()}
-    lr_scale = lr_scale or {}
-    frozen = {id(p) for p in model.vision.patch_embed.parameters()} if lr_scale.get("patch_embed") == 0 else set()
+    scale_of = lr_scales(model, lr_scale or {})
     counts = {}
     for name, params in module_groups(model).items():
-        train = stage.trainable[name] and lr_scale.get(name) != 0
+        train = stage.trainable[name]
         for p in params:
-            p.requires_grad_(train and id(p) not in frozen and (adapters is None or id(p) in adapters))
+            p.requires_grad_(train and scale_of[id(p)] != 0 and (adapters is None or id(p) in adapters))
         counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)  # ZeRO-3: whole
     return counts
 
