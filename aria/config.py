@@ -638,6 +638,7 @@ class StageConfig:
 
 OBJECTIVES = ("lm", "contrastive", "caption_words")
 SIMILARITIES = ("pooled", "late")
+WORD_POOLS = ("mean", "lme")  # caption_words.pool, Aria.forward(words=...)
 
 
 @dataclass
@@ -694,6 +695,29 @@ class ContrastiveConfig:
         _check(isinstance(self.scale, (int, float)) and self.scale > 0, f"{p}.scale", self.scale,
                "a positive number")
         _check(isinstance(self.bias, (int, float)), f"{p}.bias", self.bias, "a number")
+
+
+@dataclass
+class CaptionWordsConfig:
+    """Stage 0 (``train.objective=caption_words``): each image says which tokens its caption holds
+    (``aria.train.caption_words``)."""
+
+    pool: str = "mean"
+    """How an image's tokens give its logits: mean, the LM head over their mean; lme, the LM head over
+    each of them and the log-mean-exp over them (a soft maximum: one image token may say a word)."""
+    pairs: int = 0
+    """With pool lme: also, for each two distinct tokens of a caption, one image token must say both
+    when they stand at most this many tokens apart in the caption and none may when they never do
+    ("A red circle at the top and a blue star": red with circle, never red with star). 0: off."""
+    _path: str = field(default="caption_words", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self._path
+        _check(self.pool in WORD_POOLS, f"{p}.pool", self.pool, f"one of {WORD_POOLS}")
+        _check(isinstance(self.pairs, int) and not isinstance(self.pairs, bool) and self.pairs >= 0,
+               f"{p}.pairs", self.pairs, "an integer >= 0")
+        _check(not self.pairs or self.pool == "lme", f"{p}.pairs", self.pairs,
+               f"0 with {p}.pool={self.pool} (pairs are scored on single image tokens: set pool=lme)")
 
 
 @dataclass
@@ -808,7 +832,8 @@ class LoRAConfig:
 
 
 RUN_NODES = {"data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig, "stage": StageConfig,
-             "train": TrainConfig, "contrastive": ContrastiveConfig, "init": InitConfig,
+             "train": TrainConfig, "contrastive": ContrastiveConfig,
+             "caption_words": CaptionWordsConfig, "init": InitConfig,
              "checkpoint": CheckpointConfig, "logging": LoggingConfig, "lora": LoRAConfig}
 
 
@@ -825,6 +850,7 @@ class RunConfig:
     stage: StageConfig
     train: TrainConfig
     contrastive: ContrastiveConfig
+    caption_words: CaptionWordsConfig
     init: InitConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig

@@ -1,6 +1,8 @@
-"""Stage 0 by caption words (``aria.train.caption_words``): the loss against a per-document float64
-computation, the image side being the LM head over each document's mean projector output, clear
-errors for documents that are not an image and its caption, and 2 gloo processes against 1."""
+"""Stage 0 by caption words (``aria.train.caption_words``): the loss and the caption pairs' loss
+against per-document float64 computations, the image side being the LM head over each document's
+mean projector output or the log-mean-exp of the LM head over each of them, clear errors for
+documents that are not an image and its caption and for pairs without the token-wise pool, and 2
+gloo processes against 1."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from aria.convert.checkpoint import read_model_config
 from aria.model import build_model
 from aria.model.aria import Aria
 from aria.train import weights
-from aria.train.caption_words import caption_words_loss_sum, step_classes
+from aria.train.caption_words import caption_words_loss_sum, pair_losses, step_classes
 from aria.train.compose import compose_run
 from aria.train.trainer import train
 from helpers import packed_documents, run_distributed, shapes_world
@@ -61,6 +63,59 @@ def test_loss_is_the_class_mean_cross_entropy_of_each_documents_caption_tokens()
     assert abs(float(loss) - want) <= 1e-6 * want, (float(loss), want)
 
 
+def reference_pair_loss(logits_NV, rows: range, caption: list[int], window: int) -> float:
+    """One document's pair loss in float64: over the distinct pairs of distinct caption tokens, the
+    binary cross-entropy of log mean over its image tokens of exp(logit a + logit b) against "a and
+    b stand at most ``window`` apart somewhere", averaged; 0 without a pair."""
+    near: dict[tuple[int, int], bool] = {}
+    for i, a in enumerate(caption):
+        for j in range(i + 1, len(caption)):
+            if caption[j] != a:
+                key = (min(a, caption[j]), max(a, caption[j]))
+                near[key] = near.get(key, False) or j - i <= window
+    z = logits_NV.double().tolist()
+    total = 0.0
+    for (a, b), positive in near.items():
+        said = math.log(sum(math.exp(z[t][a] + z[t][b]) for t in rows) / len(rows))
+        total += math.log1p(math.exp(-said if positive else said))
+    return total / max(len(near), 1)
+
+
+@pytest.mark.parametrize("window", [1, 2, 5])
+def test_pairs_loss_is_each_captions_pairs_scored_on_single_image_tokens(window):
+    layout = [[(1, 3, 6), (0, 2, 3), (2, 4, 1)], [(0, 5, 8), (1, 1, 2)]]
+    _, input_ids, segment_ids, targets, words = packed(layout, T=30)
+    g = torch.Generator().manual_seed(2)
+    docs = packed_documents(layout, 30, lambda n: torch.zeros(n, dtype=torch.long), IMG)[3]
+    N = int((input_ids == IMG).sum())
+    logits_NV = torch.randn(N, V, generator=g) * 2
+    documents_N = torch.cat([torch.full((len(image),), d) for d, (_, image, _) in enumerate(docs)])
+    got = pair_losses(logits_NV, documents_N, len(docs), targets, segment_ids, window)
+    start, want = 0, []
+    for b, image, text in docs:
+        want.append(reference_pair_loss(logits_NV, range(start, start + len(image)), targets[b, text].tolist(),
+                                        window))
+        start += len(image)
+    assert want[2] == 0.0 and all(w > 0 for i, w in enumerate(want) if i != 2)  # doc 2: one caption token
+    assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6), (got, want)
+    # the total adds them to the words' loss
+    present = step_classes([targets], V) > 0
+    words_only, _ = caption_words_loss_sum(torch.zeros(len(docs), V), input_ids, segment_ids, targets, IMG, present)
+    both, _ = caption_words_loss_sum(torch.zeros(len(docs), V), input_ids, segment_ids, targets, IMG, present,
+                                     token_logits_NV=logits_NV, documents_N=documents_N, pairs=window)
+    assert float(both - words_only) == pytest.approx(sum(want), rel=1e-5)
+
+
+def test_pairs_need_the_token_wise_pool():
+    from aria.config import CaptionWordsConfig
+
+    with pytest.raises(ValueError, match=r"'caption_words.pairs' = 2 is invalid: expected 0 with "
+                                         r"caption_words.pool=mean"):
+        CaptionWordsConfig(pool="mean", pairs=2)
+    with pytest.raises(ValueError, match=r"'caption_words.pool' = 'max' is invalid"):
+        CaptionWordsConfig(pool="max")
+
+
 def test_a_document_without_an_image_or_a_caption_is_named():
     for layout, want in (([[(1, 3, 4), (2, 0, 3)]], r"document 1 of the micro-batch \(b.jsonl:7\) has 0 image "
                                                      r"tokens and 3 supervised text tokens"),
@@ -72,7 +127,10 @@ def test_a_document_without_an_image_or_a_caption_is_named():
                                    torch.ones(V, dtype=torch.bool), ["a.jsonl:1", "b.jsonl:7"])
 
 
-def test_the_words_are_the_lm_head_over_each_documents_mean_image_token():
+@pytest.mark.parametrize("pool", ["mean", "lme"])
+def test_the_words_are_the_lm_head_over_each_documents_image_tokens(pool):
+    """mean: over each document's mean image token; lme: over each image token, then the log of
+    the mean of their exponentials."""
     cfg = load_model_config("tiny")
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -87,20 +145,29 @@ def test_the_words_are_the_lm_head_over_each_documents_mean_image_token():
                                 [1] * len(doc3) + [0] * (T - len(doc3))])
     pixels = torch.randint(0, 256, (4, 3, 490, 490), dtype=torch.uint8)
     with torch.no_grad():
-        out = model(input_ids, pixels, segment_ids=segment_ids, words=True)
+        out = model(input_ids, pixels, segment_ids=segment_ids, words=pool)
         features = model.image_features(pixels)  # crops in slot order: doc1, doc2 (2), doc3
-        means = torch.stack([features[0].mean(0), features[1:3].flatten(0, 1).mean(0), features[3].mean(0)])
-        want = model.lm_head(model.decoder.norm(means))
+        per_document = [features[0], features[1:3].flatten(0, 1), features[3]]
+        if pool == "mean":
+            want = model.lm_head(model.decoder.norm(torch.stack([f.mean(0) for f in per_document])))
+        else:
+            tokens = [model.lm_head(model.decoder.norm(f)).double() for f in per_document]
+            want = torch.stack([t.exp().mean(0).log() for t in tokens]).float()
+            assert torch.equal(out.image_documents_N, torch.tensor([0] * Q + [1] * 2 * Q + [2] * Q))
+            assert torch.allclose(out.token_logits_NV, torch.cat(tokens).float(), atol=1e-5)
     assert out.word_logits_SV.shape == (3, cfg.text.vocab_size)
     assert torch.allclose(out.word_logits_SV, want, atol=1e-5), (out.word_logits_SV - want).abs().max()
     assert out.loss_sum is None and out.router_loss is None  # no decoder layer ran
 
 
 @pytest.mark.slow
-def test_at_full_size_the_words_step_trains_the_vision_side_and_the_head_alone():
+@pytest.mark.parametrize("pool", ["mean", "lme"])
+def test_at_full_size_the_words_step_trains_the_vision_side_and_the_head_alone(pool):
     """``model=aria`` on fake tensors (shapes, no memory): a 4K row of 22 image captions of 490 px
     runs, and the loss reaches the vision encoder, the projector, the final norm and the LM head
-    only (no embedding lookup, no decoder layer)."""
+    only (no embedding lookup, no decoder layer); lme reads the head over each image token, on
+    tensors without values over every position of the row (an upper bound: 4,096 x 100,352 logits,
+    0.8 GiB in bf16)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     cfg = load_model_config("aria")
@@ -118,10 +185,12 @@ def test_at_full_size_the_words_step_trains_the_vision_side_and_the_head_alone()
             input_ids[0, d * (Q + 50):d * (Q + 50) + Q] = cfg.image_token_id
             segment_ids[0, d * (Q + 50):(d + 1) * (Q + 50)] = d + 1
         out = model(input_ids, torch.zeros(22, 3, 490, 490, dtype=torch.uint8), segment_ids=segment_ids,
-                    words=True)
+                    words=pool)
         out.word_logits_SV.float().sum().backward()
     # without values the document count is not read: one document a row (``document_ids``)
     assert tuple(out.word_logits_SV.shape) == (1, cfg.text.vocab_size)
+    if pool == "lme":
+        assert tuple(out.token_logits_NV.shape) == (4096, cfg.text.vocab_size)
     reached = {name.split(".")[0] if not name.startswith("decoder.") else ".".join(name.split(".")[:2])
                for name, p in model.named_parameters() if p.grad is not None}
     assert reached == {"vision", "projector", "decoder.norm", "lm_head"}, reached
@@ -136,11 +205,12 @@ def _records(run_dir, key: str) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero,ep", [(1, 2), (3, 1)])
-def test_stage0_by_caption_words_on_two_processes_equals_one(tmp_path, zero, ep):
+@pytest.mark.parametrize("zero,ep,pool,pairs", [(1, 2, "mean", 0), (3, 1, "lme", 2)])
+def test_stage0_by_caption_words_on_two_processes_equals_one(tmp_path, zero, ep, pool, pairs):
     """Two ranks of one row each (the experts split over both with ``ep`` = 2) as one rank of two
     rows: the same losses, weights and held-out loss, which equals a float64 per-document sum read
     from the last checkpoint; the decoder layers, which no step runs, keep their initial weights.
+    Both pools, the token-wise one with the caption pairs.
     Every caption document (16 image tokens + 7-23 caption tokens + 3) fills more than half of a
     48-token row, so every row holds one document and both layouts read the same rows; the text
     documents of the mix are skipped."""
@@ -150,7 +220,8 @@ def test_stage0_by_caption_words_on_two_processes_equals_one(tmp_path, zero, ep)
     common = [f"data.train=[{{path:'{data / 'caption_train.jsonl'}',weight:3}},"
               f"{{path:'{data / 'text_train.jsonl'}',weight:1}}]", f"data.tokenizer={tok}", "logging=quiet",
               f"data.eval={data / 'caption_test.jsonl'}", "train.max_steps=3", "train.seq_len=48",
-              "checkpoint.every_steps=0", "data.num_workers=0", "optim.eps=1e-3", f"parallel.zero_stage={zero}"]
+              "checkpoint.every_steps=0", "data.num_workers=0", "optim.eps=1e-3", f"parallel.zero_stage={zero}",
+              f"caption_words.pool={pool}", f"caption_words.pairs={pairs}"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_distributed(_train, 1, ([f"run_dir={one}", "train.micro_batch_size=2", *common],), timeout=300)
     run_distributed(_train, 2, ([f"run_dir={two}", "train.micro_batch_size=1", f"parallel.ep_size={ep}",
@@ -171,13 +242,14 @@ def test_stage0_by_caption_words_on_two_processes_equals_one(tmp_path, zero, ep)
     assert any(k.startswith("vision.") for k in moved) and any(k.startswith("projector.") for k in moved)
     (held_out,) = _records(one, "eval_loss")
     assert held_out == pytest.approx(_records(two, "eval_loss")[0], abs=1e-6)
-    assert held_out == pytest.approx(_held_out_reference(last, [f"run_dir={one}", *common]), rel=1e-5)
+    assert held_out == pytest.approx(_held_out_reference(last, [f"run_dir={one}", *common], pool, pairs), rel=1e-5)
 
 
-def _held_out_reference(directory, args: list[str]) -> float:
+def _held_out_reference(directory, args: list[str], pool: str, pairs: int) -> float:
     """The held-out loss of a checkpoint per document in float64: each test caption's image encoded
-    alone, its mean token read by the final norm and LM head, against the caption's tokens, over the
-    tokens of all test captions."""
+    alone, its mean token (or each of its tokens, log-mean-exp) read by the final norm and LM head,
+    against the caption's tokens, over the tokens of all test captions; plus each caption's pair
+    loss."""
     from aria.data.loader import eval_batches
     from aria.data.processor import Processor
 
@@ -185,15 +257,21 @@ def _held_out_reference(directory, args: list[str]) -> float:
     model = build_model(read_model_config(directory), init=False).eval()
     weights.load_weights(model, directory)
     processor = Processor.from_config(cfg.data, model.cfg)
-    logits, words = [], []
+    logits, words, pair_loss = [], [], 0.0
     for batch in eval_batches(cfg.data.eval, processor, cfg.train.seq_len, 1):
         assert int(batch.segment_ids.max()) == 1  # one document per row
+        caption = batch.targets[batch.targets != IGNORE_INDEX].tolist()
         with torch.no_grad():
-            image = model.image_features(batch.pixel_values).flatten(0, 1).mean(0)
-            logits.append(model.lm_head(model.decoder.norm(image)))
-        words.append(set(batch.targets[batch.targets != IGNORE_INDEX].tolist()))
+            image = model.image_features(batch.pixel_values).flatten(0, 1)
+            if pool == "mean":
+                logits.append(model.lm_head(model.decoder.norm(image.mean(0))))
+            else:
+                tokens = model.lm_head(model.decoder.norm(image)).double()
+                logits.append(tokens.exp().mean(0).log())
+                pair_loss += reference_pair_loss(tokens, range(len(tokens)), caption, pairs) if pairs else 0.0
+        words.append(set(caption))
     assert len(words) == 4
-    return reference_loss(torch.stack(logits), words, sorted(set().union(*words))) / len(words)
+    return (reference_loss(torch.stack(logits), words, sorted(set().union(*words))) + pair_loss) / len(words)
 
 
 def _frozen_experts(rank: int, world: int, args: list[str]) -> None:

@@ -21,10 +21,13 @@ Design decisions:
   decoder's last hidden states over the text alone: the <|img|> slots are padding (segment 0) and
   each run of text between them a document of its own (``text_runs``), so no text token sees an
   image.
-- ``words=True`` (stage 0's caption-word objective, ``aria.train.caption_words``) runs no decoder
-  layer and looks up no text embedding: each document's image tokens (the projector's outputs in
-  its <|img|> slots) are averaged and read by the final norm and the LM head, (S, V) logits of
-  "which tokens does the caption hold" for the S documents of the micro-batch, in row order.
+- ``words="mean"`` or ``"lme"`` (stage 0's caption-word objective, ``aria.train.caption_words``)
+  runs no decoder layer and looks up no text embedding: (S, V) logits of "which tokens does the
+  caption hold" for the S documents of the micro-batch, in row order, from each document's image
+  tokens (the projector's outputs in its <|img|> slots). "mean": the final norm and the LM head over
+  their mean; "lme": over each of them, the (N, V) logits of the N image tokens returned too, and a
+  document's logit of a token is their log-mean-exp over its image tokens (a soft maximum: one image
+  token may say it).
 - Sequence parallelism (``aria.parallel.sequence``): embeddings, image features in their slots
   included, are made for whole rows; each rank of the group then keeps its tokens (and their
   positions and targets) while ``segment_ids`` stay whole, for attention over all of a row.
@@ -39,7 +42,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from aria.config import IGNORE_INDEX, MODULE_GROUPS, ModelConfig
+from aria.config import IGNORE_INDEX, MODULE_GROUPS, WORD_POOLS, ModelConfig
 from aria.model.decoder import KVCache, TextDecoder
 from aria.model.layers import holds_no_data, linear
 from aria.model.loss import chunked_cross_entropy
@@ -67,7 +70,11 @@ class AriaOutput(NamedTuple):
     hidden_BTD: torch.Tensor | None = None
     """With ``towers=True``: the decoder's last hidden states over the text alone."""
     word_logits_SV: torch.Tensor | None = None
-    """With ``words=True``: the LM head over each document's mean image token."""
+    """With ``words``: each document's logits of the tokens its caption may hold."""
+    token_logits_NV: torch.Tensor | None = None
+    """With ``words="lme"``: the LM head over each of the micro-batch's N image tokens, in row order."""
+    image_documents_N: torch.Tensor | None = None
+    """With ``words="lme"``: the document (0..S-1) of each image token."""
 
 
 def merge_image_features(embeds_BTD: torch.Tensor, slots_BT: torch.Tensor, num_slots: int,
@@ -119,6 +126,19 @@ def document_means(values_BTD: torch.Tensor, take_BT: torch.Tensor, segment_ids_
         0, doc_BT.clamp(min=0).flatten(), values_BTD.flatten(0, 1).float() * weight_N[:, None])
     counts_S = document_counts(doc_BT, S, take_BT)
     return sums_SD / counts_S.clamp(min=1)[:, None], counts_S
+
+
+def document_log_mean_exp(values_NC: torch.Tensor, documents_N: torch.Tensor, S: int) -> torch.Tensor:
+    """(S, C) fp32: over each document's rows of ``values_NC`` (``documents_N`` in 0..S-1), the log of
+    the mean of their exponentials; the maximum subtracted first (outside the gradient, which it does
+    not change); -inf for a document without rows. No host read."""
+    values_NC = values_NC.float()
+    index_NC = documents_N[:, None].expand_as(values_NC)
+    top_SC = values_NC.new_full((S, values_NC.shape[1]), float("-inf")).scatter_reduce(
+        0, index_NC, values_NC.detach(), "amax")
+    sums_SC = torch.zeros_like(top_SC).index_add(0, documents_N, (values_NC - top_SC[documents_N]).exp())
+    counts_S = torch.zeros(S, device=values_NC.device).index_add(0, documents_N, torch.ones_like(values_NC[:, 0]))
+    return top_SC + sums_SC.log() - counts_S.clamp(min=1).log()[:, None]
 
 
 def unit_seed(seed: int, name: str) -> int:
@@ -267,7 +287,7 @@ class Aria(nn.Module):
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_to_keep: int | None = None, image_feature_order: torch.Tensor | None = None,
-                towers: bool = False, words: bool = False) -> AriaOutput:
+                towers: bool = False, words: str | None = None) -> AriaOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         for name, value in (("position_ids", position_ids), ("segment_ids", segment_ids),
@@ -276,11 +296,23 @@ class Aria(nn.Module):
                 raise ValueError(f"{name} of shape {tuple(value.shape)} does not match input_ids "
                                  f"{tuple(input_ids.shape)}")
         if words:
+            if words not in WORD_POOLS:
+                raise ValueError(f"words must be one of {WORD_POOLS}, got {words!r}")
             if segment_ids is None or self.sequence_parallel is not None or cache is not None:
-                raise ValueError("words=True needs segment_ids, no KV cache and no sequence parallelism")
+                raise ValueError("words needs segment_ids, no KV cache and no sequence parallelism")
             images_BTD = self.embed(input_ids, pixel_values, pixel_mask, image_feature_order, text=False)
-            image_SD, _ = document_means(images_BTD, input_ids == self.cfg.image_token_id, segment_ids)
-            return AriaOutput(word_logits_SV=self.lm_head(self.decoder.norm(image_SD.to(images_BTD.dtype))))
+            slots_BT = input_ids == self.cfg.image_token_id
+            if words == "mean":
+                image_SD, _ = document_means(images_BTD, slots_BT, segment_ids)
+                return AriaOutput(word_logits_SV=self.lm_head(self.decoder.norm(image_SD.to(images_BTD.dtype))))
+            doc_BT, S = document_ids(segment_ids)
+            if holds_no_data(slots_BT):  # shapes only (aria.train.plan): every position, an upper bound
+                images_ND, documents_N = images_BTD.flatten(0, 1), doc_BT.flatten().clamp(min=0)
+            else:
+                images_ND, documents_N = images_BTD[slots_BT], doc_BT[slots_BT]
+            token_logits_NV = self.lm_head(self.decoder.norm(images_ND))
+            return AriaOutput(word_logits_SV=document_log_mean_exp(token_logits_NV, documents_N, S),
+                              token_logits_NV=token_logits_NV, image_documents_N=documents_N)
         embeds_BTD = self.embed(input_ids, pixel_values, pixel_mask, image_feature_order)
         if towers:
             if segment_ids is None or self.sequence_parallel is not None or cache is not None:

@@ -6,8 +6,10 @@ its caption each), V vocabulary.
 
 Design decisions:
 - No weights of its own. The image side is the projector's output averaged over the document's
-  image tokens, read by the decoder's final norm and LM head (``Aria.forward(words=True)``): the
-  LM head's row of a token is that token's class vector. No decoder layer runs, so a step costs
+  image tokens, read by the decoder's final norm and LM head (``Aria.forward(words="mean")``): the
+  LM head's row of a token is that token's class vector. ``caption_words.pool=lme`` reads each
+  image token instead and takes the log-mean-exp of their logits (``words="lme"``): a word may be
+  said by one token, as a detector would, rather than by the image's average. No decoder layer runs, so a step costs
   the vision encoder and projector alone; a stage-0 checkpoint is an ordinary Aria checkpoint whose
   vision encoder and projector the next stage starts from (``init.groups=[vision,projector]``).
 - Labels: the set of token ids among the document's supervised targets (its caption, end-of-text
@@ -25,8 +27,19 @@ Design decisions:
   give what 1 gives. The held-out loss takes the classes of the whole held-out set
   (``word_losses`` summed per token, reduced over ranks at the end).
 - Memory and bytes: (S, V) fp32 logits and losses, e.g. 64 documents x 100,352 tokens = 26 MB
-  each at full size. Host reads per micro-batch: the document count (``document_ids``, in the
+  each at full size; pool lme adds the (N, V) logits of the N image tokens (64 images x 128 tokens
+  x 100,352 = 3.3 GB in fp32 at full size, within a step that runs no decoder layer). Host reads per micro-batch: the document count (``document_ids``, in the
   forward) and the check below; per step the classes' all-reduce (V x 8 bytes: 0.8 MB at full size).
+- Pairs (``caption_words.pairs`` = k, with pool lme): a bag of words cannot say which colour goes
+  with which shape. For each two distinct tokens of a document's caption, "one image token says
+  both" (log-mean-exp over its image tokens of the sum of their two logits) is a sigmoid against
+  "they stand at most k tokens apart somewhere in the caption": in "A green square at the top
+  left and a purple diamond at the bottom." (k = 2) green goes with square, and green with
+  diamond or square with bottom must not share a token. The pairs are the caption's own, so the
+  loss is per document and the same for any layout; averaged over the caption's pairs and added
+  to its words' loss. Cost: the caption's distinct pairs x the document's image tokens (a 20-token
+  caption: ~190 pairs x 16 tokens in the quickstart); host reads per micro-batch: the longest
+  caption, the most image tokens of a document, the pairs' count.
 - A document without image tokens or supervised text is a ``ValueError`` naming where it came from
   (the loader skips such samples, ``aria.data.loader.check_image_caption``, so only a batch the
   loader did not build can hold one).
@@ -79,11 +92,69 @@ def word_losses(word_logits_SV: torch.Tensor, input_ids_BT: torch.Tensor, segmen
     return loss_SV, words_SV
 
 
+def caption_pairs(targets_BT: torch.Tensor, doc_BT: torch.Tensor, S: int, vocab_size: int, window: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each document's distinct pairs of distinct tokens among its supervised targets (``doc_BT``,
+    ``S``: ``document_ids``): (P,) their document, lower and higher token id, and 1.0 where the two
+    stand at most ``window`` positions apart somewhere in it, else 0.0. Host reads: the longest
+    distance between two targets of a document, and the pairs' count (``torch.unique``)."""
+    V = vocab_size
+    take_BT = (targets_BT != IGNORE_INDEX) & (doc_BT >= 0)
+    at_BT = torch.arange(targets_BT.shape[1], device=targets_BT.device).expand_as(targets_BT)
+    doc_N, at_N = doc_BT[take_BT], at_BT[take_BT]
+    first_S = at_N.new_full((S,), targets_BT.shape[1]).scatter_reduce(0, doc_N, at_N, "amin")
+    last_S = at_N.new_full((S,), -1).scatter_reduce(0, doc_N, at_N, "amax")
+    span = int((last_S - first_S).max()) if doc_N.numel() else 0
+    codes, near = [targets_BT.new_zeros(0)], [torch.zeros(0, dtype=torch.bool, device=targets_BT.device)]
+    for k in range(1, span + 1):
+        a_BT, b_BT, doc_a = targets_BT[:, :-k], targets_BT[:, k:], doc_BT[:, :-k]
+        both_BT = take_BT[:, :-k] & take_BT[:, k:] & (doc_a == doc_BT[:, k:]) & (a_BT != b_BT)
+        low, high = torch.minimum(a_BT, b_BT)[both_BT], torch.maximum(a_BT, b_BT)[both_BT]
+        codes.append((doc_a[both_BT] * V + low) * V + high)
+        near.append(torch.full_like(low, k <= window, dtype=torch.bool))
+    pairs_P, of_M = torch.unique(torch.cat(codes), return_inverse=True)
+    near_P = torch.zeros(pairs_P.shape, device=pairs_P.device).scatter_reduce(
+        0, of_M, torch.cat(near).float(), "amax")
+    return pairs_P // (V * V), pairs_P // V % V, pairs_P % V, near_P
+
+
+def pair_losses(token_logits_NV: torch.Tensor, documents_N: torch.Tensor, S: int, targets_BT: torch.Tensor,
+                segment_ids_BT: torch.Tensor, window: int) -> torch.Tensor:
+    """(S,) fp32: each document's binary cross-entropy, averaged over the pairs of its caption
+    (``caption_pairs``), of "one image token says both" (the log-mean-exp over its image tokens of
+    the sum of the two tokens' logits) against "they stand at most ``window`` apart"; 0 for a
+    document whose caption holds fewer than two distinct tokens."""
+    doc_BT, _ = document_ids(segment_ids_BT, S)
+    docs_P, low_P, high_P, near_P = caption_pairs(targets_BT, doc_BT, S, token_logits_NV.shape[1], window)
+    counts_S = torch.zeros(S, dtype=torch.long, device=documents_N.device).index_add(
+        0, documents_N, torch.ones_like(documents_N))
+    starts_S = counts_S.cumsum(0) - counts_S  # a document's image tokens are consecutive (row order)
+    K = int(counts_S.max()) if S else 0  # host read: the most image tokens of a document
+    slot_SK = torch.arange(K, device=documents_N.device).expand(S, K)
+    valid_PK = (slot_SK < counts_S[:, None])[docs_P]
+    token_PK = (starts_S[:, None] + slot_SK).clamp(max=max(documents_N.numel() - 1, 0))[docs_P]
+    logits_NV = token_logits_NV.float()
+    both_PK = (logits_NV[token_PK, low_P[:, None]] + logits_NV[token_PK, high_P[:, None]]).masked_fill(
+        ~valid_PK, float("-inf"))
+    said_P = both_PK.logsumexp(1) - counts_S[docs_P].clamp(min=1).float().log()
+    loss_P = F.binary_cross_entropy_with_logits(said_P, near_P, reduction="none")
+    sums_S = loss_P.new_zeros(S).index_add(0, docs_P, loss_P)
+    return sums_S / loss_P.new_zeros(S).index_add(0, docs_P, torch.ones_like(loss_P)).clamp(min=1)
+
+
 def caption_words_loss_sum(word_logits_SV: torch.Tensor, input_ids_BT: torch.Tensor,
                            segment_ids_BT: torch.Tensor, targets_BT: torch.Tensor, image_token_id: int,
-                           classes_V: torch.Tensor, where: list[str] | None = None) -> tuple[torch.Tensor, int]:
+                           classes_V: torch.Tensor, where: list[str] | None = None,
+                           token_logits_NV: torch.Tensor | None = None, documents_N: torch.Tensor | None = None,
+                           pairs: int = 0) -> tuple[torch.Tensor, int]:
     """The summed (over documents) class-mean binary cross-entropy of the documents' word logits
     against the tokens their captions hold, and the number of documents. ``classes_V``: (V,) bool,
-    the tokens scored (``step_classes``)."""
+    the tokens scored (``step_classes``). With ``pairs`` (``caption_words.pairs``, the image tokens'
+    own logits ``token_logits_NV`` and ``documents_N`` given) each document adds its
+    ``pair_losses``."""
     loss_SV, _ = word_losses(word_logits_SV, input_ids_BT, segment_ids_BT, targets_BT, image_token_id, where)
-    return (loss_SV * classes_V).sum() / classes_V.sum().clamp(min=1), loss_SV.shape[0]
+    loss = (loss_SV * classes_V).sum() / classes_V.sum().clamp(min=1)
+    if pairs:
+        loss = loss + pair_losses(token_logits_NV, documents_N, loss_SV.shape[0], targets_BT, segment_ids_BT,
+                                  pairs).sum()
+    return loss, loss_SV.shape[0]

@@ -72,7 +72,7 @@ from aria.parallel.shards import local_parts, sum_over_parts
 from aria.rundir import MODEL, RUN_CONFIG, latest_checkpoint, resolve_model_dir
 from aria.train import checkpoint as ckpt
 from aria.train import weights
-from aria.train.caption_words import caption_words_loss_sum, step_classes, word_losses
+from aria.train.caption_words import caption_words_loss_sum, pair_losses, step_classes, word_losses
 from aria.train.contrastive import contrastive_loss_sum
 from aria.train.schedule import lr_multiplier
 from aria.train.stages import apply_stage, stage_model_config
@@ -436,10 +436,11 @@ class Trainer:
             out = engine(**inputs)
             return out, out.loss_sum
         if objective == "caption_words":
-            out = engine(**inputs, words=True)
+            out = engine(**inputs, words=self.cfg.caption_words.pool)
             loss_sum, _ = caption_words_loss_sum(out.word_logits_SV, inputs["input_ids"], inputs["segment_ids"],
                                                  inputs["targets"], self.model_cfg.image_token_id,
-                                                 self.word_classes_V, batch.where)
+                                                 self.word_classes_V, batch.where, out.token_logits_NV,
+                                                 out.image_documents_N, self.cfg.caption_words.pairs)
             return out, loss_sum
         out = engine(**inputs, towers=True)
         loss_sum, _ = contrastive_loss_sum(out.embeds_BTD, out.hidden_BTD, inputs["input_ids"],
@@ -620,7 +621,9 @@ class Trainer:
             return int(flag.item())
 
         # caption words: per-token loss sums and the held-out captions' tokens, for the set's classes
+        # (and the documents' pair losses, summed into sums[0])
         words, V = cfg.train.objective == "caption_words", self.model_cfg.text.vocab_size
+        pairs = cfg.caption_words.pairs
         results, total_ce, total_n = {}, 0.0, 0.0
         for entry in parse_mixture(cfg.data.eval, "data.eval"):
             sums = torch.zeros(2 + 2 * V * words, dtype=torch.float64, device=info.device)
@@ -633,9 +636,12 @@ class Trainer:
             for batch in itertools.islice(batches, cfg.train.eval_batches or None):
                 if words:
                     inputs = to_device(batch.model_inputs(), info.device)
-                    out = engine(**inputs, words=True)
+                    out = engine(**inputs, words=cfg.caption_words.pool)
                     loss_SV, words_SV = word_losses(out.word_logits_SV, inputs["input_ids"], inputs["segment_ids"],
                                                     inputs["targets"], self.model_cfg.image_token_id, batch.where)
+                    if pairs:
+                        sums[0] += pair_losses(out.token_logits_NV, out.image_documents_N, loss_SV.shape[0],
+                                               inputs["targets"], inputs["segment_ids"], pairs).sum().double()
                     sums[1] += loss_SV.shape[0]
                     sums[2:] += torch.cat([loss_SV.sum(0), words_SV.sum(0)]).double()
                     continue
@@ -648,7 +654,7 @@ class Trainer:
                 dist.all_reduce(sums)
             if words:
                 classes_V = sums[2 + V:] > 0
-                sums[0] = sums[2:2 + V][classes_V].sum() / classes_V.sum().clamp(min=1)
+                sums[0] += sums[2:2 + V][classes_V].sum() / classes_V.sum().clamp(min=1)
             ce_sum, n = sums[:2].tolist()
             results[f"eval_loss/{Path(entry.path).stem}"] = ce_sum / max(n, 1.0)
             total_ce, total_n = total_ce + ce_sum, total_n + n
