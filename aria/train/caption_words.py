@@ -9,9 +9,10 @@ Design decisions:
   image tokens, read by the decoder's final norm and LM head (``Aria.forward(words="mean")``): the
   LM head's row of a token is that token's class vector. ``caption_words.pool=lme`` reads each
   image token instead and takes the log-mean-exp of their logits (``words="lme"``): a word may be
-  said by one token, as a detector would, rather than by the image's average. No decoder layer runs, so a step costs
-  the vision encoder and projector alone; a stage-0 checkpoint is an ordinary Aria checkpoint whose
-  vision encoder and projector the next stage starts from (``init.groups=[vision,projector]``).
+  said by one token, as a detector would, rather than by the image's average. No decoder layer
+  runs, so a step costs the vision encoder and projector alone; a stage-0 checkpoint is an
+  ordinary Aria checkpoint whose vision encoder and projector the next stage starts from
+  (``init.groups=[vision,projector]``).
 - Labels: the set of token ids among the document's supervised targets (its caption, end-of-text
   included): no word list to build, nothing named.
 - Classes: the tokens some caption of the step's global batch holds (``step_classes``; their union
@@ -28,8 +29,9 @@ Design decisions:
   (``word_losses`` summed per token, reduced over ranks at the end).
 - Memory and bytes: (S, V) fp32 logits and losses, e.g. 64 documents x 100,352 tokens = 26 MB
   each at full size; pool lme adds the (N, V) logits of the N image tokens (64 images x 128 tokens
-  x 100,352 = 3.3 GB in fp32 at full size, within a step that runs no decoder layer). Host reads per micro-batch: the document count (``document_ids``, in the
-  forward) and the check below; per step the classes' all-reduce (V x 8 bytes: 0.8 MB at full size).
+  x 100,352 = 3.3 GB in fp32 at full size, within a step that runs no decoder layer). Host reads
+  per micro-batch: the document count (``document_ids``, in the forward) and the check below; per
+  step the classes' all-reduce (V x 8 bytes: 0.8 MB at full size).
 - Pairs (``caption_words.pairs`` = k, with pool lme): a bag of words cannot say which colour goes
   with which shape. For each two distinct tokens of a document's caption, "one image token says
   both" (log-mean-exp over its image tokens of the sum of their two logits) is a sigmoid against
