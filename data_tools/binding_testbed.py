@@ -3,7 +3,8 @@
     python -m data_tools.binding_testbed [--model tiny] [--steps 1000] [--batch 40] [--grid 3|4]
         [--no-place] [--shape-seen P] [--blind] [--lr 1e-3] [--init-std S] [--pool N]
         [--schedule cosine|linear|constant|anneal] [--min-lr-ratio R] [--questions four|every]
-        [--tokenizer DIR] [--tokens-from RUN WORLD] [--seed 0] [--eval-every 250] [--json OUT]
+        [--tokenizer DIR] [--tokens-from RUN WORLD] [--seed 0] [--seeds 1] [--eval-every 250]
+        [--json OUT]
 
 The quickstart's answers name things the scene has but not which colour, shape and place belong
 together (``data_tools.binding_report``). This tool takes the vision side out of the question: each
@@ -51,12 +52,17 @@ Design decisions:
 - Training: AdamW (beta2 0.95, no weight decay, gradients clipped at 1), the router's
   load-balancing loss added as in training; the learning rate follows the trainer's schedule
   (``aria.train.schedule``: 20 warm-up steps, then ``--schedule``, down to ``--min-lr-ratio``).
+- **Seeds**: whether a language model this small binds in a short run depends on its seed (the same
+  tokens and settings can give 63% on colour with one seed and 94% with another), so one run
+  says little. ``--seeds N`` trains N models, seeds ``--seed`` to ``--seed + N - 1`` (each its own
+  init and draws), and reports each, the mean and the lowest per type.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import sys
 import time
@@ -311,6 +317,12 @@ class WorldTokens:
                                    for o in scene.shapes] for scene, _ in plan]
 
 
+@functools.lru_cache(maxsize=1)
+def world_tokens(run_dir: str, world: str, grid: int, width: int) -> WorldTokens:
+    """``WorldTokens``, computed once for the runs of several seeds."""
+    return WorldTokens(run_dir, world, grid, width)
+
+
 def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid: int = 3,
         place: bool = True, blind: bool = False, lr: float = 1e-3, init_std: float | None = None,
         warmup: int = 20, seed: int = 0, eval_every: int = 250, eval_scenes: int = 600,
@@ -337,7 +349,7 @@ def run(model_name: str = "tiny", steps: int = 1000, batch_size: int = 40, grid:
     model = Aria(cfg)
     model.init_weights(seed)
     decoder, lm_head = model.decoder, model.lm_head
-    world = WorldTokens(*tokens_from, grid, cfg.text.hidden_size) if tokens_from else None
+    world = world_tokens(*map(str, tokens_from), grid, cfg.text.hidden_size) if tokens_from else None
     tokens = IdealTokens(cfg.text.hidden_size, grid, place, blind, shape_seen)
     params = list(decoder.parameters()) + list(lm_head.parameters())
     optimizer = torch.optim.AdamW(params + ([] if world else list(tokens.parameters())), lr=lr,
@@ -412,6 +424,22 @@ def report(result: dict) -> str:
               f"position {100 / NUM_CELLS:.0f}, count {100 / MAX_SHAPES:.0f})")
 
 
+def seeds_report(result: dict) -> str:
+    lines = [f"seed {r['settings']['seed']}: {report(r)}" for r in result["runs"]]
+    for name in ("mean", "lowest"):
+        lines.append(f"{name} of {len(result['runs'])} seeds: "
+                     + " / ".join(f"{q} {100 * result[name][q]:.1f}%" for q in QTYPES))
+    return "\n".join(lines)
+
+
+def over_seeds(train, seeds: list[int]) -> dict:
+    """``train(seed)`` for each seed: their results, and the mean and lowest final accuracy per type."""
+    runs = [train(seed) for seed in seeds]
+    finals = [r["history"][-1] for r in runs]
+    return {"runs": runs, "mean": {q: float(np.mean([f[q] for f in finals])) for q in QTYPES},
+            "lowest": {q: min(f[q] for f in finals) for q in QTYPES}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools.binding_testbed",
                                      description=__doc__.split("\n\n")[0])
@@ -444,11 +472,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="a trained run's frozen image tokens of a shapes world's images instead "
                              "of ideal ones (its training images are the pool, its test images held out)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train this many models, seeds --seed, --seed + 1, ...: each one's accuracy, "
+                             "and the mean and lowest per type")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--json", type=Path, default=None, help="also write the settings and history here")
     args = parser.parse_args(argv)
-    if args.grid < 1 or args.steps < 1 or args.batch < 1:
-        parser.error("--grid, --steps and --batch must be >= 1")
+    if args.grid < 1 or args.steps < 1 or args.batch < 1 or args.seeds < 1:
+        parser.error("--grid, --steps, --batch and --seeds must be >= 1")
     if not 0 <= args.shape_seen <= 1:
         parser.error(f"--shape-seen must be in [0, 1], got {args.shape_seen}")
     if args.tokens_from and (args.pool or args.blind or args.no_place or args.shape_seen < 1):
@@ -458,12 +489,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--pool must be >= 0, got {args.pool}")
     if not 0 <= args.min_lr_ratio <= 1:
         parser.error(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
-    return run_report("binding_testbed", lambda: run(
-        args.model, args.steps, args.batch, args.grid, not args.no_place, args.blind, args.lr,
-        args.init_std, seed=args.seed, eval_every=args.eval_every, shape_seen=args.shape_seen,
-        schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, pool=args.pool,
-        questions=args.questions, tokenizer=args.tokenizer, tokens_from=args.tokens_from),
-        report, args.json)
+    def train(seed: int) -> dict:
+        return run(args.model, args.steps, args.batch, args.grid, not args.no_place, args.blind, args.lr,
+                   args.init_std, seed=seed, eval_every=args.eval_every, shape_seen=args.shape_seen,
+                   schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, pool=args.pool,
+                   questions=args.questions, tokenizer=args.tokenizer, tokens_from=args.tokens_from)
+
+    if args.seeds == 1:
+        return run_report("binding_testbed", lambda: train(args.seed), report, args.json)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    return run_report("binding_testbed", lambda: over_seeds(train, seeds), seeds_report, args.json)
 
 
 if __name__ == "__main__":

@@ -323,9 +323,30 @@ def test_the_learning_rate_follows_the_trainers_anneal_schedule(monkeypatch):
     assert rates == pytest.approx(expected)
 
 
+def test_seeds_train_one_model_each_and_report_their_mean_and_lowest(tmp_path, capsys):
+    """--seed 3 --seeds 2: the runs of seeds 3 and 4, each what --seed alone gives, and the mean and
+    lowest of their final accuracies per type."""
+    common = ["--steps", "3", "--batch", "4", "--eval-every", "3"]
+    assert bt.main(common + ["--seed", "3", "--seeds", "2", "--json", str(tmp_path / "both.json")]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "both.json").read_text())
+    assert [r["settings"]["seed"] for r in result["runs"]] == [3, 4]
+    for seed, run in zip((3, 4), result["runs"]):
+        assert bt.main(common + ["--seed", str(seed), "--json", str(tmp_path / "one.json")]) == 0
+        alone = json.loads((tmp_path / "one.json").read_text())["history"][-1]
+        assert {k: v for k, v in run["history"][-1].items() if k != "seconds"} == \
+            {k: v for k, v in alone.items() if k != "seconds"}
+    finals = [r["history"][-1] for r in result["runs"]]
+    for q in bt.QTYPES:
+        assert result["mean"][q] == pytest.approx((finals[0][q] + finals[1][q]) / 2)
+        assert result["lowest"][q] == min(finals[0][q], finals[1][q])
+    assert "seed 3: after 3 steps" in printed and "seed 4: after 3 steps" in printed
+    assert "mean of 2 seeds: colour" in printed and "lowest of 2 seeds: colour" in printed
+
+
 @pytest.mark.parametrize("argv, flag", [(["--grid", "0"], "--grid"), (["--shape-seen", "1.5"], "--shape-seen"),
                                         (["--min-lr-ratio", "2"], "--min-lr-ratio"), (["--pool", "-1"], "--pool"),
-                                        (["--questions", "all"], "--questions"),
+                                        (["--questions", "all"], "--questions"), (["--seeds", "0"], "--seeds"),
                                         (["--tokens-from", "RUN", "WORLD", "--pool", "5"], "--tokens-from")])
 def test_bad_arguments_are_one_line(capsys, argv, flag):
     with pytest.raises(SystemExit) as exit_info:
