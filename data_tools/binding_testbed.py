@@ -19,12 +19,13 @@ Design decisions:
   random order (colour of a shape that occurs once, shape at a place, place of a colour + shape,
   count), as ``dialog_train.jsonl`` asks them; with ``--questions every`` a training dialog asks
   everything the scene answers instead (each object's shape by its place, its place by its colour
-  and shape, its colour when its shape is unique, and the count: 4-10 questions; the held-out
-  questions stay the four types). Scenes are drawn fresh for every step (no
-  memorisation), or with ``--pool N`` from a fixed set of N training scenes, as a shapes world's
-  N training images are seen again and again (each visit draws its questions anew); held-out
-  scenes come from another seed, and each of their questions is scored in a row of its own (in a
-  dialog, earlier turns give part of the later answers away: a blind model learns to use that).
+  and shape, its colour when its shape is unique, and the count: 4-10 questions, as
+  ``dialog_every_train.jsonl`` asks them; the held-out questions stay the four types). Scenes are
+  drawn fresh for every step (no memorisation), or with ``--pool N`` from a fixed set of N training
+  scenes, as a shapes world's N training images are seen again and again (each visit draws its
+  questions anew); held-out scenes come from another seed, and each of their questions is scored
+  in a row of its own (in a dialog, earlier turns give part of the later answers away: a blind
+  model learns to use that).
 - **Ideal tokens**: ``grid x grid`` tokens over the image; token t = sum over the cells c it
   overlaps of area(t, c) / area(t) x (E_colour[c] + E_shape[c] + E_place[c]), three learned tables
   (an empty cell has its own colour and shape rows). ``--grid 3`` is one token per cell; ``--grid 4``

@@ -6,6 +6,7 @@ Run ``python -m data_tools.make_shapes --out DIR --seed S`` (see ``--help``). It
     videos/{split}_{i:06d}.mp4      one shape moving left/right/up/down (mpeg4, yuv420p)
     chat_{split}.jsonl              single-turn questions with a one-word/phrase answer
     dialog_{split}.jsonl            the same questions, one multi-turn conversation per image or video
+    dialog_every_{split}.jsonl      every question an image answers in one conversation; videos as dialog
     caption_{split}.jsonl           {"kind": "caption"} / {"kind": "video"} documents
     image_caption_{split}.jsonl     the image ("kind": "caption") half of caption_{split}.jsonl
     text_{split}.jsonl              {"kind": "text"} scene descriptions in words only
@@ -30,7 +31,10 @@ Design decisions:
   shape that occurs once in the scene.
 - **Dialogs for training.** ``dialog_{split}.jsonl`` asks an image's four questions in one
   conversation (in a random order): the same answers to learn as ``chat``, for a quarter of the
-  image encodings. Evaluation stays single-turn (``chat_test.jsonl``).
+  image encodings. Evaluation stays single-turn (``chat_test.jsonl``). ``dialog_every_{split}.jsonl``
+  asks each image every question it answers (the colour of each shape that occurs once, the shape
+  in each occupied cell, the place of each shape, the count; 4-10 questions): every object's
+  attributes are bound to each other in the answers, not one object's per question type.
 - **Visible at low resolution.** At 490 px a grid cell is ~163 px and shapes span 68-90% of it,
   i.e. about 2x2 of the model's 70 px patches; the palette is spread in hue and far from the light
   backgrounds.
@@ -92,7 +96,7 @@ CELL_MARGIN = 0.04  # keeps shapes in neighbouring cells apart
 VIDEO_RADIUS_RANGE = (0.10, 0.14)
 VIDEO_TRAVEL_RANGE = (0.40, 0.55)  # distance moved from the first frame to the last
 BACKGROUND_RANGE = (232, 255)  # each channel of the light background
-_STREAMS = ("image_scene", "video_scene") + tuple(f"{q}_answers" for q in TEMPLATES) + ("dialog_order",)
+_STREAMS = ("image_scene", "video_scene") + tuple(f"{q}_answers" for q in TEMPLATES) + ("dialog_order", "every_order")
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,18 @@ def sample_video_scene(rng: np.random.Generator, video_size: int, num_frames: in
     path = tuple((a, across) if direction in ("left", "right") else (across, a) for a in along)
     scene = VideoScene(_background(rng), shape, colour, direction, r, path)
     return scene, Question("direction", TEMPLATES["direction"].format(colour=colour, shape=shape), direction)
+
+
+def every_question(scene: Scene) -> list[Question]:
+    """Every question ``scene`` answers: the colour of each shape that occurs once in it, the shape
+    in each occupied cell, the count, and the place of each shape."""
+    kinds = [o.shape for o in scene.shapes]
+    return ([Question("colour", TEMPLATES["colour"].format(shape=o.shape), o.colour)
+             for o in scene.shapes if kinds.count(o.shape) == 1]
+            + [Question("shape", TEMPLATES["shape"].format(at_position=at(o.position)), o.shape) for o in scene.shapes]
+            + [Question("count", TEMPLATES["count"], str(len(scene.shapes)))]
+            + [Question("position", TEMPLATES["position"].format(colour=o.colour, shape=o.shape), o.position)
+               for o in scene.shapes])
 
 
 def plan_images(seed: int, split: str, n: int, image_size: int,
@@ -455,7 +471,7 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
     image_jobs, video_jobs = [], []
     meta_counts = {}
     for split in SPLITS:
-        chat, dialogs, captions, texts, asked = [], [], [], [], Counter()
+        chat, dialogs, every, captions, texts, asked = [], [], [], [], [], Counter()
         for i, (scene, questions) in enumerate(image_plans[split]):
             name = f"{split}_{i:06d}"
             rel = f"images/{name}.png"
@@ -465,6 +481,10 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
             order = _rng(seed, split, "dialog_order", i).permutation(len(questions))
             dialogs.append({"id": f"{name}_dialog", "messages": _turns("image", *(questions[j] for j in order)),
                             "images": [rel]})
+            quiz = every_question(scene)
+            order = _rng(seed, split, "every_order", i).permutation(len(quiz))
+            every.append({"id": f"{name}_every", "messages": _turns("image", *(quiz[j] for j in order)),
+                          "images": [rel]})
             asked.update((q.qtype, q.answer) for q in questions)
             captions.append({"id": name, "kind": "caption", "images": [rel], "text": caption(scene)})
             texts.append({"id": name, "kind": "text", "text": describe(scene, image_size)})
@@ -476,16 +496,19 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
             chat.append({"id": f"video_{name}_{q.qtype}", "qtype": q.qtype, "messages": _turns("video", q),
                          "video": video})
             dialogs.append({"id": f"video_{name}_dialog", "messages": _turns("video", q), "video": video})
+            every.append(dialogs[-1])
             captions.append({"id": f"video_{name}", "kind": "video", "video": video, "text": caption(scene)})
             texts.append({"id": f"video_{name}", "kind": "text", "text": describe(scene, video_size)})
         _dump(chat, out / f"chat_{split}.jsonl")
         _dump(dialogs, out / f"dialog_{split}.jsonl")
+        _dump(every, out / f"dialog_every_{split}.jsonl")
         _dump(captions, out / f"caption_{split}.jsonl")
         _dump([c for c in captions if c["kind"] == "caption"], out / f"image_caption_{split}.jsonl")
         _dump(texts, out / f"text_{split}.jsonl")
         answers = {q: {a: asked[q, a] for a in vocab} for q, vocab in ANSWERS.items()}
         meta_counts[split] = {"images": len(image_plans[split]), "videos": len(video_plans[split]),
-                              "chat": len(chat), "dialog": len(dialogs), "caption": len(captions), "text": len(texts),
+                              "chat": len(chat), "dialog": len(dialogs),
+                              "dialog_every": len(every), "caption": len(captions), "text": len(texts),
                               "qtype": {q: sum(per.values()) for q, per in answers.items()}, "answers": answers}
 
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers

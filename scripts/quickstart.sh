@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The quickstart, on the CPU: set up .venv, show the model (counts, a forward pass with an image,
 # KV-cache generation, the same logits from transformers), then the whole workflow on the shapes
-# world: make the data, train a tokenizer, pretrain a vision encoder (model=tiny's at width 128) on
-# the captions (recipe=quickstart_vision: each image predicts its caption's tokens), train model=tiny
-# from it, the encoder frozen (recipe=quickstart), measure its answer accuracy on the test split, export it to a Hugging Face
-# directory and ask it about an image; last, its training curves (curves.png).
+# world: make the data, train a tokenizer, pretrain a vision encoder (model=tiny's at width 128)
+# on the captions (recipe=quickstart_vision: each image predicts its caption's tokens and which go
+# together), train model=tiny from it, the encoder and projector frozen (recipe=quickstart),
+# measure its answer accuracy on the test split, export it to a Hugging Face directory and ask it
+# about an image; last, its training curves (curves.png).
 #
 #   bash scripts/quickstart.sh [key=value ...]      # overrides go to the training run
 #
@@ -20,7 +21,7 @@ echo "== 1/7 the model"
 python scripts/quickstart.py
 
 echo "== 2/7 the shapes world -> $DATA"
-if [[ ! -f $DATA/image_caption_train.jsonl ]]; then   # (a world of an older make_shapes lacks it)
+if [[ ! -f $DATA/dialog_every_train.jsonl ]]; then   # (a world of an older make_shapes lacks it)
   python -m data_tools.make_shapes --out "$DATA" --seed 0 --no-wds
 fi
 
@@ -34,9 +35,8 @@ echo "== 4/7 stage 0: the vision encoder learns the images from their captions' 
 python -m aria.train recipe=quickstart_vision run_dir="$OUT/vision" data.train="$DATA/image_caption_train.jsonl" \
   data.tokenizer="$DATA/tokenizer" logging.wandb=disabled
 
-echo "== 5/7 training model=tiny from stage 0's vision encoder (frozen) and projector (recipe=quickstart) -> $OUT/run"
-python -m aria.train recipe=quickstart run_dir="$OUT/run" \
-  "data.train=[{path:'$DATA/dialog_train.jsonl',weight:1},{path:'$DATA/caption_train.jsonl',weight:1}]" \
+echo "== 5/7 training model=tiny from stage 0's vision encoder and projector, frozen (recipe=quickstart) -> $OUT/run"
+python -m aria.train recipe=quickstart run_dir="$OUT/run" data.train="$DATA/dialog_every_train.jsonl" \
   data.tokenizer="$DATA/tokenizer" init.from_checkpoint="$OUT/vision" 'init.groups=[vision,projector]' \
   logging.wandb=disabled "$@"
 

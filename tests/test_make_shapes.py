@@ -115,6 +115,38 @@ def test_dialogs_ask_each_media_items_questions_once(runs):
         assert len(orders) > 2  # the question order varies between dialogs
 
 
+def test_every_question_dialogs_ask_all_an_image_answers(runs):
+    """dialog_every: per image, the colour of each shape that occurs once, the shape in each occupied
+    cell, the count and each shape's place, read here from the image's caption; the planned single-
+    turn questions among them; videos' dialogs as in dialog_{split}.jsonl."""
+    root = runs["a"]
+    obj = re.compile(rf"an? ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) (?:at the|on the|in the) "
+                     rf"({'|'.join(sorted(POSITIONS, key=len, reverse=True))})")
+    for split in ("train", "test"):
+        captions = {c["images"][0]: c["text"] for c in _lines(root / f"image_caption_{split}.jsonl")}
+        chat = _lines(root / f"chat_{split}.jsonl")
+        every = _lines(root / f"dialog_every_{split}.jsonl")
+        assert [d for d in every if "video" in d] == [d for d in _lines(root / f"dialog_{split}.jsonl") if "video" in d]
+        images = [d for d in every if "images" in d]
+        assert sorted(d["images"][0] for d in images) == sorted(captions)
+        for d in images:
+            objects = obj.findall(captions[d["images"][0]].lower())
+            kinds = [shape for _, shape, _ in objects]
+            expected = {(f"What colour is the {shape}?", colour) for colour, shape, _ in objects
+                        if kinds.count(shape) == 1}
+            expected |= {(f"What shape is {at(place)}?", shape) for _, shape, place in objects}
+            expected |= {(f"Where is the {colour} {shape}?", place) for colour, shape, place in objects}
+            expected.add(("How many shapes are there?", str(len(objects))))
+            users, assistants = d["messages"][0::2], d["messages"][1::2]
+            assert users[0]["content"][0] == {"type": "image"}
+            asked = [(u["content"][-1]["text"], a["content"][0]["text"]) for u, a in zip(users, assistants)]
+            assert sorted(asked) == sorted(expected), captions[d["images"][0]]
+            planned = {(r["messages"][0]["content"][-1]["text"], r["messages"][1]["content"][0]["text"])
+                       for r in chat if r.get("images") == d["images"]}
+            assert len(planned) == 4 and planned <= expected
+        assert min(len(d["messages"]) // 2 for d in images) == 4 < max(len(d["messages"]) // 2 for d in images)
+
+
 def test_meta_counts_match_files(runs):
     meta = json.loads((runs["a"] / "meta.json").read_text())
     assert meta["answers"] == {q: list(v) for q, v in ANSWERS.items()}
