@@ -4,6 +4,7 @@ that are not an image and its caption, and 2 gloo processes against 1."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -191,7 +192,12 @@ def test_stage0_on_two_processes_equals_one_and_the_next_stage_starts_from_it(tm
     run_distributed(_next, 1, ([f"run_dir={nxt}", *nxt_args],), timeout=300)
     started = json.loads((nxt / "init.json").read_text())
     assert started["source"] == str(one)
-    model = build_model(read_model_config(one / "checkpoints" / "step_00000003" / "model"), init=False)
+    # the fresh groups at the next run's init std (recipe=quickstart's), not stage 0's
+    source_cfg = read_model_config(one / "checkpoints" / "step_00000003" / "model")
+    std = compose_run("quickstart", [f"run_dir={nxt}", *nxt_args]).model.text.initializer_range
+    assert std != source_cfg.text.initializer_range
+    text_cfg = dataclasses.replace(source_cfg.text, initializer_range=std)
+    model = build_model(dataclasses.replace(source_cfg, text=text_cfg), init=False)
     weights.init_weights(model, 0)
     fresh = sum(float(t.double().abs().sum()) for t in model.state_dict().values())
     moved = 0

@@ -460,7 +460,7 @@ RECIPE_FACTS = {  # recipe: (stage name, vision trains, seq_len, RoPE base set b
     "finetune_video": ("finetune", False, 4096, None),
     "finetune_long_context": ("finetune", False, 65536, None),
     "finetune_lora": ("finetune", False, 2048, None),
-    "quickstart": ("full", True, 1024, None),
+    "quickstart": ("full", False, 1024, None),  # stage 0's vision encoder and projector, frozen
     "quickstart_vision": ("full", True, 1024, None),
 }
 
