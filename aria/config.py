@@ -709,6 +709,10 @@ class CaptionWordsConfig:
     """With pool lme: also, for each two distinct tokens of a caption, one image token must say both
     when they stand at most this many tokens apart in the caption and none may when they never do
     ("A red circle at the top and a blue star": red with circle, never red with star). 0: off."""
+    pair_breaks: list = field(default_factory=list)
+    """With pairs: words that end a clause of a caption (e.g. [",", "and"]); two tokens with one of
+    them between are never near, so the window may span a clause without reaching the next object.
+    Each word stands for every token of the tokenizer that decodes to it. []: none."""
     _path: str = field(default="caption_words", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -718,6 +722,12 @@ class CaptionWordsConfig:
                f"{p}.pairs", self.pairs, "an integer >= 0")
         _check(not self.pairs or self.pool == "lme", f"{p}.pairs", self.pairs,
                f"0 with {p}.pool={self.pool} (pairs are scored on single image tokens: set pool=lme)")
+        _check(isinstance(self.pair_breaks, (list, tuple)) and all(isinstance(w, str) and w.strip()
+                                                                   for w in self.pair_breaks),
+               f"{p}.pair_breaks", self.pair_breaks, 'a list of words, e.g. [",", "and"]')
+        _check(not self.pair_breaks or self.pairs, f"{p}.pair_breaks", self.pair_breaks,
+               f"[] with {p}.pairs=0 (breaks end the clauses of the caption pairs)")
+        self.pair_breaks = [w.strip() for w in self.pair_breaks]
 
 
 @dataclass

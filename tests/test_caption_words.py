@@ -63,16 +63,18 @@ def test_loss_is_the_class_mean_cross_entropy_of_each_documents_caption_tokens()
     assert abs(float(loss) - want) <= 1e-6 * want, (float(loss), want)
 
 
-def reference_pair_loss(logits_NV, rows: range, caption: list[int], window: int) -> float:
+def reference_pair_loss(logits_NV, rows: range, caption: list[int], window: int, breaks=()) -> float:
     """One document's pair loss in float64: over the distinct pairs of distinct caption tokens, the
     binary cross-entropy of log mean over its image tokens of exp(logit a + logit b) against "a and
-    b stand at most ``window`` apart somewhere", averaged; 0 without a pair."""
+    b stand at most ``window`` apart somewhere, no token of ``breaks`` after a up to b", averaged; 0
+    without a pair."""
     near: dict[tuple[int, int], bool] = {}
     for i, a in enumerate(caption):
         for j in range(i + 1, len(caption)):
             if caption[j] != a:
                 key = (min(a, caption[j]), max(a, caption[j]))
-                near[key] = near.get(key, False) or j - i <= window
+                one_clause = not set(caption[i + 1:j + 1]) & set(breaks)
+                near[key] = near.get(key, False) or (j - i <= window and one_clause)
     z = logits_NV.double().tolist()
     total = 0.0
     for (a, b), positive in near.items():
@@ -81,8 +83,8 @@ def reference_pair_loss(logits_NV, rows: range, caption: list[int], window: int)
     return total / max(len(near), 1)
 
 
-@pytest.mark.parametrize("window", [1, 2, 5])
-def test_pairs_loss_is_each_captions_pairs_scored_on_single_image_tokens(window):
+@pytest.mark.parametrize("window,breaks", [(1, ()), (2, ()), (5, ()), (5, (3, 7)), (30, (2,))])
+def test_pairs_loss_is_each_captions_pairs_scored_on_single_image_tokens(window, breaks):
     layout = [[(1, 3, 6), (0, 2, 3), (2, 4, 1)], [(0, 5, 8), (1, 1, 2)]]
     _, input_ids, segment_ids, targets, words = packed(layout, T=30)
     g = torch.Generator().manual_seed(2)
@@ -90,19 +92,23 @@ def test_pairs_loss_is_each_captions_pairs_scored_on_single_image_tokens(window)
     N = int((input_ids == IMG).sum())
     logits_NV = torch.randn(N, V, generator=g) * 2
     documents_N = torch.cat([torch.full((len(image),), d) for d, (_, image, _) in enumerate(docs)])
-    got = pair_losses(logits_NV, documents_N, len(docs), targets, segment_ids, window)
-    start, want = 0, []
+    break_ids = torch.tensor(breaks, dtype=torch.long) if breaks else None
+    got = pair_losses(logits_NV, documents_N, len(docs), targets, segment_ids, window, break_ids)
+    start, want, unbroken = 0, [], []
     for b, image, text in docs:
-        want.append(reference_pair_loss(logits_NV, range(start, start + len(image)), targets[b, text].tolist(),
-                                        window))
+        rows, caption = range(start, start + len(image)), targets[b, text].tolist()
+        want.append(reference_pair_loss(logits_NV, rows, caption, window, breaks))
+        unbroken.append(reference_pair_loss(logits_NV, rows, caption, window))
         start += len(image)
     assert want[2] == 0.0 and all(w > 0 for i, w in enumerate(want) if i != 2)  # doc 2: one caption token
+    assert not breaks or want != unbroken  # the breaks change some document's pairs
     assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6), (got, want)
     # the total adds them to the words' loss
     present = step_classes([targets], V) > 0
     words_only, _ = caption_words_loss_sum(torch.zeros(len(docs), V), input_ids, segment_ids, targets, IMG, present)
     both, _ = caption_words_loss_sum(torch.zeros(len(docs), V), input_ids, segment_ids, targets, IMG, present,
-                                     token_logits_NV=logits_NV, documents_N=documents_N, pairs=window)
+                                     token_logits_NV=logits_NV, documents_N=documents_N, pairs=window,
+                                     pair_breaks=break_ids)
     assert float(both - words_only) == pytest.approx(sum(want), rel=1e-5)
 
 
@@ -114,6 +120,28 @@ def test_pairs_need_the_token_wise_pool():
         CaptionWordsConfig(pool="mean", pairs=2)
     with pytest.raises(ValueError, match=r"'caption_words.pool' = 'max' is invalid"):
         CaptionWordsConfig(pool="max")
+    with pytest.raises(ValueError, match=r"'caption_words.pair_breaks' = \[','\] is invalid: expected \[\] with "
+                                         r"caption_words.pairs=0"):
+        CaptionWordsConfig(pool="lme", pair_breaks=[","])
+    with pytest.raises(ValueError, match=r"'caption_words.pair_breaks' = ',' is invalid: expected a list of words"):
+        CaptionWordsConfig(pool="lme", pairs=2, pair_breaks=",")
+
+
+def test_pair_breaks_are_every_token_of_their_words(tmp_path):
+    """A break word stands for each token that decodes to it (with and without its leading space),
+    and a word of no token is named."""
+    from aria.data.tokenizer import Tokenizer
+    from aria.train.caption_words import break_ids
+
+    _, tok = shapes_world(tmp_path, train_images=8, test_images=2, train_videos=0, test_videos=0)
+    tokenizer = Tokenizer.load(tok)
+    caption = tokenizer.encode("A red circle at the top, a blue star on the left and a green square.")
+    ids = break_ids([",", "and"], tokenizer).tolist()
+    assert [tokenizer.decode([i]).strip() for i in caption if i in ids] == [",", "and"]
+    assert all(tokenizer.decode([i]).strip() in (",", "and") for i in ids)
+    with pytest.raises(ValueError, match=r"'caption_words.pair_breaks' = \[',', 'zebra'\] is invalid: no token "
+                                         r"of the tokenizer .* decodes to \['zebra'\]"):
+        break_ids([",", "zebra"], tokenizer)
 
 
 def test_a_document_without_an_image_or_a_caption_is_named():
@@ -205,12 +233,12 @@ def _records(run_dir, key: str) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero,ep,pool,pairs", [(1, 2, "mean", 0), (3, 1, "lme", 2)])
-def test_stage0_by_caption_words_on_two_processes_equals_one(tmp_path, zero, ep, pool, pairs):
+@pytest.mark.parametrize("zero,ep,pool,pairs,breaks", [(1, 2, "mean", 0, "[]"), (3, 1, "lme", 4, "[',',and]")])
+def test_stage0_by_caption_words_on_two_processes_equals_one(tmp_path, zero, ep, pool, pairs, breaks):
     """Two ranks of one row each (the experts split over both with ``ep`` = 2) as one rank of two
     rows: the same losses, weights and held-out loss, which equals a float64 per-document sum read
     from the last checkpoint; the decoder layers, which no step runs, keep their initial weights.
-    Both pools, the token-wise one with the caption pairs.
+    Both pools, the token-wise one with the caption pairs, their clauses ended by "," and "and".
     Every caption document (16 image tokens + 7-23 caption tokens + 3) fills more than half of a
     48-token row, so every row holds one document and both layouts read the same rows; the text
     documents of the mix are skipped."""
@@ -221,7 +249,7 @@ def test_stage0_by_caption_words_on_two_processes_equals_one(tmp_path, zero, ep,
               f"{{path:'{data / 'text_train.jsonl'}',weight:1}}]", f"data.tokenizer={tok}", "logging=quiet",
               f"data.eval={data / 'caption_test.jsonl'}", "train.max_steps=3", "train.seq_len=48",
               "checkpoint.every_steps=0", "data.num_workers=0", "optim.eps=1e-3", f"parallel.zero_stage={zero}",
-              f"caption_words.pool={pool}", f"caption_words.pairs={pairs}"]
+              f"caption_words.pool={pool}", f"caption_words.pairs={pairs}", f"caption_words.pair_breaks={breaks}"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_distributed(_train, 1, ([f"run_dir={one}", "train.micro_batch_size=2", *common],), timeout=300)
     run_distributed(_train, 2, ([f"run_dir={two}", "train.micro_batch_size=1", f"parallel.ep_size={ep}",
@@ -257,7 +285,7 @@ def _held_out_reference(directory, args: list[str], pool: str, pairs: int) -> fl
     model = build_model(read_model_config(directory), init=False).eval()
     weights.load_weights(model, directory)
     processor = Processor.from_config(cfg.data, model.cfg)
-    logits, words, pair_loss = [], [], 0.0
+    logits, words, pair_loss, broken = [], [], 0.0, 0
     for batch in eval_batches(cfg.data.eval, processor, cfg.train.seq_len, 1):
         assert int(batch.segment_ids.max()) == 1  # one document per row
         caption = batch.targets[batch.targets != IGNORE_INDEX].tolist()
@@ -268,9 +296,11 @@ def _held_out_reference(directory, args: list[str], pool: str, pairs: int) -> fl
             else:
                 tokens = model.lm_head(model.decoder.norm(image)).double()
                 logits.append(tokens.exp().mean(0).log())
-                pair_loss += reference_pair_loss(tokens, range(len(tokens)), caption, pairs) if pairs else 0.0
+                breaks = [t for t in caption if processor.tokenizer.decode([t]).strip() in cfg.caption_words.pair_breaks]
+                broken += len(breaks)
+                pair_loss += reference_pair_loss(tokens, range(len(tokens)), caption, pairs, breaks) if pairs else 0.0
         words.append(set(caption))
-    assert len(words) == 4
+    assert len(words) == 4 and (broken > 0) == bool(cfg.caption_words.pair_breaks)
     return (reference_loss(torch.stack(logits), words, sorted(set().union(*words))) + pair_loss) / len(words)
 
 

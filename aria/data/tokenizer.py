@@ -104,6 +104,16 @@ class Tokenizer:
         token_id = self._backend.piece_to_id(token)
         return None if token_id == self._backend.unk_id() and token != self._backend.id_to_piece(token_id) else token_id
 
+    def ids_of_word(self, word: str) -> list[int]:
+        """Every id whose token alone decodes to ``word`` (spaces around it aside): "and" is both
+        "and" and its word-initial form."""
+        ids = range(self.vocab_size)
+        if self.kind == "tokenizers":
+            texts = self._backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        else:
+            texts = [self._backend.decode([i]) for i in ids]
+        return [i for i, text in zip(ids, texts) if text.strip() == word]
+
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` (special-token strings in it become their ids; no BOS/EOS added)."""
         if self.kind == "tokenizers":

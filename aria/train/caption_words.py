@@ -42,6 +42,11 @@ Design decisions:
   to its words' loss. Cost: the caption's distinct pairs x the document's image tokens (a 20-token
   caption: ~190 pairs x 16 tokens in the quickstart); host reads per micro-batch: the longest
   caption, the most image tokens of a document, the pairs' count.
+- Clauses (``caption_words.pair_breaks``, words such as "," and "and"): a caption names several
+  objects, and a window long enough to pair a shape with its place ("diamond at the top right": 4
+  apart) also pairs words of two objects ("right, a blue": 3). With breaks, two tokens are near only
+  within one clause (no break token after the first, up to and including the second), so the window
+  can span the clause.
 - A document without image tokens or supervised text is a ``ValueError`` naming where it came from
   (the loader skips such samples, ``aria.data.loader.check_image_caption``, so only a batch the
   loader did not build can hold one).
@@ -94,14 +99,28 @@ def word_losses(word_logits_SV: torch.Tensor, input_ids_BT: torch.Tensor, segmen
     return loss_SV, words_SV
 
 
-def caption_pairs(targets_BT: torch.Tensor, doc_BT: torch.Tensor, S: int, vocab_size: int, window: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def break_ids(words: list[str], tokenizer) -> torch.Tensor:
+    """The token ids of ``caption_words.pair_breaks``' words: every token of ``tokenizer`` that
+    decodes to one of them (``Tokenizer.ids_of_word``); a word no token decodes to is an error."""
+    ids = {word: tokenizer.ids_of_word(word) for word in words}
+    missing = [word for word, found in ids.items() if not found]
+    if missing:
+        raise ValueError(f"config field 'caption_words.pair_breaks' = {list(words)!r} is invalid: no token of "
+                         f"the tokenizer {tokenizer.source} decodes to {missing}")
+    return torch.tensor(sorted({i for found in ids.values() for i in found}), dtype=torch.long)
+
+
+def caption_pairs(targets_BT: torch.Tensor, doc_BT: torch.Tensor, S: int, vocab_size: int, window: int,
+                  breaks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each document's distinct pairs of distinct tokens among its supervised targets (``doc_BT``,
     ``S``: ``document_ids``): (P,) their document, lower and higher token id, and 1.0 where the two
-    stand at most ``window`` positions apart somewhere in it, else 0.0. Host reads: the longest
-    distance between two targets of a document, and the pairs' count (``torch.unique``)."""
+    stand at most ``window`` positions apart somewhere in it with none of the token ids ``breaks``
+    after the first up to the second (one clause), else 0.0. Host reads: the longest distance
+    between two targets of a document, and the pairs' count (``torch.unique``)."""
     V = vocab_size
     take_BT = (targets_BT != IGNORE_INDEX) & (doc_BT >= 0)
+    clause_BT = (torch.isin(targets_BT, breaks.to(targets_BT.device)).long().cumsum(1)
+                 if breaks is not None and breaks.numel() else torch.zeros_like(targets_BT))
     at_BT = torch.arange(targets_BT.shape[1], device=targets_BT.device).expand_as(targets_BT)
     doc_N, at_N = doc_BT[take_BT], at_BT[take_BT]
     first_S = at_N.new_full((S,), targets_BT.shape[1]).scatter_reduce(0, doc_N, at_N, "amin")
@@ -113,7 +132,7 @@ def caption_pairs(targets_BT: torch.Tensor, doc_BT: torch.Tensor, S: int, vocab_
         both_BT = take_BT[:, :-k] & take_BT[:, k:] & (doc_a == doc_BT[:, k:]) & (a_BT != b_BT)
         low, high = torch.minimum(a_BT, b_BT)[both_BT], torch.maximum(a_BT, b_BT)[both_BT]
         codes.append((doc_a[both_BT] * V + low) * V + high)
-        near.append(torch.full_like(low, k <= window, dtype=torch.bool))
+        near.append((clause_BT[:, :-k] == clause_BT[:, k:])[both_BT] & (k <= window))
     pairs_P, of_M = torch.unique(torch.cat(codes), return_inverse=True)
     near_P = torch.zeros(pairs_P.shape, device=pairs_P.device).scatter_reduce(
         0, of_M, torch.cat(near).float(), "amax")
@@ -121,13 +140,14 @@ def caption_pairs(targets_BT: torch.Tensor, doc_BT: torch.Tensor, S: int, vocab_
 
 
 def pair_losses(token_logits_NV: torch.Tensor, documents_N: torch.Tensor, S: int, targets_BT: torch.Tensor,
-                segment_ids_BT: torch.Tensor, window: int) -> torch.Tensor:
+                segment_ids_BT: torch.Tensor, window: int, breaks: torch.Tensor | None = None) -> torch.Tensor:
     """(S,) fp32: each document's binary cross-entropy, averaged over the pairs of its caption
     (``caption_pairs``), of "one image token says both" (the log-mean-exp over its image tokens of
-    the sum of the two tokens' logits) against "they stand at most ``window`` apart"; 0 for a
-    document whose caption holds fewer than two distinct tokens."""
+    the sum of the two tokens' logits) against "they stand at most ``window`` apart" (within a
+    clause, given ``breaks``); 0 for a document whose caption holds fewer than two distinct tokens."""
     doc_BT, _ = document_ids(segment_ids_BT, S)
-    docs_P, low_P, high_P, near_P = caption_pairs(targets_BT, doc_BT, S, token_logits_NV.shape[1], window)
+    docs_P, low_P, high_P, near_P = caption_pairs(targets_BT, doc_BT, S, token_logits_NV.shape[1], window,
+                                                  breaks)
     counts_S = torch.zeros(S, dtype=torch.long, device=documents_N.device).index_add(
         0, documents_N, torch.ones_like(documents_N))
     starts_S = counts_S.cumsum(0) - counts_S  # a document's image tokens are consecutive (row order)
@@ -148,15 +168,15 @@ def caption_words_loss_sum(word_logits_SV: torch.Tensor, input_ids_BT: torch.Ten
                            segment_ids_BT: torch.Tensor, targets_BT: torch.Tensor, image_token_id: int,
                            classes_V: torch.Tensor, where: list[str] | None = None,
                            token_logits_NV: torch.Tensor | None = None, documents_N: torch.Tensor | None = None,
-                           pairs: int = 0) -> tuple[torch.Tensor, int]:
+                           pairs: int = 0, pair_breaks: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """The summed (over documents) class-mean binary cross-entropy of the documents' word logits
     against the tokens their captions hold, and the number of documents. ``classes_V``: (V,) bool,
     the tokens scored (``step_classes``). With ``pairs`` (``caption_words.pairs``, the image tokens'
     own logits ``token_logits_NV`` and ``documents_N`` given) each document adds its
-    ``pair_losses``."""
+    ``pair_losses`` (clauses ended by the token ids ``pair_breaks``)."""
     loss_SV, _ = word_losses(word_logits_SV, input_ids_BT, segment_ids_BT, targets_BT, image_token_id, where)
     loss = (loss_SV * classes_V).sum() / classes_V.sum().clamp(min=1)
     if pairs:
         loss = loss + pair_losses(token_logits_NV, documents_N, loss_SV.shape[0], targets_BT, segment_ids_BT,
-                                  pairs).sum()
+                                  pairs, pair_breaks).sum()
     return loss, loss_SV.shape[0]

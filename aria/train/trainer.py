@@ -72,7 +72,7 @@ from aria.parallel.shards import local_parts, sum_over_parts
 from aria.rundir import MODEL, RUN_CONFIG, latest_checkpoint, resolve_model_dir
 from aria.train import checkpoint as ckpt
 from aria.train import weights
-from aria.train.caption_words import caption_words_loss_sum, pair_losses, step_classes, word_losses
+from aria.train.caption_words import break_ids, caption_words_loss_sum, pair_losses, step_classes, word_losses
 from aria.train.contrastive import contrastive_loss_sum
 from aria.train.schedule import lr_multiplier
 from aria.train.stages import apply_stage, stage_model_config
@@ -320,6 +320,8 @@ class Trainer:
         from aria.data.processor import Processor
 
         self.processor = Processor.from_config(self.cfg.data, self.model_cfg)
+        words = self.cfg.caption_words.pair_breaks if self.cfg.train.objective == "caption_words" else []
+        self.pair_breaks = break_ids(words, self.processor.tokenizer) if words else None
         data = self.cfg.data
         loader = build_train_loader(data, self.processor, self.cfg.train.seq_len,
                                     self.cfg.train.micro_batch_size, rank, world, self.cfg.train.seed,
@@ -443,7 +445,8 @@ class Trainer:
             loss_sum, _ = caption_words_loss_sum(out.word_logits_SV, inputs["input_ids"], inputs["segment_ids"],
                                                  inputs["targets"], self.model_cfg.image_token_id,
                                                  self.word_classes_V, batch.where, out.token_logits_NV,
-                                                 out.image_documents_N, self.cfg.caption_words.pairs)
+                                                 out.image_documents_N, self.cfg.caption_words.pairs,
+                                                 self.pair_breaks)
             return out, loss_sum
         out = engine(**inputs, towers=True)
         loss_sum, _ = contrastive_loss_sum(out.embeds_BTD, out.hidden_BTD, inputs["input_ids"],
@@ -644,7 +647,8 @@ class Trainer:
                                                     inputs["targets"], self.model_cfg.image_token_id, batch.where)
                     if pairs:
                         sums[0] += pair_losses(out.token_logits_NV, out.image_documents_N, loss_SV.shape[0],
-                                               inputs["targets"], inputs["segment_ids"], pairs).sum().double()
+                                               inputs["targets"], inputs["segment_ids"], pairs,
+                                               self.pair_breaks).sum().double()
                     sums[1] += loss_SV.shape[0]
                     sums[2:] += torch.cat([loss_SV.sum(0), words_SV.sum(0)]).double()
                     continue
