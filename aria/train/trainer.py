@@ -214,6 +214,8 @@ class Trainer:
         sp = cfg.parallel.sp_size  # the ranks of a sequence-parallel group read the same rows
         self.loader = self.build_data(rank // sp, world // sp)  # forks the workers: before CUDA, NCCL
         self.info: DistInfo = init_distributed()
+        if self.pair_breaks is not None:  # read by every micro-batch's pair loss
+            self.pair_breaks = self.pair_breaks.to(self.info.device)
         self.check_memory(per_node)
 
     # -- building -----------------------------------------------------------------------------
