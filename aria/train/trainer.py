@@ -195,6 +195,8 @@ def attention_pairs(segment_ids_BT: torch.Tensor) -> int:
 
 
 class Trainer:
+    pair_breaks: torch.Tensor | None = None  # caption_words.pair_breaks' token ids (set by build_data)
+
     def __init__(self, cfg: RunConfig) -> None:
         self.run_dir = Path(cfg.run_dir)
         self.resume_from = latest_checkpoint(self.run_dir)
