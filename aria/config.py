@@ -710,9 +710,10 @@ class CaptionWordsConfig:
     when they stand at most this many tokens apart in the caption and none may when they never do
     ("A red circle at the top and a blue star": red with circle, never red with star). 0: off."""
     pair_breaks: list = field(default_factory=list)
-    """With pairs: words that end a clause of a caption (e.g. [",", "and"]); two tokens with one of
-    them between are never near, so the window may span a clause without reaching the next object.
-    Each word stands for every token of the tokenizer that decodes to it. []: none."""
+    """With pairs: words that begin a caption's next clause (e.g. [",", "and"]); two tokens are near
+    only if none of them stands after the first, up to and including the second, so the window may
+    span a clause without reaching the next object. Each word stands for every token of the
+    tokenizer that decodes to it. []: none."""
     _path: str = field(default="caption_words", repr=False, compare=False)
 
     def __post_init__(self) -> None:
