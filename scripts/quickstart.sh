@@ -21,8 +21,12 @@ echo "== 1/7 the model"
 python scripts/quickstart.py
 
 echo "== 2/7 the shapes world -> $DATA"
-if [[ ! -f $DATA/dialog_every_train.jsonl ]]; then   # (a world of an older make_shapes lacks it)
-  python -m data_tools.make_shapes --out "$DATA" --seed 0 --no-wds
+# 4-frame videos (make_shapes' default is 8): the direction of a motion shows in 4 frames, and the
+# run's frozen crops cost per frame (recipes/quickstart.yaml). A world of an older make_shapes (no
+# dialog_every_train.jsonl) or with other videos is made again, and its tokenizer with it.
+if [[ ! -f $DATA/dialog_every_train.jsonl ]] || ! grep -q '"video_frames": 4,' "$DATA/meta.json"; then
+  rm -rf "$DATA/tokenizer"
+  python -m data_tools.make_shapes --out "$DATA" --seed 0 --no-wds --video-frames 4
 fi
 
 echo "== 3/7 a tokenizer -> $DATA/tokenizer"
