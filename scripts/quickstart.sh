@@ -23,8 +23,15 @@ python scripts/quickstart.py
 echo "== 2/7 the shapes world -> $DATA"
 # 4-frame videos (make_shapes' default is 8): the direction of a motion shows in 4 frames, and the
 # run's frozen crops cost per frame (recipes/quickstart.yaml). A world of an older make_shapes (no
-# dialog_every_train.jsonl) or with other videos is made again, and its tokenizer with it.
-if [[ ! -f $DATA/dialog_every_train.jsonl ]] || ! grep -q '"video_frames": 4,' "$DATA/meta.json"; then
+# dialog_every_train.jsonl) or with other videos is made again, and its tokenizer with it; runs
+# trained on it are not resumed on the new one.
+if [[ ! -f $DATA/dialog_every_train.jsonl ]] || ! grep -qs '"video_frames": 4,' "$DATA/meta.json"; then
+  if [[ -e $OUT/vision || -e $OUT/run ]]; then
+    echo "error: $OUT holds runs, but its shapes world is missing or older (8-frame videos or no" \
+      "dialog_every_train.jsonl): they would resume on another world; use a new QUICKSTART_DIR" \
+      "or remove $OUT/vision and $OUT/run" >&2
+    exit 1
+  fi
   rm -rf "$DATA/tokenizer"
   python -m data_tools.make_shapes --out "$DATA" --seed 0 --no-wds --video-frames 4
 fi
