@@ -176,10 +176,14 @@ def test_rms_norm_on_fake_tensors_keeps_what_the_planned_devices_kernel_keeps(de
         assert sum(saved.values()) >= fused - x.nbytes + 2 * x.nbytes
 
 
+@pytest.mark.parametrize("mv_faster", [True, False])
 @pytest.mark.parametrize("shape", [(1, 64), (1, 1, 512), (1, 1, 333)])
-def test_one_bf16_row_takes_the_matrix_vector_kernel_with_the_same_bits(shape):
+def test_one_bf16_row_takes_the_matrix_vector_kernel_with_the_same_bits(shape, mv_faster, monkeypatch):
+    # whether the CPU reads a weight faster by torch.mv (AMX) or by F.linear (AVX512-BF16 alone)
+    from aria.model import layers
     from aria.model.layers import Linear, linear
 
+    monkeypatch.setattr(layers, "bf16_mv_faster", lambda: mv_faster)
     torch.manual_seed(0)
     x = torch.randn(shape).bfloat16()
     for rows in (7, 1536, 32768):
@@ -187,7 +191,7 @@ def test_one_bf16_row_takes_the_matrix_vector_kernel_with_the_same_bits(shape):
         with torch.profiler.profile() as prof:
             out = linear(x, w)
         ops = {e.name for e in prof.events()}
-        assert "aten::mv" in ops and "aten::mm" not in ops, ops
+        assert ("aten::mv" in ops) == mv_faster and ("aten::mm" in ops) != mv_faster, ops
         assert out.shape == (*shape[:-1], rows)
         assert torch.equal(out, F.linear(x, w))
     module = Linear(shape[-1], 16).bfloat16()
