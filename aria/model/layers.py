@@ -155,7 +155,8 @@ def key_padding_mask(valid_BS: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; one bf16 row on the CPU without bias or autograd (a decode
-    step at batch 1) through the faster matrix-vector kernel, bit for bit the same result."""
+    step at batch 1) through the matrix-vector kernel where it is the faster one
+    (``bf16_mv_faster``), bit for bit the same result."""
     if (bias is None and x.numel() == x.shape[-1] and x.dtype == torch.bfloat16
             and x.device.type == "cpu" and weight.dtype == torch.bfloat16 and not holds_no_data(x)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
