@@ -9,6 +9,7 @@ Run ``python -m data_tools.make_shapes --out DIR --seed S`` (see ``--help``). It
     dialog_every_{split}.jsonl      every question an image answers in one conversation; videos as dialog
     caption_{split}.jsonl           {"kind": "caption"} / {"kind": "video"} documents
     image_caption_{split}.jsonl     the image ("kind": "caption") half of caption_{split}.jsonl
+                                    (train: also the ``--caption-images`` that have no questions)
     text_{split}.jsonl              {"kind": "text"} scene descriptions in words only
     meta.json                       seed, sizes, counts, answer vocabularies, question templates
     wds/{kind}_{split}-{n:06d}.tar  the same four datasets as webdataset shards (media inside)
@@ -38,6 +39,13 @@ Design decisions:
 - **Visible at low resolution.** At 490 px a grid cell is ~163 px and shapes span 68-90% of it,
   i.e. about 2x2 of the model's 70 px patches; the palette is spread in hue and far from the light
   backgrounds.
+- **Images for captions only.** ``--caption-images N`` renders N further training images after the
+  questioned ones (``images/train_{i:06d}.png`` for i >= ``--train-images``, the next items of the
+  same plan, so the questioned images are those of a world without them) and adds their captions
+  to ``caption_train.jsonl`` and ``image_caption_train.jsonl``, not their questions or text: a
+  vision encoder's pretraining (stage 0) reads more images than the dialogs after it, as real VLMs
+  do, and the tokenizer's text stays that of the questioned images. The test split excludes their
+  scenes too.
 - **Video frames at a crop's size.** Videos are 490 px (``--video-size``), the processor's crop,
   so a training worker decodes them and resizes nothing: at 160 px, PIL's bicubic upscale of the
   8 frames was over half of a video's loading time (76 -> 32 ms per record).
@@ -265,13 +273,14 @@ def plans_of(data: str | Path, train_images: int | None = None, test_images: int
         raise FileNotFoundError(f"{meta_path} does not exist: expected a data_tools.make_shapes directory")
     meta = json.loads(meta_path.read_text())
     counts = {split: meta["counts"][split]["images"] for split in SPLITS}
+    rendered = counts["train"] + meta["counts"]["train"].get("caption_images", 0)
     for split, wanted in (("train", train_images), ("test", test_images)):
         if wanted is not None:
             if not 1 <= wanted <= counts[split]:
                 raise ValueError(f"--{split}-images {wanted}: {data} has {counts[split]} {split} images")
             counts[split] = wanted
-    # the test plan excludes every scene of the full train split, as make_shapes drew it
-    plan_train = plan_images(meta["seed"], "train", meta["counts"]["train"]["images"], meta["image_size"])
+    # the test plan excludes every scene of the full train split (caption-only images too), as make_shapes drew it
+    plan_train = plan_images(meta["seed"], "train", rendered, meta["image_size"])
     plan_test = plan_images(meta["seed"], "test", counts["test"], meta["image_size"],
                             exclude=frozenset(scene for scene, _ in plan_train))
     return plan_train[: counts["train"]], plan_test
@@ -448,22 +457,26 @@ def _check_args(counts: dict[str, int], image_size: int, video_size: int, video_
 def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_images: int = 200,
                 train_videos: int = 600, test_videos: int = 100, image_size: int = 490, video_size: int = 490,
                 video_frames: int = 8, video_fps: int = 8, workers: int | None = None,
-                wds: bool = True, samples_per_shard: int = 500) -> dict:
+                wds: bool = True, samples_per_shard: int = 500, caption_images: int = 0) -> dict:
     """Write the dataset to ``out_dir`` and return its meta dict (also written as ``meta.json``).
+
+    ``caption_images`` further training images have a caption and no questions (see the module's
+    docstring).
 
     ``workers`` processes render the media (default: all CPUs, at most 8); the output is the same
     for any number.
     """
     counts = {"train_images": train_images, "test_images": test_images,
-              "train_videos": train_videos, "test_videos": test_videos}
+              "train_videos": train_videos, "test_videos": test_videos, "caption_images": caption_images}
     _check_args(counts, image_size, video_size, video_frames, video_fps)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "videos").mkdir(parents=True, exist_ok=True)
 
-    image_plans = {"train": plan_images(seed, "train", train_images, image_size)}
+    captioned = plan_images(seed, "train", train_images + caption_images, image_size)
+    image_plans = {"train": captioned[:train_images]}
     image_plans["test"] = plan_images(seed, "test", test_images, image_size,
-                                      exclude=frozenset(s for s, _ in image_plans["train"]))
+                                      exclude=frozenset(s for s, _ in captioned))
     video_plans = {"train": plan_videos(seed, "train", train_videos, video_size, video_frames)}
     video_plans["test"] = plan_videos(seed, "test", test_videos, video_size, video_frames,
                                       exclude=frozenset(s for s, _ in video_plans["train"]))
@@ -488,6 +501,11 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
             asked.update((q.qtype, q.answer) for q in questions)
             captions.append({"id": name, "kind": "caption", "images": [rel], "text": caption(scene)})
             texts.append({"id": name, "kind": "text", "text": describe(scene, image_size)})
+        for i, (scene, _) in enumerate(captioned[train_images:] if split == "train" else [], start=train_images):
+            name = f"{split}_{i:06d}"
+            rel = f"images/{name}.png"
+            image_jobs.append((scene, image_size, str(out / rel)))
+            captions.append({"id": name, "kind": "caption", "images": [rel], "text": caption(scene)})
         for i, (scene, q) in enumerate(video_plans[split]):
             name = f"{split}_{i:06d}"
             video = {"path": f"videos/{name}.mp4", "num_frames": video_frames}
@@ -507,6 +525,7 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
         _dump(texts, out / f"text_{split}.jsonl")
         answers = {q: {a: asked[q, a] for a in vocab} for q, vocab in ANSWERS.items()}
         meta_counts[split] = {"images": len(image_plans[split]), "videos": len(video_plans[split]),
+                              "caption_images": caption_images if split == "train" else 0,
                               "chat": len(chat), "dialog": len(dialogs),
                               "dialog_every": len(every), "caption": len(captions), "text": len(texts),
                               "qtype": {q: sum(per.values()) for q, per in answers.items()}, "answers": answers}
@@ -556,6 +575,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--train-images", type=int, default=2000)
     p.add_argument("--test-images", type=int, default=200)
+    p.add_argument("--caption-images", type=int, default=0,
+                   help="further training images with a caption and no questions (stage 0's captions)")
     p.add_argument("--train-videos", type=int, default=600)
     p.add_argument("--test-videos", type=int, default=100)
     p.add_argument("--image-size", type=int, default=490, help="image side in pixels")
@@ -571,12 +592,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         meta = make_shapes(a.out, a.seed, a.train_images, a.test_images, a.train_videos, a.test_videos,
                            a.image_size, a.video_size, a.video_frames, a.video_fps, a.workers,
-                           wds=not a.no_wds, samples_per_shard=a.samples_per_shard)
+                           wds=not a.no_wds, samples_per_shard=a.samples_per_shard, caption_images=a.caption_images)
     except ValueError as e:
         p.error(str(e))
     c = meta["counts"]
     print(f"wrote {a.out} in {time.perf_counter() - start:.1f} s: "
           + "; ".join(f"{s}: {c[s]['images']} images, {c[s]['videos']} videos, {c[s]['chat']} questions"
+                      + (f", {c[s]['caption_images']} images with a caption only" if c[s]["caption_images"] else "")
                       for s in SPLITS))
 
 

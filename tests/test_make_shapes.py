@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_tools.make_shapes import (ANSWERS, COLOURS, POSITIONS, SHAPES, TEMPLATES, Scene, at, caption, main,
-                                    make_shapes, plan_images, plan_videos, position_of, render_image,
+                                    make_shapes, plan_images, plan_videos, plans_of, position_of, render_image,
                                     render_video)
 
 SMALL = dict(train_images=24, test_images=12, train_videos=10, test_videos=6)
@@ -53,6 +54,33 @@ def test_first_items_do_not_depend_on_counts(tmp_path):
     make_shapes(tmp_path, 0, train_images=4, test_images=2, train_videos=2, test_videos=1, workers=1)
     big, small = plan_images(0, "train", 24, 490), plan_images(0, "train", 4, 490)
     assert big[:4] == small
+
+
+def test_caption_images_add_captions_and_change_nothing_else(runs, tmp_path):
+    """``caption_images`` renders the next training images and captions them, without questions or
+    text: every other file of the world is the one made without them, and the test split's plan
+    (``plans_of``) is the one rendered."""
+    make_shapes(tmp_path, 0, **SMALL, workers=1, caption_images=7)
+    plain, more = _files(runs["a"]), _files(tmp_path)
+    n = SMALL["train_images"]
+    added = [f"images/train_{i:06d}.png" for i in range(n, n + 7)]
+    assert sorted(set(more) - set(plain)) == added
+    changed = sorted(k for k in plain if plain[k] != more[k])
+    assert changed == ["caption_train.jsonl", "image_caption_train.jsonl", "meta.json",
+                       "wds/caption_train-000000.tar"]
+    captions = _lines(tmp_path / "image_caption_train.jsonl")
+    assert captions[:n] == _lines(runs["a"] / "image_caption_train.jsonl")
+    assert [c["images"] for c in captions[n:]] == [[a] for a in added]
+    scenes = plan_images(0, "train", n + 7, 490)[n:]
+    assert [c["text"] for c in captions[n:]] == [caption(s) for s, _ in scenes]
+    for (scene, _), path in zip(scenes[:2], added):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / path)), np.asarray(render_image(scene, 490)))
+    meta = json.loads((tmp_path / "meta.json").read_text())["counts"]
+    assert (meta["train"]["caption_images"], meta["train"]["images"], meta["test"]["caption_images"]) == (7, n, 0)
+    plan_train, plan_test = plans_of(tmp_path)
+    assert len(plan_train) == n and len(plan_test) == SMALL["test_images"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "images/test_000000.png")),
+                          np.asarray(render_image(plan_test[0][0], 490)))
 
 
 def test_records_follow_the_schema(runs):
@@ -164,12 +192,16 @@ def test_bad_arguments_are_refused(tmp_path):
         make_shapes(tmp_path, 0, video_size=161)
     with pytest.raises(ValueError, match="train_images"):
         make_shapes(tmp_path, 0, train_images=-1)
+    with pytest.raises(ValueError, match="caption_images"):
+        make_shapes(tmp_path, 0, caption_images=-1)
 
 
 def test_cli(tmp_path, capsys):
     main(["--out", str(tmp_path), "--seed", "3", "--train-images", "2", "--test-images", "1",
-          "--train-videos", "1", "--test-videos", "1", "--image-size", "98", "--video-frames", "4", "--workers", "1"])
-    assert "train: 2 images" in capsys.readouterr().out
+          "--train-videos", "1", "--test-videos", "1", "--image-size", "98", "--video-frames", "4", "--workers", "1",
+          "--caption-images", "3"])
+    assert "train: 2 images, 1 videos, 9 questions, 3 images with a caption only; test" in capsys.readouterr().out
+    assert len(_lines(tmp_path / "image_caption_train.jsonl")) == 5
     assert len(_lines(tmp_path / "chat_test.jsonl")) == 4 + 1
     assert json.loads((tmp_path / "meta.json").read_text())["video_frames"] == 4
 
