@@ -83,6 +83,27 @@ def test_caption_images_add_captions_and_change_nothing_else(runs, tmp_path):
                           np.asarray(render_image(plan_test[0][0], 490)))
 
 
+def test_test_split_excludes_the_caption_only_scenes(tmp_path, monkeypatch):
+    """A test scene equal to a caption-only training scene is drawn again, as for a questioned one;
+    ``plans_of`` excludes the same scenes."""
+    import data_tools.make_shapes as ms
+
+    excluded = {}
+    real = ms.plan_images
+
+    def recording(seed, split, n, image_size, exclude=frozenset()):
+        if split == "test":
+            excluded[len(excluded)] = exclude
+        return real(seed, split, n, image_size, exclude)
+
+    monkeypatch.setattr(ms, "plan_images", recording)
+    make_shapes(tmp_path, 0, train_images=3, test_images=2, train_videos=1, test_videos=1, workers=1,
+                wds=False, caption_images=4)
+    ms.plans_of(tmp_path)
+    everything = frozenset(scene for scene, _ in real(0, "train", 7, 490))
+    assert excluded == {0: everything, 1: everything}
+
+
 def test_records_follow_the_schema(runs):
     root = runs["a"]
     for split in ("train", "test"):
