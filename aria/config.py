@@ -23,6 +23,7 @@ from typing import Any, Mapping, NamedTuple
 # Names accepted for the activations the reference uses (shared experts and vision MLP).
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")
 BALANCE_SCOPES = ("micro_batch", "global_batch")
+PATCH_INITS = ("normal", "dct")
 
 
 def _check(ok: bool, path: str, value: Any, expected: str) -> None:
@@ -201,6 +202,10 @@ class VisionConfig:
     position_init_std: float | None = None
     """From-scratch init of the position table; null = SigLIP's 1/sqrt(hidden_size). Not part of the
     HF config (weights carry it)."""
+    patch_init: str = "normal"
+    """From-scratch init of the patch projection: "normal" (SigLIP's LeCun normal) or "dct" (each
+    channel's lowest-frequency 2-D cosines, ``aria.model.vision.dct_patch_basis``). Not part of the
+    HF config (weights carry it)."""
     crop_chunk: int = 0
     """In training, run the vision encoder and projector over this many crops at a time, each chunk
     recomputed in backward (0 = all at once): a long video row keeps only its pixels and image
@@ -227,6 +232,10 @@ class VisionConfig:
                f"an index into the {self.num_layers + 1} hidden states (embeddings + layers)")
         if self.position_init_std is not None:
             _non_negative_float(f"{p}.position_init_std", self.position_init_std)
+        _check(self.patch_init in PATCH_INITS, f"{p}.patch_init", self.patch_init, f"one of {PATCH_INITS}")
+        _check(self.patch_init != "dct" or self.hidden_size <= self.num_channels * self.patch_size ** 2,
+               f"{p}.hidden_size", self.hidden_size,
+               f"at most the {self.num_channels * self.patch_size ** 2} values of a patch with patch_init=dct")
         _check(isinstance(self.crop_chunk, int) and not isinstance(self.crop_chunk, bool) and self.crop_chunk >= 0,
                f"{p}.crop_chunk", self.crop_chunk, "an integer >= 0 (0 = off)")
 

@@ -70,7 +70,7 @@ def trained(tmp_path_factory):
         f"run_dir={vision}", f"train.max_steps={VISION_STEPS}", f"data.train={data / 'image_caption_train.jsonl'}",
         *common]), timeout=300)
     losses = [r["loss"] for r in map(json.loads, open(vision / "metrics.jsonl")) if "loss" in r]
-    # the words' loss and the pairs' (which falls more slowly): 0.46 of the first steps' measured
+    # the words' loss and the pairs' (which falls more slowly): 0.47 of the first steps' measured
     assert len(losses) == VISION_STEPS and sum(losses[-10:]) < 0.7 * sum(losses[:10]), losses
     run_distributed(_train, 1, ("quickstart", [
         f"run_dir={run_dir}", f"train.max_steps={STEPS}", f"init.from_checkpoint={vision}",
@@ -90,7 +90,7 @@ def test_held_out_answer_loss_drops_far_below_the_image_blind_bound(trained):
     print(f"answer loss {overall:.3f} (image-blind bound {blind:.3f}): {losses}")
     assert overall < 0.9 * blind, (losses, overall, blind)
     # the two types the recipe learns first (count; position, thanks to its position table): their
-    # losses, as fractions of their image-blind bounds, well below 1 (measured: 0.47 and 0.47)
+    # losses, as fractions of their image-blind bounds, well below 1 (measured: 0.20 and 0.49)
     learnt = sum(losses[q] / math.log(len(ANSWERS[q])) for q in ("count", "position")) / 2
     assert learnt < 0.75, losses
 

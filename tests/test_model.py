@@ -505,3 +505,41 @@ def test_position_table_init_follows_siglip_unless_set():
     assert raised.pos_embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
     with pytest.raises(ValueError, match="model.vision.position_init_std"):
         replace(cfg, position_init_std=-1.0)
+
+
+def _dct_ortho(x_NP: torch.Tensor) -> torch.Tensor:
+    """Orthonormal DCT-II along the last axis by way of an FFT of the even extension (a route
+    independent of the cosine table under test)."""
+    P = x_NP.shape[-1]
+    spectrum = torch.fft.fft(torch.cat([x_NP, x_NP.flip(-1)], dim=-1).double())[..., :P]
+    k = torch.arange(P, dtype=torch.float64)
+    coeffs = (spectrum * torch.exp(-1j * torch.pi * k / (2 * P))).real / 2
+    scale = torch.full((P,), (2 / P) ** 0.5, dtype=torch.float64)
+    scale[0] = (1 / P) ** 0.5
+    return coeffs * scale
+
+
+def test_dct_patch_init_gives_each_channels_lowest_cosines():
+    """vision.patch_init=dct: output k of a patch is the orthonormal 2-D DCT coefficient of channel
+    k % C at the (k // C)-th lowest frequency (by u + v, then u), times sqrt(Dv / K)."""
+    from dataclasses import replace
+
+    from aria.model.vision import VisionEncoder
+
+    cfg = replace(load_model_config("tiny").vision, patch_init="dct")  # 64 wide, 70 px patches
+    encoder = VisionEncoder(cfg)
+    encoder.init_weights()
+    C, P, Dv = cfg.num_channels, cfg.patch_size, cfg.hidden_size
+    torch.manual_seed(0)
+    patch_CPP = torch.rand(C, P, P) * 2 - 1
+    out_D = encoder.patch_embed(patch_CPP[None]).reshape(Dv).double()
+    coeffs_CPP = _dct_ortho(_dct_ortho(patch_CPP).transpose(1, 2)).transpose(1, 2)  # rows u, columns v
+    frequencies = sorted(((u, v) for u in range(P) for v in range(P)), key=lambda f: (sum(f), f[0]))
+    expected_D = torch.stack([coeffs_CPP[k % C][frequencies[k // C]] for k in range(Dv)])
+    torch.testing.assert_close(out_D, expected_D * (Dv / (C * P * P)) ** 0.5, atol=1e-5, rtol=1e-4)
+    # a flat grey patch has only the three mean (DC) outputs, the pixel value times P * sqrt(Dv / K)
+    flat = encoder.patch_embed(torch.full((1, C, P, P), 0.5)).reshape(Dv)
+    assert flat[:C].tolist() == pytest.approx([0.5 * P * (Dv / (C * P * P)) ** 0.5] * C, rel=1e-4)
+    assert flat[C:].abs().max() < 1e-5
+    with pytest.raises(ValueError, match="model.vision.patch_init"):
+        replace(cfg, patch_init="uniform")

@@ -21,6 +21,10 @@ Design decisions:
   SigLIP's table is ~1/sqrt(width) of the content per channel (the LeCun patch projection puts
   out about the pixels' RMS, ~1); ``position_init_std`` raises it for small models trained briefly
   from scratch, whose table barely moves from its initial values (the quickstart's).
+- ``patch_init: dct`` starts the patch projection at the lowest-frequency cosines of each
+  channel instead of random weights: a frozen random projection of a large patch (70 px: 14,700
+  values into 128) mixes where an outline falls with its colour, the cosines keep the patch's
+  coarse picture (docs/quickstart_findings.md).
 - Raw uint8 pixels (what the data loader ships) are normalised inside the patch projection: Aria's
   x * 2/255 - 1 is folded into its weights and bias, so the pixels are read once (the float cast)
   instead of three times; padding (a zero pixel) becomes -1, as in the reference processor.
@@ -36,6 +40,8 @@ Design decisions:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +76,24 @@ def bucketed_position_ids(patch_mask_Nhw: torch.Tensor, grid: int) -> torch.Tens
     bucket_w = torch.bucketize(frac_w_Nw.clamp(max=1.0 - 1e-6), boundaries, right=True)
     pos_Nhw = bucket_h[:, :, None] * grid + bucket_w[:, None, :]
     return torch.where(patch_mask_Nhw, pos_Nhw, 0).reshape(N, h * w)
+
+
+def dct_patch_basis(cfg: VisionConfig) -> torch.Tensor:
+    """``vision.patch_init: dct``: a (Dv, C, P, P) patch projection whose outputs are the 2-D DCT-II
+    coefficients of each channel, lowest frequencies first (by u + v, then u), output k reading
+    channel k % C; orthogonal filters, scaled so that the outputs carry the energy a LeCun-normal
+    projection gives on average (sqrt(Dv / K) of the pixels' norm)."""
+    Dv, C, P = cfg.hidden_size, cfg.num_channels, cfg.patch_size
+    x = torch.arange(P, dtype=torch.float64)
+    u = torch.arange(P, dtype=torch.float64)[:, None]
+    cos_UX = torch.cos(math.pi * (2 * x + 1) * u / (2 * P)) * math.sqrt(2 / P)
+    cos_UX[0] /= math.sqrt(2)  # orthonormal rows
+    frequencies = sorted(((a, b) for a in range(P) for b in range(P)), key=lambda f: (f[0] + f[1], f[0]))
+    weight = torch.zeros(Dv, C, P, P, dtype=torch.float64)
+    for k in range(Dv):
+        a, b = frequencies[k // C]
+        weight[k, k % C] = cos_UX[a][:, None] * cos_UX[b][None, :]
+    return (weight * math.sqrt(Dv / (C * P * P))).float()
 
 
 class PatchEmbed(nn.Module):
@@ -197,7 +221,11 @@ class VisionEncoder(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         fan_in = self.cfg.num_channels * self.cfg.patch_size ** 2
-        nn.init.normal_(self.patch_embed.weight, std=fan_in ** -0.5)
+        if self.cfg.patch_init == "dct":
+            with torch.no_grad():
+                self.patch_embed.weight.copy_(dct_patch_basis(self.cfg))
+        else:
+            nn.init.normal_(self.patch_embed.weight, std=fan_in ** -0.5)
         nn.init.zeros_(self.patch_embed.bias)
         std = self.cfg.position_init_std
         nn.init.normal_(self.pos_embed.weight, std=self.cfg.hidden_size ** -0.5 if std is None else std)

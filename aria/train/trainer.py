@@ -79,9 +79,8 @@ from aria.train.stages import apply_stage, stage_model_config
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_TERMINATED = 0, 2, 3, 143
 # Model fields that are options of a training run, not of the weights: they come from the run's
-# config even when the architecture comes from the weights' source.
-# the model's fields a run sets whatever its weights' source says: loss and chunking options, and
-# the init std of the groups that start fresh (``init.groups`` leaves out)
+# config even when the architecture comes from the weights' source (loss and chunking options, and
+# the init std of the groups that start fresh, which ``init.groups`` leaves out).
 TRAINING_ONLY_FIELDS = {"moe": ("aux_loss_coeff", "z_loss_coeff", "balance_scope", "bias_balancing",
                                 "bias_update_rate", "token_chunk"),
                         "vision": ("crop_chunk",),
