@@ -543,3 +543,5 @@ def test_dct_patch_init_gives_each_channels_lowest_cosines():
     assert flat[C:].abs().max() < 1e-5
     with pytest.raises(ValueError, match="model.vision.patch_init"):
         replace(cfg, patch_init="uniform")
+    with pytest.raises(ValueError, match="model.vision.hidden_size"):  # 64 outputs, 3 x 4 x 4 = 48 values
+        replace(cfg, patch_size=4)
