@@ -7,6 +7,7 @@ Run ``python -m data_tools.make_shapes --out DIR --seed S`` (see ``--help``). It
     chat_{split}.jsonl              single-turn questions with a one-word/phrase answer
     dialog_{split}.jsonl            the same questions, one multi-turn conversation per image or video
     dialog_every_{split}.jsonl      every question an image answers in one conversation; videos as dialog
+    dialog_once_{split}.jsonl       the same, each object asked about once: no answer follows from the turns before
     caption_{split}.jsonl           {"kind": "caption"} / {"kind": "video"} documents
     image_caption_{split}.jsonl     the image ("kind": "caption") half of caption_{split}.jsonl
                                     (train: also the ``--caption-images`` that have no questions)
@@ -35,7 +36,12 @@ Design decisions:
   image encodings. Evaluation stays single-turn (``chat_test.jsonl``). ``dialog_every_{split}.jsonl``
   asks each image every question it answers (the colour of each shape that occurs once, the shape
   in each occupied cell, the place of each shape, the count; 4-10 questions): every object's
-  attributes are bound to each other in the answers, not one object's per question type.
+  attributes are bound to each other in the answers, not one object's per question type. But
+  there an answer often follows from the turns before it ("What shape is at the top? star", then
+  "Where is the red star?"), so a model learns part of its answers from the dialog's text, which a
+  single-turn question never has. ``dialog_once_{split}.jsonl`` keeps of dialog_every's questions,
+  in its order, the first about each object and the count: no object is named twice, so every
+  answer but the count's needs the image (the count may follow from the objects asked about).
 - **Visible at low resolution.** At 490 px a grid cell is ~163 px and shapes span 68-90% of it,
   i.e. about 2x2 of the model's 70 px patches; the palette is spread in hue and far from the light
   backgrounds.
@@ -235,16 +241,31 @@ def sample_video_scene(rng: np.random.Generator, video_size: int, num_frames: in
     return scene, Question("direction", TEMPLATES["direction"].format(colour=colour, shape=shape), direction)
 
 
-def every_question(scene: Scene) -> list[Question]:
-    """Every question ``scene`` answers: the colour of each shape that occurs once in it, the shape
-    in each occupied cell, the count, and the place of each shape."""
+def every_question(scene: Scene) -> list[tuple[int | None, Question]]:
+    """Every question ``scene`` answers, each with the index of the shape it asks about (None for
+    the count): the colour of each shape that occurs once in it, the shape in each occupied cell,
+    the count, and the place of each shape."""
     kinds = [o.shape for o in scene.shapes]
-    return ([Question("colour", TEMPLATES["colour"].format(shape=o.shape), o.colour)
-             for o in scene.shapes if kinds.count(o.shape) == 1]
-            + [Question("shape", TEMPLATES["shape"].format(at_position=at(o.position)), o.shape) for o in scene.shapes]
-            + [Question("count", TEMPLATES["count"], str(len(scene.shapes)))]
-            + [Question("position", TEMPLATES["position"].format(colour=o.colour, shape=o.shape), o.position)
-               for o in scene.shapes])
+    shapes = list(enumerate(scene.shapes))
+    return ([(k, Question("colour", TEMPLATES["colour"].format(shape=o.shape), o.colour))
+             for k, o in shapes if kinds.count(o.shape) == 1]
+            + [(k, Question("shape", TEMPLATES["shape"].format(at_position=at(o.position)), o.shape))
+               for k, o in shapes]
+            + [(None, Question("count", TEMPLATES["count"], str(len(scene.shapes))))]
+            + [(k, Question("position", TEMPLATES["position"].format(colour=o.colour, shape=o.shape), o.position))
+               for k, o in shapes])
+
+
+def once_each(quiz: list[tuple[int | None, Question]]) -> list[Question]:
+    """The questions of ``quiz`` (``every_question``'s pairs, in a dialog's order) that ask about a
+    shape no earlier one asked about, and the count."""
+    asked: set[int] = set()
+    kept = []
+    for subject, question in quiz:
+        if subject is None or subject not in asked:
+            kept.append(question)
+            asked.add(subject)
+    return kept
 
 
 def plan_images(seed: int, split: str, n: int, image_size: int,
@@ -484,7 +505,7 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
     image_jobs, video_jobs = [], []
     meta_counts = {}
     for split in SPLITS:
-        chat, dialogs, every, captions, texts, asked = [], [], [], [], [], Counter()
+        chat, dialogs, every, once, captions, texts, asked = [], [], [], [], [], [], Counter()
         for i, (scene, questions) in enumerate(image_plans[split]):
             name = f"{split}_{i:06d}"
             rel = f"images/{name}.png"
@@ -495,9 +516,10 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
             dialogs.append({"id": f"{name}_dialog", "messages": _turns("image", *(questions[j] for j in order)),
                             "images": [rel]})
             quiz = every_question(scene)
-            order = _rng(seed, split, "every_order", i).permutation(len(quiz))
-            every.append({"id": f"{name}_every", "messages": _turns("image", *(quiz[j] for j in order)),
+            quiz = [quiz[j] for j in _rng(seed, split, "every_order", i).permutation(len(quiz))]
+            every.append({"id": f"{name}_every", "messages": _turns("image", *(q for _, q in quiz)),
                           "images": [rel]})
+            once.append({"id": f"{name}_once", "messages": _turns("image", *once_each(quiz)), "images": [rel]})
             asked.update((q.qtype, q.answer) for q in questions)
             captions.append({"id": name, "kind": "caption", "images": [rel], "text": caption(scene)})
             texts.append({"id": name, "kind": "text", "text": describe(scene, image_size)})
@@ -515,11 +537,13 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
                          "video": video})
             dialogs.append({"id": f"video_{name}_dialog", "messages": _turns("video", q), "video": video})
             every.append(dialogs[-1])
+            once.append(dialogs[-1])
             captions.append({"id": f"video_{name}", "kind": "video", "video": video, "text": caption(scene)})
             texts.append({"id": f"video_{name}", "kind": "text", "text": describe(scene, video_size)})
         _dump(chat, out / f"chat_{split}.jsonl")
         _dump(dialogs, out / f"dialog_{split}.jsonl")
         _dump(every, out / f"dialog_every_{split}.jsonl")
+        _dump(once, out / f"dialog_once_{split}.jsonl")
         _dump(captions, out / f"caption_{split}.jsonl")
         _dump([c for c in captions if c["kind"] == "caption"], out / f"image_caption_{split}.jsonl")
         _dump(texts, out / f"text_{split}.jsonl")
@@ -527,7 +551,8 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
         meta_counts[split] = {"images": len(image_plans[split]), "videos": len(video_plans[split]),
                               "caption_images": caption_images if split == "train" else 0,
                               "chat": len(chat), "dialog": len(dialogs),
-                              "dialog_every": len(every), "caption": len(captions), "text": len(texts),
+                              "dialog_every": len(every), "dialog_once": len(once),
+                              "caption": len(captions), "text": len(texts),
                               "qtype": {q: sum(per.values()) for q, per in answers.items()}, "answers": answers}
 
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers

@@ -196,6 +196,47 @@ def test_every_question_dialogs_ask_all_an_image_answers(runs):
         assert min(len(d["messages"]) // 2 for d in images) == 4 < max(len(d["messages"]) // 2 for d in images)
 
 
+def test_once_dialogs_ask_each_shape_once_in_every_questions_order(runs):
+    """dialog_once: of an image's dialog_every turns, in their order, the first that names each shape
+    of the caption, and the count; so no shape is named twice. Videos' dialogs as in dialog_every."""
+    root = runs["a"]
+    obj = re.compile(rf"an? ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) (?:at the|on the|in the) "
+                     rf"({'|'.join(sorted(POSITIONS, key=len, reverse=True))})")
+    for split in ("train", "test"):
+        captions = {c["images"][0]: c["text"] for c in _lines(root / f"image_caption_{split}.jsonl")}
+        every, once = (_lines(root / f"dialog_{kind}_{split}.jsonl") for kind in ("every", "once"))
+        assert [d for d in once if "video" in d] == [d for d in every if "video" in d]
+        assert [d.get("images") for d in once] == [d.get("images") for d in every]
+        turns = {}
+        for d in every + once:
+            if "images" in d:
+                users, assistants = d["messages"][0::2], d["messages"][1::2]
+                assert users[0]["content"][0] == {"type": "image"}
+                turns[d["id"]] = [(u["content"][-1]["text"], a["content"][0]["text"])
+                                  for u, a in zip(users, assistants)]
+        for d in (d for d in every if "images" in d):
+            objects = obj.findall(captions[d["images"][0]].lower())
+
+            def subject(question: str) -> int | None:  # the caption's object a question names
+                names = [(f"What colour is the {shape}?", f"What shape is {at(place)}?",
+                          f"Where is the {colour} {shape}?") for colour, shape, place in objects]
+                hits = [k for k, n in enumerate(names) if question in n]
+                assert len(hits) == 1 or question == TEMPLATES["count"], (question, objects)
+                return hits[0] if hits else None
+
+            expected, named = [], set()
+            for question, answer in turns[d["id"]]:
+                if (k := subject(question)) is None or k not in named:
+                    expected.append((question, answer))
+                    named.add(k)
+            kept = turns[d["id"].replace("_every", "_once")]
+            assert kept == expected
+            subjects = [subject(q) for q, _ in kept]  # each shape once, and the count
+            assert subjects.count(None) == 1
+            assert sorted(k for k in subjects if k is not None) == list(range(len(objects)))
+        assert any(len(turns[d["id"]]) > len(turns[d["id"].replace("_every", "_once")]) for d in every if "images" in d)
+
+
 def test_meta_counts_match_files(runs):
     meta = json.loads((runs["a"] / "meta.json").read_text())
     assert meta["answers"] == {q: list(v) for q, v in ANSWERS.items()}
