@@ -259,7 +259,7 @@ def every_question(scene: Scene) -> list[tuple[int | None, Question]]:
 def once_each(quiz: list[tuple[int | None, Question]]) -> list[Question]:
     """The questions of ``quiz`` (``every_question``'s pairs, in a dialog's order) that ask about a
     shape no earlier one asked about, and the count."""
-    asked: set[int] = set()
+    asked: set[int | None] = set()
     kept = []
     for subject, question in quiz:
         if subject is None or subject not in asked:
