@@ -632,6 +632,12 @@ class StageConfig:
     (routed and shared) / router -> true or false."""
     rope_theta: float | None = None
     """Set the model's RoPE base for this stage (1e5 in stages 1-2, 5e6 from the long-context stage)."""
+    image_token_cache_gb: float = 0.0
+    """Keep each image's and video frame's image tokens after their first pass, up to this many GB
+    per process (on the model's device), and skip decoding and encoding them when they are read
+    again (0 = off). For stages whose vision encoder and projector are frozen, with
+    ``data.num_workers=0`` (the loader asks the model's cache) and ZeRO stage 0-2; media from files
+    only (webdataset members are always decoded). ``aria.model.aria.ImageTokenCache``."""
     _path: str = field(default="stage", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -643,6 +649,9 @@ class StageConfig:
         _check(any(self.trainable.values()), f"{p}.trainable", self.trainable, "at least one group true")
         _check(self.rope_theta is None or (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0),
                f"{p}.rope_theta", self.rope_theta, "null or a positive number")
+        _check(isinstance(self.image_token_cache_gb, (int, float)) and not isinstance(self.image_token_cache_gb, bool)
+               and self.image_token_cache_gb >= 0, f"{p}.image_token_cache_gb", self.image_token_cache_gb,
+               "a number of GB >= 0")
 
 
 OBJECTIVES = ("lm", "contrastive", "caption_words")
@@ -857,6 +866,26 @@ RUN_NODES = {"data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfi
              "checkpoint": CheckpointConfig, "logging": LoggingConfig, "lora": LoRAConfig}
 
 
+def check_image_token_cache(cfg: "RunConfig") -> None:
+    """``stage.image_token_cache_gb`` needs a frozen image path, the loader in the training process
+    and vision weights every rank holds whole: a ``ValueError`` naming the field otherwise."""
+    training = [g for g in ("vision", "projector") if cfg.stage.trainable[g]]
+    problem = None
+    if training:
+        problem = (f"{', '.join(f'stage.trainable.{g}=true' for g in training)}: kept tokens would go "
+                   "stale as the weights move; freeze them or set stage.image_token_cache_gb=0")
+    elif cfg.data.num_workers:
+        problem = (f"data.num_workers={cfg.data.num_workers}: the loader leaves out the pixels of media "
+                   "the model's cache holds, which it sees only in the training process; set "
+                   "data.num_workers=0")
+    elif cfg.parallel.zero_stage == 3:
+        problem = ("parallel.zero_stage=3: a micro-batch whose media are all cached skips the vision "
+                   "encoder, and with it the parameter gathers the other ranks wait in; use zero_stage 0-2")
+    if problem is not None:
+        raise ValueError(f"config field 'stage.image_token_cache_gb' = {cfg.stage.image_token_cache_gb} "
+                         f"with {problem}")
+
+
 @dataclass
 class RunConfig:
     """Everything a training run needs; ``configs/`` + a recipe + overrides compose into it."""
@@ -906,6 +935,8 @@ class RunConfig:
         if cfg.parallel.ep_size != "node" and model.moe.num_experts % cfg.parallel.ep_size:
             raise ValueError(f"config field 'parallel.ep_size' = {cfg.parallel.ep_size} must divide "
                              f"model.moe.num_experts = {model.moe.num_experts}")
+        if cfg.stage.image_token_cache_gb:
+            check_image_token_cache(cfg)
         if cfg.lora.enabled and cfg.init.groups is not None:
             raise ValueError(f"config field 'init.groups' = {cfg.init.groups} with lora.enabled: a LoRA "
                              "run's base is its source as a whole; set init.groups=null")

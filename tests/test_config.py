@@ -126,6 +126,21 @@ def test_required_fields_are_named_when_a_run_is_composed():
         compose_dict("config", [])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("stage.trainable.vision=true", r"stage\.trainable\.vision=true: kept tokens would go stale"),
+    ("stage.trainable.projector=true", r"stage\.trainable\.projector=true"),
+    ("data.num_workers=2", r"data\.num_workers=2: .* set data\.num_workers=0"),
+    ("parallel.zero_stage=3", r"parallel\.zero_stage=3: .* use zero_stage 0-2"),
+])
+def test_the_image_token_cache_is_refused_where_kept_tokens_could_be_wrong(override, message):
+    from aria.train.compose import compose_run
+
+    args = ["stage.image_token_cache_gb=0.5", "parallel.ep_size=1"]
+    assert compose_run("quickstart", args, inputs=False).stage.image_token_cache_gb == 0.5
+    with pytest.raises(ValueError, match=r"'stage\.image_token_cache_gb' = 0\.5 with " + message):
+        compose_run("quickstart", [*args, override], inputs=False)
+
+
 # The layers of the package, top to bottom (docs/DESIGN: lower parts never import higher ones).
 LAYERS = [{"config", "rundir", "commands"}, {"data"}, {"model"}, {"parallel"}, {"convert"}, {"train"},
           {"inference", "evaluate"}, {"tools"}, {"cli"}]

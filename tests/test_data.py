@@ -382,6 +382,50 @@ def test_packed_row_gives_each_sample_its_own_loss(tok, shapes):
             assert abs(packed.item() - alone.item()) < 1e-4 * max(1.0, alone.item())
 
 
+def test_image_token_cache_leaves_seen_media_undecoded_and_embeds_the_same(tok, shapes):
+    """With the model's image-token cache as the processor's ``cached_media``, media already seen
+    come without pixels, and their <|img|> slots get the tokens of their first pass: a packed batch
+    of images (each asked several questions) and videos embeds exactly as without the cache, when
+    every block is new and when every block is cached."""
+    from aria.model.aria import ImageTokenCache
+
+    samples = [s for s, _ in itertools.islice(iterate_samples(str(shapes / "chat_train.jsonl"),
+                                                              processor(tok, image_size=490), "train"), 12)]
+    videos = {s.media[0].path: s for s, e in iterate_samples(str(shapes / "chat_train.jsonl"),
+                                                             processor(tok, image_size=490), "train") if e.num_frames}
+    samples += list(videos.values())[:2]  # two videos of 8 frames
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    plain, cached = processor(tok, image_size=490), processor(tok, image_size=490)
+    model.image_token_cache = cached.cached_media = ImageTokenCache(2**30)
+
+    def batch(proc):
+        encoded = [proc.encode(s) for s in samples]
+        row = Row([Piece(e, None) for e in encoded], sum(len(e) for e in encoded))
+        return collate([row], row.length, tok.pad_id, proc.tokens_per_crop)
+
+    def embed(b):
+        with torch.no_grad():
+            return model.embed(b.input_ids, b.pixel_values, b.pixel_mask, b.image_feature_order,
+                               image_blocks=b.image_blocks)
+
+    reference, first = batch(plain), batch(cached)
+    assert reference.image_blocks is None and reference.num_frames == 16
+    frames = [key for key, _, _ in first.image_blocks if key.startswith("video:")]
+    assert len(first.image_blocks) == 12 + 16 and len(frames) == len(set(frames)) == 16
+    assert not any(c for _, _, c in first.image_blocks) and torch.equal(first.pixel_values, reference.pixel_values)
+    assert torch.equal(embed(first), embed(reference))
+    assert len(model.image_token_cache) == len({key for key, _, _ in first.image_blocks}) < 28  # repeats kept once
+    second = batch(cached)
+    assert second.pixel_values is None and all(c for _, _, c in second.image_blocks)
+    assert [(k, n) for k, n, _ in second.image_blocks] == [(k, n) for k, n, _ in first.image_blocks]
+    assert torch.equal(embed(second), embed(reference))
+    assert model.image_token_cache.reads == 28
+    model.image_token_cache = None  # a batch that leans on a cache the model does not have is refused
+    with pytest.raises(ValueError, match="no image-token cache"):
+        embed(second)
+
+
 def test_too_long_is_skipped_but_text_documents_are_split(tok, shapes):
     samples, _ = encoded_samples(tok, shapes, 1)
     with pytest.raises(DataError, match="longer than the row") as err:

@@ -216,6 +216,9 @@ def test_packed_batch_pins_every_model_input(monkeypatch):
     pinned = batch.pin_memory()
     assert isinstance(pinned, PackedBatch) and len(calls) == 9
     for name, value in pinned.model_inputs().items():
+        if name == "image_blocks":  # cache keys and counts (None here), no tensor
+            assert value is None
+            continue
         for tensor in value if isinstance(value, list) else [value]:
             assert getattr(tensor, "pinned", False), name
     assert (pinned.num_targets, pinned.where, pinned.state) == (3, ["a:1"], {"stream": 1})

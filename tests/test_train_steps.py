@@ -1,9 +1,10 @@
 """What happens around a training step, each on a real (tiny) run: gradient accumulation against
 one big micro-batch, the stop on a non-finite gradient norm, pruning to the last k checkpoints,
-evaluation during training, auxiliary-loss-free balancing with global-batch statistics, and a
-missing dataset refused before any work.
+evaluation during training, auxiliary-loss-free balancing with global-batch statistics, a missing
+dataset refused before any work, and kept image tokens against the image path.
 
-The runs use ``test_train``'s one-row text documents and initial model (see its docstring).
+The runs use ``test_train``'s one-row text documents and initial model (see its docstring), but the
+last, which reads a small shapes world.
 """
 
 from __future__ import annotations
@@ -213,3 +214,33 @@ def test_a_missing_dataset_is_one_line_naming_its_config_field(setup, tmp_path, 
                           + [f"{field}={tmp_path / 'nowhere'}"])
         assert train(cfg) == 2 and not run_dir.exists()
         assert f"aria-train: config field '{field}': not found: {tmp_path / 'nowhere'}" in capfd.readouterr().err
+
+
+def _quickstart_job(rank: int, world: int, args: list[str]) -> None:
+    assert train(compose_run("quickstart", args)) == 0
+
+
+@pytest.mark.slow
+def test_kept_image_tokens_train_as_the_frozen_image_path_does(tmp_path):
+    """recipe=quickstart (vision encoder and projector frozen) on image questions and videos, without
+    and with kept image tokens (``stage.image_token_cache_gb``, the recipe's own setting): the same
+    losses and weights, and the run with the cache read most image blocks from it (each image is
+    asked several questions; 2 rows of 256 tokens a step over 6 images and 2 videos)."""
+    from helpers import shapes_world
+
+    data, tok = shapes_world(tmp_path, train_images=6, test_images=1, train_videos=2, test_videos=1)
+    common = [f"data.train={data / 'chat_train.jsonl'}", f"data.tokenizer={tok}", "logging=quiet",
+              "train.max_steps=6", "train.seq_len=256", "checkpoint.every_steps=0", "optim.eps=1e-3"]
+    plain, kept = tmp_path / "plain", tmp_path / "kept"
+    run_distributed(_quickstart_job, 1, ([f"run_dir={plain}", "stage.image_token_cache_gb=0", *common],),
+                    timeout=300)
+    run_distributed(_quickstart_job, 1, ([f"run_dir={kept}", "stage.image_token_cache_gb=0.01", *common],),
+                    timeout=300)
+    a, b = losses(plain), losses(kept)
+    assert len(a) == 6 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
+    wa, wb = final_weights(plain, 6), final_weights(kept, 6)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    last = records(kept)[-1]
+    assert "image_cache_reads" not in records(plain)[-1]
+    assert last["image_cache_blocks"] == 6 + 2 * 8  # every image and video frame, each once
+    assert last["image_cache_reads"] > 2 * last["image_cache_passes"], last

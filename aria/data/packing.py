@@ -57,6 +57,9 @@ class PackedBatch:
     pixel_values: Any = None
     pixel_mask: Any = None
     image_feature_order: torch.Tensor | None = None
+    image_blocks: list[tuple[str | None, int, bool]] | None = None
+    """With an image-token cache: every media block in slot order as (key, slots, cached); the
+    pixels hold the uncached ones only (``Processor.cached_media``, ``Aria.embed``)."""
     num_samples: int = 0
     num_targets: int = 0
     num_tokens: int = 0
@@ -73,7 +76,8 @@ class PackedBatch:
     def model_inputs(self) -> dict[str, Any]:
         return {"input_ids": self.input_ids, "targets": self.targets, "position_ids": self.position_ids,
                 "segment_ids": self.segment_ids, "pixel_values": self.pixel_values,
-                "pixel_mask": self.pixel_mask, "image_feature_order": self.image_feature_order}
+                "pixel_mask": self.pixel_mask, "image_feature_order": self.image_feature_order,
+                "image_blocks": self.image_blocks}
 
     def pin_memory(self) -> "PackedBatch":
         """A copy whose model inputs live in pinned (page-locked) host memory, so that copying them to
@@ -187,6 +191,8 @@ def collate(rows: list[Row], seq_len: int, pad_id: int, tokens_per_crop: dict[in
             position_ids_BL[b, at: at + n] = torch.arange(n)
             segment_ids_BL[b, at: at + n] = seg
             crops.extend(s.crops)
+            if s.image_blocks is not None:
+                batch.image_blocks = (batch.image_blocks or []) + s.image_blocks
             batch.num_images += s.num_images
             batch.num_frames += s.num_frames
             batch.num_samples += piece.chunk == 0

@@ -23,6 +23,11 @@ Design decisions:
   their boundary.
 - Crops are kept per media item in token order, each chunk of one size: image crops at
   ``image_size`` (980 by default) and video frames at ``video.image_size`` (490) may share a sample.
+- With an image-token cache (``cached_media``, a training run's ``stage.image_token_cache_gb``),
+  a media item read from a file whose every block the cache holds (an image's path; a video's path
+  and frame index per frame) is planned but not decoded: the sample keeps its <|img|> slots and
+  names the blocks (``EncodedSample.image_blocks``); the model fills them from the cache.
+  Inference (``__call__``) always decodes.
 - Text holding any special token string of the loaded tokenizer (``</s>``, ``<pad>``, Aria's
   markers, ...) is refused (``special_token_in_text``): tokenized, it would become a control id.
 """
@@ -35,7 +40,7 @@ import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Container
 
 import torch
 
@@ -76,6 +81,9 @@ class EncodedSample:
     document: bool = False
     """A document (any cut of it is still a document, so a text-only one may be split across rows);
     False for a conversation, which is never split."""
+    image_blocks: list[tuple[str | None, int, bool]] | None = None
+    """With an image-token cache (``Processor.cached_media``): each media block in token order as
+    (key, <|img|> slots, cached); a cached block has no entry in ``crops``. None without one."""
 
     def __len__(self) -> int:
         return self.input_ids.numel()
@@ -124,6 +132,8 @@ class _Planned:
     """Seconds of each video frame (None for an image)."""
     decode: Callable[[], list[ProcessedImage]]
     """The blocks' crops, one ``ProcessedImage`` per block."""
+    keys: list[str] | None = None
+    """Each block's key in an image-token cache: media read from a file (None otherwise)."""
 
 
 def tokenizer_mismatch(tokenizer: Tokenizer, model_cfg) -> str | None:
@@ -141,6 +151,11 @@ def tokenizer_mismatch(tokenizer: Tokenizer, model_cfg) -> str | None:
 class Processor:
     """Tokenizer + image processor + video sampling: ``encode(sample)`` for training,
     ``__call__(messages, images, videos)`` for inference."""
+
+    cached_media: Container[str] | None = None
+    """An image-token cache (``aria.model.aria.ImageTokenCache``, set by the trainer with
+    ``stage.image_token_cache_gb``): ``encode`` leaves out the pixels of media whose every block it
+    holds, and gives each sample its ``image_blocks``."""
 
     def __init__(self, tokenizer: Tokenizer, tokens_per_crop: dict[int, int], image_size: int = 980,
                  min_image_size: int = 336, split_image: bool = False,
@@ -198,6 +213,7 @@ class Processor:
 
             def decode() -> list[ProcessedImage]:
                 return [self.images(load_image(source(), name=name))]
+            keys = None if ref.data is not None else [f"image:{ref.path}"]
         else:  # an in-memory PIL image (inference): the image processor composites transparency
             width, height = ref.data.size
             if width < 1 or height < 1:
@@ -205,7 +221,9 @@ class Processor:
 
             def decode() -> list[ProcessedImage]:
                 return [self.images(ref.data)]
-        return _Planned(self.images.max_image_size, [self.images.num_crops(height, width)], None, decode)
+            keys = None
+        return _Planned(self.images.max_image_size, [self.images.num_crops(height, width)], None, decode,
+                        keys)
 
     def _plan_video(self, ref: MediaRef, stack: ExitStack) -> _Planned:
         side = self.video.image_size
@@ -227,20 +245,30 @@ class Processor:
         video = open_video(path)
         indices = sample_indices(video.num_total, video.fps, num_frames, fps,
                                  ref.max_frames or self.video.max_frames)
+        keys = None if ref.data is not None else [f"video:{path}@{i}" for i in indices]
         return _Planned(side, [1] * len(indices), [i / video.fps for i in indices],
-                        lambda: [self.frames(frame) for frame in video.decode(indices).frames])
+                        lambda: [self.frames(frame) for frame in video.decode(indices).frames], keys)
 
-    @staticmethod
-    def _decode(plans: list[_Planned]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        crops = []
+    def _decode(self, plans: list[_Planned], cache: Container[str] | None = None
+                ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[str | None, int, bool]] | None]:
+        """The crops of the media to decode, and (with an image-token ``cache``) every block in token
+        order as (key, slots, cached): media whose every block the cache holds are not decoded."""
+        crops, image_blocks = [], None if cache is None else []
         for plan in plans:
+            keys = plan.keys or [None] * len(plan.blocks)
+            Q = self.tokens_per_crop[plan.side]
+            if cache is not None and plan.keys is not None and all(key in cache for key in plan.keys):
+                image_blocks += [(key, n * Q, True) for key, n in zip(keys, plan.blocks)]
+                continue
             blocks = plan.decode()
             got = [b.num_crops for b in blocks]
             if got != plan.blocks:
                 raise MediaError(f"media decoded to {got} crops per block, but its header gave "
                                  f"{plan.blocks}", kind="bad_media")
             crops += [(b.pixel_values, b.pixel_mask) for b in blocks]
-        return crops
+            if image_blocks is not None:
+                image_blocks += [(key, n * Q, False) for key, n in zip(keys, plan.blocks)]
+        return crops, image_blocks
 
     # -- rendering ----------------------------------------------------------------------------
 
@@ -312,7 +340,8 @@ class Processor:
             raise DataError("no supervised token (empty assistant answer or document text)",
                             "no_supervised_tokens")
         targets = torch.cat([labels[1:], torch.tensor([IGNORE_INDEX])])
-        return EncodedSample(input_ids, targets, self._decode(plans), where=sample.where,
+        crops, image_blocks = self._decode(plans, self.cached_media)
+        return EncodedSample(input_ids, targets, crops, where=sample.where, image_blocks=image_blocks,
                              num_images=sum(p.stamps is None for p in plans),
                              num_frames=sum(len(p.stamps) for p in plans if p.stamps is not None),
                              document=not sample.is_chat)
@@ -371,7 +400,7 @@ class Processor:
         crops grouped as ``group_crops`` does, and the crop list itself (``crops``) for batching."""
         with ExitStack() as stack:
             text, plans, _ = self._render(sample, add_generation_prompt, stack)
-            crops = self._decode(plans)
+            crops, _ = self._decode(plans)
         inputs: dict[str, Any] = {"input_ids": torch.tensor([self.tokenizer.encode(str(text))]),
                                   "crops": crops}
         inputs.update(group_crops(crops, self.tokens_per_crop))

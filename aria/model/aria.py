@@ -28,6 +28,11 @@ Design decisions:
   their mean; "lme": over each of them, the (N, V) logits of the N image tokens returned too, and a
   document's logit of a token is their log-mean-exp over its image tokens (a soft maximum: one image
   token may say it).
+- Kept image tokens (``ImageTokenCache``, ``stage.image_token_cache_gb``): with the vision encoder
+  and projector frozen, a media block's tokens are the same every time, so the first pass's are
+  kept on the device under the block's key and later batches carry the key alone (``image_blocks``),
+  neither decoded by the loader nor encoded here. Cached and fresh rows are put in slot order by one
+  Python loop over the micro-batch's blocks (tens of them), no host sync.
 - Sequence parallelism (``aria.parallel.sequence``): embeddings, image features in their slots
   included, are made for whole rows; each rank of the group then keeps its tokens (and their
   positions and targets) while ``segment_ids`` stay whole, for attention over all of a row.
@@ -174,7 +179,56 @@ class LMHead(nn.Module):
                                      targets_BT.reshape(-1))
 
 
+class ImageTokenCache:
+    """The image tokens of media blocks already seen (``stage.image_token_cache_gb``): a block's key
+    (an image file, or one frame of a video file: ``Processor``) -> its (rows, D) projector outputs,
+    kept after the block's first pass through a frozen vision encoder and projector, which give the
+    same tokens every time. The training loader's processor asks ``key in cache`` and leaves the
+    pixels of a held block out of the batch. Nothing is ever evicted, so a block the loader found
+    here is still here when its batch reaches the model; once ``max_bytes`` are held, new blocks
+    are not kept (they are decoded and encoded every time, as without a cache)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.tokens: dict[str, torch.Tensor] = {}
+        self.reads = self.passes = 0
+        """Blocks taken from the cache, and blocks that went through the image path."""
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def take(self, key: str) -> torch.Tensor:
+        if key not in self.tokens:
+            raise KeyError(f"image block {key!r} came without pixels but is not in the image-token cache "
+                           "(a batch made for another process's cache?)")
+        self.reads += 1
+        return self.tokens[key]
+
+    def keep(self, key: str, rows_RD: torch.Tensor) -> None:
+        self.passes += 1
+        size = rows_RD.numel() * rows_RD.element_size()
+        if key not in self.tokens and self.bytes + size <= self.max_bytes:
+            self.tokens[key] = rows_RD.detach().clone()  # not a view that would hold the batch's tensor
+            self.bytes += size
+
+    def stats(self) -> dict[str, int]:
+        """Blocks kept, and blocks read from the cache and through the image path so far."""
+        return {"image_cache_blocks": len(self), "image_cache_reads": self.reads,
+                "image_cache_passes": self.passes}
+
+    def summary(self) -> str:
+        return (f"image-token cache: {len(self)} blocks kept ({self.bytes / 2**20:.1f} MiB), "
+                f"{self.reads} read from it, {self.passes} through the image path")
+
+
 class Aria(nn.Module):
+    image_token_cache: ImageTokenCache | None = None
+    """Set by the trainer with ``stage.image_token_cache_gb``; ``embed`` then fills the <|img|>
+    slots of blocks given without pixels (``image_blocks``) from it."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -234,13 +288,19 @@ class Aria(nn.Module):
         return self.projector(patches_NGD, valid_NG)
 
     def embed(self, input_ids_BT: torch.Tensor, pixel_values=None, pixel_mask=None,
-              image_feature_order: torch.Tensor | None = None, text: bool = True) -> torch.Tensor:
+              image_feature_order: torch.Tensor | None = None, text: bool = True,
+              image_blocks: list[tuple[str | None, int, bool]] | None = None) -> torch.Tensor:
         """Token embeddings with image features in the <|img|> slots (``text=False``: zeros outside
         them, with no embedding lookup, and so no gradient for the embedding table).
 
         ``pixel_values`` is one (N, C, H, W) tensor, or a list of them (one per crop size, e.g. 980 px
         images and 490 px video frames) with ``image_feature_order`` giving, for each <|img|> slot,
         its row among the per-size features flattened to (N_s * Q_s, D) and concatenated.
+
+        ``image_blocks`` (a loader with the image-token cache, ``ImageTokenCache``): every media block
+        in slot order as (key, slots, cached). A cached block has no pixels and takes its rows from
+        the cache; the others take theirs, in turn, from the features of ``pixel_values`` and are
+        kept under their key.
         """
         slots_BT = input_ids_BT == self.cfg.image_token_id
         num_slots = None  # unknown for shape-only inputs: the checks below are skipped
@@ -258,11 +318,24 @@ class Aria(nn.Module):
             embeds_BTD = self.decoder.embed(input_ids_BT)
         else:
             embeds_BTD = self.decoder.embed.weight.new_zeros(*input_ids_BT.shape, self.cfg.text.hidden_size)
-        if pixel_values is None:
+        if pixel_values is None and not image_blocks:
             if num_slots:
                 raise ValueError(f"input_ids hold {num_slots} <|img|> tokens (id "
                                  f"{self.cfg.image_token_id}) but no pixel_values were given")
             return embeds_BTD
+        rows_RD, described = self._pixel_rows(pixel_values, pixel_mask, image_feature_order)
+        if image_blocks is not None:
+            rows_RD = self._block_rows(rows_RD, image_blocks)
+            described += f" ({sum(cached for _, _, cached in image_blocks)} blocks from the image-token cache)"
+        if num_slots is None:  # shape-only inputs: every feature row is taken to have its slot
+            num_slots = rows_RD.shape[0]
+        return merge_image_features(embeds_BTD, slots_BT, num_slots, rows_RD, described)
+
+    def _pixel_rows(self, pixel_values, pixel_mask, image_feature_order) -> tuple[torch.Tensor | None, str]:
+        """The (R, D) image features of ``pixel_values`` in slot order (None without pixels), and a
+        description of their crops for messages."""
+        if pixel_values is None:
+            return None, ""
         if isinstance(pixel_values, torch.Tensor):
             features_NQD = self.image_features(pixel_values, pixel_mask)
             rows_RD = features_NQD.flatten(0, 1)
@@ -279,15 +352,38 @@ class Aria(nn.Module):
                                  f"{rows_RD.shape[0]} image features")
             rows_RD = rows_RD[image_feature_order]
             described = " (" + " + ".join(f"{g.shape[0]} crops x {g.shape[1]} queries" for g in groups) + ")"
-        if num_slots is None:  # shape-only inputs: every feature row is taken to have its slot
-            num_slots = rows_RD.shape[0]
-        return merge_image_features(embeds_BTD, slots_BT, num_slots, rows_RD, described)
+        return rows_RD, described
+
+    def _block_rows(self, rows_RD: torch.Tensor | None, image_blocks: list[tuple[str | None, int, bool]]
+                    ) -> torch.Tensor:
+        """Every block's rows in slot order: a cached block's from the image-token cache, the others'
+        from ``rows_RD`` in turn (each kept in the cache under its key)."""
+        cache, pieces, at = self.image_token_cache, [], 0
+        fresh = 0 if rows_RD is None else rows_RD.shape[0]
+        for key, slots, cached in image_blocks:
+            if cached:
+                if cache is None:
+                    raise ValueError(f"image block {key!r} came without pixels, but the model has no "
+                                     "image-token cache")
+                pieces.append(cache.take(key))
+                continue
+            if at + slots > fresh:
+                raise ValueError(f"image_blocks name more uncached slots than the {fresh} image features "
+                                 "of pixel_values")
+            pieces.append(rows_RD[at: at + slots])
+            if cache is not None and key is not None:
+                cache.keep(key, pieces[-1])
+            at += slots
+        if at != fresh:
+            raise ValueError(f"pixel_values give {fresh} image features but image_blocks take {at}")
+        return torch.cat(pieces) if pieces else rows_RD
 
     def forward(self, input_ids: torch.Tensor, pixel_values=None, pixel_mask=None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_to_keep: int | None = None, image_feature_order: torch.Tensor | None = None,
-                towers: bool = False, words: str | None = None) -> AriaOutput:
+                towers: bool = False, words: str | None = None,
+                image_blocks: list[tuple[str | None, int, bool]] | None = None) -> AriaOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         for name, value in (("position_ids", position_ids), ("segment_ids", segment_ids),
@@ -300,7 +396,8 @@ class Aria(nn.Module):
                 raise ValueError(f"words must be one of {WORD_POOLS}, got {words!r}")
             if segment_ids is None or self.sequence_parallel is not None or cache is not None:
                 raise ValueError("words needs segment_ids, no KV cache and no sequence parallelism")
-            images_BTD = self.embed(input_ids, pixel_values, pixel_mask, image_feature_order, text=False)
+            images_BTD = self.embed(input_ids, pixel_values, pixel_mask, image_feature_order, text=False,
+                                    image_blocks=image_blocks)
             slots_BT = input_ids == self.cfg.image_token_id
             if words == "mean":
                 image_SD, _ = document_means(images_BTD, slots_BT, segment_ids)
@@ -313,7 +410,8 @@ class Aria(nn.Module):
             token_logits_NV = self.lm_head(self.decoder.norm(images_ND))
             return AriaOutput(word_logits_SV=document_log_mean_exp(token_logits_NV, documents_N, S),
                               token_logits_NV=token_logits_NV, image_documents_N=documents_N)
-        embeds_BTD = self.embed(input_ids, pixel_values, pixel_mask, image_feature_order)
+        embeds_BTD = self.embed(input_ids, pixel_values, pixel_mask, image_feature_order,
+                                image_blocks=image_blocks)
         if towers:
             if segment_ids is None or self.sequence_parallel is not None or cache is not None:
                 raise ValueError("towers=True needs segment_ids, no KV cache and no sequence parallelism")

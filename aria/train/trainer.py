@@ -59,7 +59,7 @@ from aria.config import RunConfig, parse_mixture
 from aria.convert.lora_base import checked_base, read_base
 from aria.data.packing import to_device
 from aria.data.sources import check_datasets
-from aria.model.aria import Aria
+from aria.model.aria import Aria, ImageTokenCache
 from aria.model.layers import slow_bf16_warning
 from aria.model.lora import add_adapters, init_adapters
 from aria.model.moe import update_expert_bias
@@ -362,6 +362,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.load_message = None
         self.model = model = self.build_model()
+        if cfg.stage.image_token_cache_gb:  # the loader asks the cache the model fills (num_workers=0)
+            model.image_token_cache = ImageTokenCache(int(cfg.stage.image_token_cache_gb * 2**30))
+            self.processor.cached_media = model.image_token_cache
         self.engine, _, self.scheduler = build_engine(model, cfg, lr_multiplier(cfg.optim, cfg.train.max_steps),
                                                       self.ep_group_name)
         self.config_yaml = resolved_yaml(cfg)
@@ -528,6 +531,8 @@ class Trainer:
                   "skipped_samples": self._skipped(skipped)}
         if tokens_per_expert_LE is not None:
             record.update(expert_load(tokens_per_expert_LE))
+        if self.model.image_token_cache is not None:
+            record.update(self.model.image_token_cache.stats())
         return record
 
     def _evaluation_due(self) -> bool:
@@ -551,6 +556,8 @@ class Trainer:
             self.metrics.log(self.step, self.evaluate(self.engine))
         if self.saved_at != self.step:
             self._save(self.loader.state_dict())
+        if self.model.image_token_cache is not None:
+            self.metrics.message(self.model.image_token_cache.summary())
 
     def _stop_on_sigterm(self, before: dict) -> int:
         """The step's micro-batches stay untrained: the checkpoint starts with them (``before``)."""
