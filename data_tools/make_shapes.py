@@ -8,6 +8,7 @@ Run ``python -m data_tools.make_shapes --out DIR --seed S`` (see ``--help``). It
     dialog_{split}.jsonl            the same questions, one multi-turn conversation per image or video
     dialog_every_{split}.jsonl      every question an image answers in one conversation; videos as dialog
     dialog_once_{split}.jsonl       the same, each object asked about once: no answer follows from the turns before
+    dialog_type_{split}.jsonl       dialog_every's questions, one dialog per question type; videos' dialogs twice
     caption_{split}.jsonl           {"kind": "caption"} / {"kind": "video"} documents
     image_caption_{split}.jsonl     the image ("kind": "caption") half of caption_{split}.jsonl
                                     (train: also the ``--caption-images`` that have no questions)
@@ -42,6 +43,14 @@ Design decisions:
   single-turn question never has. ``dialog_once_{split}.jsonl`` keeps of dialog_every's questions,
   in its order, the first about each object and the count: no object is named twice, so every
   answer but the count's needs the image (the count may follow from the objects asked about).
+  ``dialog_type_{split}.jsonl`` keeps every question and asks it first of its kind: each image's
+  dialog_every questions as one dialog per question type (the count; the shape in each cell; the
+  colour of each shape; the place of each shape), each in dialog_every's order, the image in each.
+  No answer follows from another type's turns (a shape question's answer and a colour question's
+  place are what leak), and each type is learnt as the single-turn test asks it: nothing before it
+  in the dialog. An image is encoded four times as often as in dialog_every (a run that keeps image
+  tokens pays for it once: ``stage.image_token_cache_gb``); the videos' dialogs come twice, so that
+  in rows of these shorter samples videos keep about their share of the questions.
 - **Visible at low resolution.** At 490 px a grid cell is ~163 px and shapes span 68-90% of it,
   i.e. about 2x2 of the model's 70 px patches; the palette is spread in hue and far from the light
   backgrounds.
@@ -266,6 +275,15 @@ def once_each(quiz: list[tuple[int | None, Question]]) -> list[Question]:
             kept.append(question)
             asked.add(subject)
     return kept
+
+
+def by_type(quiz: list[tuple[int | None, Question]]) -> list[list[Question]]:
+    """The questions of ``quiz`` (``every_question``'s pairs, in a dialog's order) grouped by type,
+    the types in the order they first come, each group in ``quiz``'s order."""
+    groups: dict[str, list[Question]] = {}
+    for _, question in quiz:
+        groups.setdefault(question.qtype, []).append(question)
+    return list(groups.values())
 
 
 def plan_images(seed: int, split: str, n: int, image_size: int,
@@ -505,7 +523,7 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
     image_jobs, video_jobs = [], []
     meta_counts = {}
     for split in SPLITS:
-        chat, dialogs, every, once, captions, texts, asked = [], [], [], [], [], [], Counter()
+        chat, dialogs, every, once, typed, captions, texts, asked = [], [], [], [], [], [], [], Counter()
         for i, (scene, questions) in enumerate(image_plans[split]):
             name = f"{split}_{i:06d}"
             rel = f"images/{name}.png"
@@ -520,6 +538,8 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
             every.append({"id": f"{name}_every", "messages": _turns("image", *(q for _, q in quiz)),
                           "images": [rel]})
             once.append({"id": f"{name}_once", "messages": _turns("image", *once_each(quiz)), "images": [rel]})
+            typed += [{"id": f"{name}_{group[0].qtype}", "messages": _turns("image", *group), "images": [rel]}
+                      for group in by_type(quiz)]
             asked.update((q.qtype, q.answer) for q in questions)
             captions.append({"id": name, "kind": "caption", "images": [rel], "text": caption(scene)})
             texts.append({"id": name, "kind": "text", "text": describe(scene, image_size)})
@@ -538,12 +558,14 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
             dialogs.append({"id": f"video_{name}_dialog", "messages": _turns("video", q), "video": video})
             every.append(dialogs[-1])
             once.append(dialogs[-1])
+            typed += [{**dialogs[-1], "id": f"video_{name}_dialog_{k}"} for k in (0, 1)]
             captions.append({"id": f"video_{name}", "kind": "video", "video": video, "text": caption(scene)})
             texts.append({"id": f"video_{name}", "kind": "text", "text": describe(scene, video_size)})
         _dump(chat, out / f"chat_{split}.jsonl")
         _dump(dialogs, out / f"dialog_{split}.jsonl")
         _dump(every, out / f"dialog_every_{split}.jsonl")
         _dump(once, out / f"dialog_once_{split}.jsonl")
+        _dump(typed, out / f"dialog_type_{split}.jsonl")
         _dump(captions, out / f"caption_{split}.jsonl")
         _dump([c for c in captions if c["kind"] == "caption"], out / f"image_caption_{split}.jsonl")
         _dump(texts, out / f"text_{split}.jsonl")
@@ -551,7 +573,7 @@ def make_shapes(out_dir: str | Path, seed: int, train_images: int = 2000, test_i
         meta_counts[split] = {"images": len(image_plans[split]), "videos": len(video_plans[split]),
                               "caption_images": caption_images if split == "train" else 0,
                               "chat": len(chat), "dialog": len(dialogs),
-                              "dialog_every": len(every), "dialog_once": len(once),
+                              "dialog_every": len(every), "dialog_once": len(once), "dialog_type": len(typed),
                               "caption": len(captions), "text": len(texts),
                               "qtype": {q: sum(per.values()) for q, per in answers.items()}, "answers": answers}
 

@@ -3,7 +3,8 @@
 # KV-cache generation, the same logits from transformers), then the whole workflow on the shapes
 # world: make the data, train a tokenizer, pretrain a vision encoder (model=tiny's at width 128)
 # on the captions (recipe=quickstart_vision: each image predicts its caption's tokens and which go
-# together), train model=tiny from it, the encoder and projector frozen (recipe=quickstart),
+# together), train model=tiny from it on each image's questions, one dialog per question type, the
+# encoder and projector frozen and their image tokens kept (recipe=quickstart),
 # measure its answer accuracy on the test split, export it to a Hugging Face directory and ask it
 # about an image; last, its training curves (curves.png).
 #
@@ -23,12 +24,12 @@ python scripts/quickstart.py
 echo "== 2/7 the shapes world -> $DATA"
 # 4-frame videos (make_shapes' default is 8): the direction of a motion shows in 4 frames, and the
 # run's frozen crops cost per frame (recipes/quickstart.yaml). A world of an older make_shapes (no
-# dialog_every_train.jsonl) or with other videos is made again, and its tokenizer with it; runs
+# dialog_type_train.jsonl) or with other videos is made again, and its tokenizer with it; runs
 # trained on it are not resumed on the new one.
-if [[ ! -f $DATA/dialog_every_train.jsonl ]] || ! grep -qs '"video_frames": 4,' "$DATA/meta.json"; then
+if [[ ! -f $DATA/dialog_type_train.jsonl ]] || ! grep -qs '"video_frames": 4,' "$DATA/meta.json"; then
   if [[ -e $OUT/vision || -e $OUT/run ]]; then
     echo "error: $OUT holds runs, but its shapes world is missing or older (8-frame videos or no" \
-      "dialog_every_train.jsonl): they would resume on another world; use a new QUICKSTART_DIR" \
+      "dialog_type_train.jsonl): they would resume on another world; use a new QUICKSTART_DIR" \
       "or remove $OUT/vision and $OUT/run" >&2
     exit 1
   fi
@@ -47,7 +48,7 @@ python -m aria.train recipe=quickstart_vision run_dir="$OUT/vision" data.train="
   data.tokenizer="$DATA/tokenizer" logging.wandb=disabled
 
 echo "== 5/7 training model=tiny from stage 0's vision encoder and projector, frozen (recipe=quickstart) -> $OUT/run"
-python -m aria.train recipe=quickstart run_dir="$OUT/run" data.train="$DATA/dialog_every_train.jsonl" \
+python -m aria.train recipe=quickstart run_dir="$OUT/run" data.train="$DATA/dialog_type_train.jsonl" \
   data.tokenizer="$DATA/tokenizer" init.from_checkpoint="$OUT/vision" 'init.groups=[vision,projector]' \
   logging.wandb=disabled "$@"
 

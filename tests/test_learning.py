@@ -2,11 +2,11 @@
 
 The quickstart's two recipes, shortened: a stage 0 (``recipe=quickstart_vision``: each image
 predicts its caption's tokens), then the quickstart recipe from its vision encoder and projector
-(both frozen), ``model=tiny`` with the recipes' 128-wide vision encoder, for about two minutes on a
-small shapes world (dialogs that ask each image every question it answers). The measure is the
-held-out answer loss of the multiple-choice read-out: each test question scored against every
-answer of its type, the options' log-probabilities normalised into a distribution, and the negative
-log-probability of the truth. The shapes world balances every question type's answers and keeps the
+(both frozen, their image tokens kept), ``model=tiny`` with the recipes' 128-wide vision encoder, for
+about two minutes on a small shapes world (every question each image answers, one dialog per
+question type). The measure is the held-out answer loss of the multiple-choice read-out: each test
+question scored against every answer of its type, the options' log-probabilities normalised into a
+distribution, and the negative log-probability of the truth. The shapes world balances every question type's answers and keeps the
 question text independent of them, so no model that ignores the image can do better on average than
 log(number of answers) per question: that is the image-blind bound. The trained model must get far
 below it, and the same model shown the wrong image (each test question paired with another test
@@ -75,7 +75,7 @@ def trained(tmp_path_factory):
     run_distributed(_train, 1, ("quickstart", [
         f"run_dir={run_dir}", f"train.max_steps={STEPS}", f"init.from_checkpoint={vision}",
         "init.groups=[vision,projector]",
-        f"data.train={data / 'dialog_every_train.jsonl'}",
+        f"data.train={data / 'dialog_type_train.jsonl'}",
         *common]), timeout=600)
     model, processor = load_inference(run_dir, device="cpu")
     return data, model, processor

@@ -237,6 +237,42 @@ def test_once_dialogs_ask_each_shape_once_in_every_questions_order(runs):
         assert any(len(turns[d["id"]]) > len(turns[d["id"].replace("_every", "_once")]) for d in every if "images" in d)
 
 
+def test_type_dialogs_ask_every_question_first_of_its_kind(runs):
+    """dialog_type: an image's dialog_every turns split by question type (read from the question's
+    template), one dialog each, the types in the order they first come, each in dialog_every's
+    order, the image in each dialog's first turn; videos' dialogs twice each."""
+    root = runs["a"]
+    kind_of = {template.split("{")[0].split()[0] + " " + template.split("{")[0].split()[1]: q
+               for q, template in TEMPLATES.items()}
+    for split in ("train", "test"):
+        every, typed = (_lines(root / f"dialog_{kind}_{split}.jsonl") for kind in ("every", "type"))
+        videos = [d["messages"] for d in every if "video" in d]
+        assert [d["messages"] for d in typed if "video" in d] == [m for m in videos for _ in (0, 1)]
+        assert len({d["id"] for d in typed}) == len(typed)
+        dialogs = {}
+        for d in (d for d in typed if "images" in d):
+            dialogs.setdefault(d["images"][0], []).append(d)
+        assert sorted(dialogs) == sorted(d["images"][0] for d in every if "images" in d)
+        for d in (d for d in every if "images" in d):
+            turns = [(u["content"][-1]["text"], a["content"][0]["text"])
+                     for u, a in zip(d["messages"][0::2], d["messages"][1::2])]
+            expected = {}
+            for question, answer in turns:
+                expected.setdefault(kind_of[" ".join(question.split()[:2])], []).append((question, answer))
+            got = {}
+            for t in dialogs[d["images"][0]]:
+                users, assistants = t["messages"][0::2], t["messages"][1::2]
+                assert users[0]["content"][0] == {"type": "image"}
+                assert all({"type": "image"} not in u["content"] for u in users[1:])
+                asked = [(u["content"][-1]["text"], a["content"][0]["text"]) for u, a in zip(users, assistants)]
+                kinds = {kind_of[" ".join(q.split()[:2])] for q, _ in asked}
+                assert len(kinds) == 1 and t["id"].endswith(f"_{kinds.pop()}")
+                got[kind_of[" ".join(asked[0][0].split()[:2])]] = asked
+            assert list(got.items()) == list(expected.items())  # the types in first-come order
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["counts"]["train"]["dialog_type"] == len(_lines(root / "dialog_type_train.jsonl"))
+
+
 def test_meta_counts_match_files(runs):
     meta = json.loads((runs["a"] / "meta.json").read_text())
     assert meta["answers"] == {q: list(v) for q, v in ANSWERS.items()}
