@@ -223,24 +223,29 @@ def _quickstart_job(rank: int, world: int, args: list[str]) -> None:
 @pytest.mark.slow
 def test_kept_image_tokens_train_as_the_frozen_image_path_does(tmp_path):
     """recipe=quickstart (vision encoder and projector frozen) on image questions and videos, without
-    and with kept image tokens (``stage.image_token_cache_gb``, the recipe's own setting): the same
-    losses and weights, and the run with the cache read most image blocks from it (each image is
-    asked several questions; 2 rows of 256 tokens a step over 6 images and 2 videos)."""
+    and with kept image tokens (``stage.image_token_cache_gb``, the recipe's own setting), and with
+    them on 2 processes (a cache each): the same losses and weights, and the runs with the cache read
+    most image blocks from it (each image is asked several questions; a step is 2 rows of 256 tokens,
+    one of each of 2 data streams, over 6 images and 2 videos)."""
     from helpers import shapes_world
 
     data, tok = shapes_world(tmp_path, train_images=6, test_images=1, train_videos=2, test_videos=1)
     common = [f"data.train={data / 'chat_train.jsonl'}", f"data.tokenizer={tok}", "logging=quiet",
-              "train.max_steps=6", "train.seq_len=256", "checkpoint.every_steps=0", "optim.eps=1e-3"]
-    plain, kept = tmp_path / "plain", tmp_path / "kept"
-    run_distributed(_quickstart_job, 1, ([f"run_dir={plain}", "stage.image_token_cache_gb=0", *common],),
-                    timeout=300)
-    run_distributed(_quickstart_job, 1, ([f"run_dir={kept}", "stage.image_token_cache_gb=0.01", *common],),
-                    timeout=300)
-    a, b = losses(plain), losses(kept)
-    assert len(a) == 6 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
-    wa, wb = final_weights(plain, 6), final_weights(kept, 6)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
-    last = records(kept)[-1]
+              "train.max_steps=6", "train.seq_len=256", "checkpoint.every_steps=0", "optim.eps=1e-3",
+              "data.streams=2", "train.micro_batch_size=1"]
+    plain, kept, two = tmp_path / "plain", tmp_path / "kept", tmp_path / "two"
+    one = ["train.grad_accum=2", *common]  # the two streams' rows in turn, as the two processes read them
+    run_distributed(_quickstart_job, 1, ([f"run_dir={plain}", "stage.image_token_cache_gb=0", *one],), timeout=300)
+    run_distributed(_quickstart_job, 1, ([f"run_dir={kept}", "stage.image_token_cache_gb=0.01", *one],), timeout=300)
+    run_distributed(_quickstart_job, 2, ([f"run_dir={two}", "stage.image_token_cache_gb=0.01", *common],), timeout=300)
+    wa = final_weights(plain, 6)
+    for run_dir in (kept, two):
+        a, b = losses(plain), losses(run_dir)
+        assert len(a) == 6 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (run_dir, a, b)
+        wb = final_weights(run_dir, 6)
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
     assert "image_cache_reads" not in records(plain)[-1]
+    last = records(kept)[-1]
     assert last["image_cache_blocks"] == 6 + 2 * 8  # every image and video frame, each once
     assert last["image_cache_reads"] > 2 * last["image_cache_passes"], last
+    assert records(two)[-1]["image_cache_reads"] > 0  # rank 0's own cache
