@@ -637,7 +637,8 @@ class StageConfig:
     per process (on the model's device), and skip decoding and encoding them when they are read
     again (0 = off). For stages whose vision encoder and projector are frozen, with
     ``data.num_workers=0`` (the loader asks the model's cache) and ZeRO stage 0-2; media from files
-    only (webdataset members are always decoded). ``aria.model.aria.ImageTokenCache``."""
+    only (webdataset members are always decoded), keyed by path: a file rewritten during the run
+    keeps its first tokens. ``aria.model.aria.ImageTokenCache``."""
     _path: str = field(default="stage", repr=False, compare=False)
 
     def __post_init__(self) -> None:
