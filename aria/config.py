@@ -635,10 +635,14 @@ class StageConfig:
     image_token_cache_gb: float = 0.0
     """Keep each image's and video frame's image tokens after their first pass, up to this many GB
     per process (on the model's device), and skip decoding and encoding them when they are read
-    again (0 = off). For stages whose vision encoder and projector are frozen, with
-    ``data.num_workers=0`` (the loader asks the model's cache) and ZeRO stage 0-2; media from files
-    only (webdataset members are always decoded), keyed by path: a file rewritten during the run
-    keeps its first tokens. ``aria.model.aria.ImageTokenCache``."""
+    again (0 = off). For stages whose vision encoder and projector are frozen; with the patch
+    projection frozen and the rest of the encoder or the projector training
+    (``optim.lr_scale.patch_embed=0``, or ``trainable.vision=false``), each crop's patch embeddings
+    are kept instead and the encoder's layers run on them (one crop size: ``data.image_size`` =
+    ``data.video.image_size``; ``image_cache_level``). With ``data.num_workers=0`` (the loader asks
+    the model's cache) and ZeRO stage 0-2; media from files only (webdataset members are always
+    decoded), keyed by path: a file rewritten during the run keeps its first tokens.
+    ``aria.model.aria.ImageTokenCache``."""
     _path: str = field(default="stage", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -867,21 +871,46 @@ RUN_NODES = {"data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfi
              "checkpoint": CheckpointConfig, "logging": LoggingConfig, "lora": LoRAConfig}
 
 
+def image_cache_level(cfg: "RunConfig") -> str | None:
+    """What ``stage.image_token_cache_gb`` keeps in this run (``aria.model.aria.ImageTokenCache``):
+    "tokens" with the vision encoder and projector frozen, "patches" with the patch projection
+    frozen and the rest of the encoder or the projector training, else None. A group is frozen by
+    ``stage.trainable`` or an ``optim.lr_scale`` of 0 (``aria.train.stages``); the patch projection
+    by its group's, its own ``optim.lr_scale.patch_embed`` of 0, or LoRA (which adapts linear
+    layers alone, on their frozen base weights)."""
+    scale, trainable = cfg.optim.lr_scale, cfg.stage.trainable
+    patches_frozen = (cfg.lora.enabled or not trainable["vision"]
+                      or scale.get("patch_embed", scale.get("vision", 1.0)) == 0)
+    vision_frozen = not trainable["vision"] or (scale.get("vision", 1.0) == 0 and patches_frozen)
+    if vision_frozen and (not trainable["projector"] or scale.get("projector", 1.0) == 0):
+        return "tokens"
+    return "patches" if patches_frozen else None
+
+
 def check_image_token_cache(cfg: "RunConfig") -> None:
-    """``stage.image_token_cache_gb`` needs a frozen image path, the loader in the training process
-    and vision weights every rank holds whole: a ``ValueError`` naming the field otherwise."""
-    training = [g for g in ("vision", "projector") if cfg.stage.trainable[g]]
+    """``stage.image_token_cache_gb`` needs a frozen image path (at least the patch projection; with
+    it alone, one crop size), the loader in the training process and vision weights every rank holds
+    whole: a ``ValueError`` naming the field otherwise."""
+    level = image_cache_level(cfg)
     problem = None
-    if training:
-        problem = (f"{', '.join(f'stage.trainable.{g}=true' for g in training)}: kept tokens would go "
-                   "stale as the weights move; freeze them or set stage.image_token_cache_gb=0")
+    if level is None:
+        problem = ("the patch projection training (stage.trainable.vision=true, optim.lr_scale.patch_embed "
+                   "not 0): kept tokens or patch embeddings would go stale as the weights move; freeze "
+                   "the vision encoder and projector (kept image tokens) or the patch projection "
+                   "(optim.lr_scale.patch_embed=0: kept patch embeddings), or set stage.image_token_cache_gb=0")
+    elif level == "patches" and cfg.data.image_size != cfg.data.video.image_size:
+        problem = (f"kept patch embeddings (the patch projection frozen, the encoder or projector "
+                   f"training) and data.image_size={cfg.data.image_size} but data.video.image_size="
+                   f"{cfg.data.video.image_size}: the encoder takes the kept crops and new ones in one "
+                   "batch, which needs one crop size; set them equal")
     elif cfg.data.num_workers:
         problem = (f"data.num_workers={cfg.data.num_workers}: the loader leaves out the pixels of media "
                    "the model's cache holds, which it sees only in the training process; set "
                    "data.num_workers=0")
     elif cfg.parallel.zero_stage == 3:
-        problem = ("parallel.zero_stage=3: a micro-batch whose media are all cached skips the vision "
-                   "encoder, and with it the parameter gathers the other ranks wait in; use zero_stage 0-2")
+        problem = ("parallel.zero_stage=3: a micro-batch whose media are all cached skips part of the "
+                   "vision encoder (all of it, or its patch projection), and with it the parameter "
+                   "gathers the other ranks wait in; use zero_stage 0-2")
     if problem is not None:
         raise ValueError(f"config field 'stage.image_token_cache_gb' = {cfg.stage.image_token_cache_gb} "
                          f"with {problem}")

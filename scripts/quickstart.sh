@@ -3,10 +3,10 @@
 # KV-cache generation, the same logits from transformers), then the whole workflow on the shapes
 # world: make the data, train a tokenizer, pretrain a vision encoder (model=tiny's at width 128)
 # on the captions (recipe=quickstart_vision: each image predicts its caption's tokens and which go
-# together), train model=tiny from it on each image's questions, one dialog per question type, the
-# encoder and projector frozen and their image tokens kept (recipe=quickstart),
-# measure its answer accuracy on the test split, export it to a Hugging Face directory and ask it
-# about an image; last, its training curves (curves.png).
+# together; each image's patch embeddings kept after its first pass), train model=tiny from it on
+# each image's questions, one dialog per question type, the encoder and projector frozen and their
+# image tokens kept (recipe=quickstart), measure its answer accuracy on the test split, export it
+# to a Hugging Face directory and ask it about an image; last, its training curves (curves.png).
 #
 #   bash scripts/quickstart.sh [key=value ...]      # overrides go to the training run
 #

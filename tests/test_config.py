@@ -126,19 +126,51 @@ def test_required_fields_are_named_when_a_run_is_composed():
         compose_dict("config", [])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("stage.trainable.vision=true", r"stage\.trainable\.vision=true: kept tokens would go stale"),
-    ("stage.trainable.projector=true", r"stage\.trainable\.projector=true"),
-    ("data.num_workers=2", r"data\.num_workers=2: .* set data\.num_workers=0"),
-    ("parallel.zero_stage=3", r"parallel\.zero_stage=3: .* use zero_stage 0-2"),
+@pytest.mark.parametrize("recipe, overrides, message", [
+    ("quickstart", ["stage.trainable.vision=true"], r"the patch projection training .*: kept tokens or patch "
+     r"embeddings would go stale .* set stage\.image_token_cache_gb=0"),
+    ("quickstart_vision", ["optim.lr_scale.patch_embed=0.1"], r"the patch projection training"),
+    ("quickstart_vision", ["data.image_size=980"],
+     r"kept patch embeddings .* and data\.image_size=980 but data\.video\.image_size=490: .* one crop size"),
+    ("quickstart", ["data.num_workers=2"], r"data\.num_workers=2: .* set data\.num_workers=0"),
+    ("quickstart", ["parallel.zero_stage=3"], r"parallel\.zero_stage=3: .* use zero_stage 0-2"),
 ])
-def test_the_image_token_cache_is_refused_where_kept_tokens_could_be_wrong(override, message):
+def test_the_image_token_cache_is_refused_where_kept_tokens_could_be_wrong(recipe, overrides, message):
     from aria.train.compose import compose_run
 
     args = ["stage.image_token_cache_gb=0.5", "parallel.ep_size=1"]
-    assert compose_run("quickstart", args, inputs=False).stage.image_token_cache_gb == 0.5
+    assert compose_run(recipe, args, inputs=False).stage.image_token_cache_gb == 0.5
     with pytest.raises(ValueError, match=r"'stage\.image_token_cache_gb' = 0\.5 with " + message):
-        compose_run("quickstart", [*args, override], inputs=False)
+        compose_run(recipe, [*args, *overrides], inputs=False)
+
+
+@pytest.mark.parametrize("recipe, overrides, level", [
+    ("quickstart", [], "tokens"),
+    ("quickstart", ["stage.trainable.vision=true", "+optim.lr_scale.vision=0"], "tokens"),
+    ("quickstart", ["stage.trainable.projector=true"], "patches"),  # the encoder frozen, its outputs not
+    ("quickstart", ["stage.trainable.vision=true", "+optim.lr_scale.vision=0", "+optim.lr_scale.projector=1",
+                    "stage.trainable.projector=true"], "patches"),
+    ("quickstart", ["stage.trainable.vision=true", "+optim.lr_scale.vision=0", "+optim.lr_scale.patch_embed=1"],
+     None),  # the patch projection trains though the rest of the encoder does not
+    ("quickstart_vision", [], "patches"),
+    ("stage0_vision", [], None),
+])
+def test_what_the_image_token_cache_keeps_follows_what_is_frozen(recipe, overrides, level):
+    """The level the config picks, and the parameters the run trains: "tokens" only where no vision
+    or projector parameter takes a gradient, "patches" only where the patch projection takes none."""
+    from aria.config import image_cache_level
+    from aria.model.aria import build_model
+    from aria.train.compose import compose_run
+    from aria.train.stages import apply_stage
+
+    args = ["parallel.ep_size=1", "stage.image_token_cache_gb=0", *overrides]  # composes where no level fits
+    cfg = compose_run(recipe, args, inputs=False)
+    assert image_cache_level(cfg) == level
+    model = build_model(cfg.model, device="meta")
+    apply_stage(model, cfg.stage, cfg.lora, cfg.optim.lr_scale)
+    patches = not any(p.requires_grad for p in model.vision.patch_embed.parameters())
+    image_path = not any(p.requires_grad for m in (model.vision, model.projector) for p in m.parameters())
+    assert (level is not None) == patches and (level == "tokens") == image_path
 
 
 # The layers of the package, top to bottom (docs/DESIGN: lower parts never import higher ones).

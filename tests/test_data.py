@@ -382,11 +382,14 @@ def test_packed_row_gives_each_sample_its_own_loss(tok, shapes):
             assert abs(packed.item() - alone.item()) < 1e-4 * max(1.0, alone.item())
 
 
-def test_image_token_cache_leaves_seen_media_undecoded_and_embeds_the_same(tok, shapes):
+@pytest.mark.parametrize("level", ["tokens", "patches"])
+def test_image_token_cache_leaves_seen_media_undecoded_and_embeds_the_same(tok, shapes, tmp_path, level):
     """With the model's image-token cache as the processor's ``cached_media``, media already seen
-    come without pixels, and their <|img|> slots get the tokens of their first pass: a packed batch
-    of images (each asked several questions) and videos embeds exactly as without the cache, when
-    every block is new and when every block is cached."""
+    come without pixels, and their <|img|> slots get the tokens of their first pass (level
+    "tokens"), or the vision layers and projector over the patch embeddings of their first pass
+    (level "patches"): a packed batch of images (each asked several questions, one of them wide, so
+    part of its crop is padding) and videos embeds exactly as without the cache, when every block is
+    new, when every block is cached, and when some are."""
     from aria.model.aria import ImageTokenCache
 
     samples = [s for s, _ in itertools.islice(iterate_samples(str(shapes / "chat_train.jsonl"),
@@ -394,13 +397,17 @@ def test_image_token_cache_leaves_seen_media_undecoded_and_embeds_the_same(tok, 
     videos = {s.media[0].path: s for s, e in iterate_samples(str(shapes / "chat_train.jsonl"),
                                                              processor(tok, image_size=490), "train") if e.num_frames}
     samples += list(videos.values())[:2]  # two videos of 8 frames
+    record = json.loads((shapes / "chat_train.jsonl").read_text().splitlines()[0])
+    Image.open(shapes / record["images"][0]).crop((0, 0, 490, 280)).save(tmp_path / "wide.png")
+    (tmp_path / "wide.jsonl").write_text(json.dumps({**record, "images": ["wide.png"]}) + "\n")
+    samples += [s for s, _ in iterate_samples(str(tmp_path / "wide.jsonl"), processor(tok, image_size=490), "train")]
     torch.manual_seed(0)
     model = build_model(TINY).eval()
     plain, cached = processor(tok, image_size=490), processor(tok, image_size=490)
-    model.image_token_cache = cached.cached_media = ImageTokenCache(2**30)
+    model.image_token_cache = cached.cached_media = ImageTokenCache(2**30, level)
 
-    def batch(proc):
-        encoded = [proc.encode(s) for s in samples]
+    def batch(proc, chosen=samples):
+        encoded = [proc.encode(s) for s in chosen]
         row = Row([Piece(e, None) for e in encoded], sum(len(e) for e in encoded))
         return collate([row], row.length, tok.pad_id, proc.tokens_per_crop)
 
@@ -411,16 +418,23 @@ def test_image_token_cache_leaves_seen_media_undecoded_and_embeds_the_same(tok, 
 
     reference, first = batch(plain), batch(cached)
     assert reference.image_blocks is None and reference.num_frames == 16
+    assert not bool(reference.pixel_mask.all())  # the wide image's padding
     frames = [key for key, _, _ in first.image_blocks if key.startswith("video:")]
-    assert len(first.image_blocks) == 12 + 16 and len(frames) == len(set(frames)) == 16
+    assert len(first.image_blocks) == 13 + 16 and len(frames) == len(set(frames)) == 16
     assert not any(c for _, _, c in first.image_blocks) and torch.equal(first.pixel_values, reference.pixel_values)
     assert torch.equal(embed(first), embed(reference))
-    assert len(model.image_token_cache) == len({key for key, _, _ in first.image_blocks}) < 28  # repeats kept once
+    assert len(model.image_token_cache) == len({key for key, _, _ in first.image_blocks}) < 29  # repeats kept once
     second = batch(cached)
     assert second.pixel_values is None and all(c for _, _, c in second.image_blocks)
     assert [(k, n) for k, n, _ in second.image_blocks] == [(k, n) for k, n, _ in first.image_blocks]
     assert torch.equal(embed(second), embed(reference))
-    assert model.image_token_cache.reads == 28
+    assert model.image_token_cache.reads == 29
+    # some blocks cached, the others new, in one batch: the first video and the wide image seen before
+    model.image_token_cache = cached.cached_media = ImageTokenCache(2**30, level)
+    embed(batch(cached, [samples[12], samples[14]]))
+    mixed = batch(cached)
+    assert 0 < sum(c for _, _, c in mixed.image_blocks) < len(mixed.image_blocks)
+    assert torch.equal(embed(mixed), embed(reference))
     model.image_token_cache = None  # a batch that leans on a cache the model does not have is refused
     with pytest.raises(ValueError, match="no image-token cache"):
         embed(second)

@@ -216,28 +216,35 @@ def test_a_missing_dataset_is_one_line_naming_its_config_field(setup, tmp_path, 
         assert f"aria-train: config field '{field}': not found: {tmp_path / 'nowhere'}" in capfd.readouterr().err
 
 
-def _quickstart_job(rank: int, world: int, args: list[str]) -> None:
-    assert train(compose_run("quickstart", args)) == 0
+def _recipe_job(rank: int, world: int, recipe: str, args: list[str]) -> None:
+    assert train(compose_run(recipe, args)) == 0
 
 
 @pytest.mark.slow
-def test_kept_image_tokens_train_as_the_frozen_image_path_does(tmp_path):
-    """recipe=quickstart (vision encoder and projector frozen) on image questions and videos, without
-    and with kept image tokens (``stage.image_token_cache_gb``, the recipe's own setting), and with
-    them on 2 processes (a cache each): the same losses and weights, and the runs with the cache read
-    most image blocks from it (each image is asked several questions; a step is 2 rows of 256 tokens,
-    one of each of 2 data streams, over 6 images and 2 videos)."""
+@pytest.mark.parametrize("recipe, data, blocks, extra", [
+    ("quickstart", "chat_train.jsonl", 6 + 2 * 8, []),  # every image and video frame, each once
+    # the encoder's layers in chunks of 4 crops, each recomputed in backward
+    ("quickstart_vision", "image_caption_train.jsonl", 6, ["model.vision.crop_chunk=4"]),
+])
+def test_kept_image_tokens_train_as_without_them(tmp_path, recipe, data, blocks, extra):
+    """Kept image tokens (``stage.image_token_cache_gb``, the recipes' own setting): recipe=quickstart
+    (vision encoder and projector frozen: tokens kept) on image questions and videos, and
+    recipe=quickstart_vision (stage 0: the encoder trains from its frozen patch projection, whose
+    patch embeddings are kept) on image captions, each without the cache, with it, and with it on 2
+    processes (a cache each): the same losses and weights, and the runs with the cache read most
+    image blocks from it (a step is 2 rows of 256 tokens, one of each of 2 data streams; the world
+    has 6 images and 2 videos)."""
     from helpers import shapes_world
 
-    data, tok = shapes_world(tmp_path, train_images=6, test_images=1, train_videos=2, test_videos=1)
-    common = [f"data.train={data / 'chat_train.jsonl'}", f"data.tokenizer={tok}", "logging=quiet",
+    root, tok = shapes_world(tmp_path, train_images=6, test_images=1, train_videos=2, test_videos=1)
+    common = [f"data.train={root / data}", f"data.tokenizer={tok}", "logging=quiet",
               "train.max_steps=6", "train.seq_len=256", "checkpoint.every_steps=0", "optim.eps=1e-3",
-              "data.streams=2", "train.micro_batch_size=1"]
+              "data.streams=2", "train.micro_batch_size=1", *extra]
     plain, kept, two = tmp_path / "plain", tmp_path / "kept", tmp_path / "two"
     one = ["train.grad_accum=2", *common]  # the two streams' rows in turn, as the two processes read them
-    run_distributed(_quickstart_job, 1, ([f"run_dir={plain}", "stage.image_token_cache_gb=0", *one],), timeout=300)
-    run_distributed(_quickstart_job, 1, ([f"run_dir={kept}", "stage.image_token_cache_gb=0.01", *one],), timeout=300)
-    run_distributed(_quickstart_job, 2, ([f"run_dir={two}", "stage.image_token_cache_gb=0.01", *common],), timeout=300)
+    for run_dir, world, cache, args in ((plain, 1, 0, one), (kept, 1, 0.01, one), (two, 2, 0.01, common)):
+        run_distributed(_recipe_job, world, (recipe, [f"run_dir={run_dir}", f"stage.image_token_cache_gb={cache}",
+                                                      *args]), timeout=300)
     wa = final_weights(plain, 6)
     for run_dir in (kept, two):
         a, b = losses(plain), losses(run_dir)
@@ -246,6 +253,6 @@ def test_kept_image_tokens_train_as_the_frozen_image_path_does(tmp_path):
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
     assert "image_cache_reads" not in records(plain)[-1]
     last = records(kept)[-1]
-    assert last["image_cache_blocks"] == 6 + 2 * 8  # every image and video frame, each once
+    assert last["image_cache_blocks"] == blocks
     assert last["image_cache_reads"] > 2 * last["image_cache_passes"], last
     assert records(two)[-1]["image_cache_reads"] > 0  # rank 0's own cache

@@ -32,7 +32,10 @@ Design decisions:
   and projector frozen, a media block's tokens are the same every time, so the first pass's are
   kept on the device under the block's key and later batches carry the key alone (``image_blocks``),
   neither decoded by the loader nor encoded here. Cached and fresh rows are put in slot order by one
-  Python loop over the micro-batch's blocks (tens of them), no host sync.
+  Python loop over the micro-batch's blocks (tens of them), no host sync. With only the patch
+  projection frozen (an encoder training from it, as in the quickstart's stage 0), the cache
+  keeps each block's patch embeddings instead (level "patches"): the encoder's layers and the
+  projector run on every block, the decode and the patch projection on new blocks alone.
 - Sequence parallelism (``aria.parallel.sequence``): embeddings, image features in their slots
   included, are made for whole rows; each rank of the group then keeps its tokens (and their
   positions and targets) while ``segment_ids`` stay whole, for attention over all of a row.
@@ -180,38 +183,46 @@ class LMHead(nn.Module):
 
 
 class ImageTokenCache:
-    """The image tokens of media blocks already seen (``stage.image_token_cache_gb``): a block's key
-    (an image file, or one frame of a video file: ``Processor``) -> its (rows, D) projector outputs,
-    kept after the block's first pass through a frozen vision encoder and projector, which give the
-    same tokens every time. The training loader's processor asks ``key in cache`` and leaves the
-    pixels of a held block out of the batch. Nothing is ever evicted, so a block the loader found
-    here is still here when its batch reaches the model; once ``max_bytes`` are held, new blocks
-    are not kept (they are decoded and encoded every time, as without a cache)."""
+    """What the image path makes of media blocks already seen (``stage.image_token_cache_gb``): a
+    block's key (an image file, or one frame of a video file: ``Processor``) -> its tensors, kept
+    after the block's first pass through frozen weights, which give the same every time. Level
+    "tokens" (vision encoder and projector frozen): the block's (rows, D) projector outputs. Level
+    "patches" (the patch projection frozen): its crops' (n, G, Dv) patch embeddings and their
+    (n, h, w) patch mask, which the trained layers then encode. The training loader's processor asks
+    ``key in cache`` and leaves the pixels of a held block out of the batch. Nothing is ever
+    evicted, so a block the loader found here is still here when its batch reaches the model; once
+    ``max_bytes`` are held, new blocks are not kept (they are decoded and encoded every time, as
+    without a cache)."""
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes, self.bytes = max_bytes, 0
-        self.tokens: dict[str, torch.Tensor] = {}
+    LEVELS = ("tokens", "patches")
+
+    def __init__(self, max_bytes: int, level: str = "tokens") -> None:
+        if level not in self.LEVELS:
+            raise ValueError(f"image-token cache level must be one of {self.LEVELS}, got {level!r}")
+        self.max_bytes, self.bytes, self.level = max_bytes, 0, level
+        self.kept: dict[str, tuple[torch.Tensor, ...]] = {}
         self.reads = self.passes = 0
         """Blocks taken from the cache, and blocks that went through the image path."""
 
     def __contains__(self, key: str) -> bool:
-        return key in self.tokens
+        return key in self.kept
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.kept)
 
-    def take(self, key: str) -> torch.Tensor:
-        if key not in self.tokens:
+    def take(self, key: str) -> tuple[torch.Tensor, ...]:
+        if key not in self.kept:
             raise KeyError(f"image block {key!r} came without pixels but is not in the image-token cache "
                            "(a batch made for another process's cache?)")
         self.reads += 1
-        return self.tokens[key]
+        return self.kept[key]
 
-    def keep(self, key: str, rows_RD: torch.Tensor) -> None:
+    def keep(self, key: str, *tensors: torch.Tensor) -> None:
         self.passes += 1
-        size = rows_RD.numel() * rows_RD.element_size()
-        if key not in self.tokens and self.bytes + size <= self.max_bytes:
-            self.tokens[key] = rows_RD.detach().clone()  # not a view that would hold the batch's tensor
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if key not in self.kept and self.bytes + size <= self.max_bytes:
+            # not views that would hold the batch's tensors
+            self.kept[key] = tuple(t.detach().clone() for t in tensors)
             self.bytes += size
 
     def stats(self) -> dict[str, int]:
@@ -220,7 +231,8 @@ class ImageTokenCache:
                 "image_cache_passes": self.passes}
 
     def summary(self) -> str:
-        return (f"image-token cache: {len(self)} blocks kept ({self.bytes / 2**20:.1f} MiB), "
+        kept = "image tokens" if self.level == "tokens" else "patch embeddings"
+        return (f"image-token cache: {kept} of {len(self)} blocks kept ({self.bytes / 2**20:.1f} MiB), "
                 f"{self.reads} read from it, {self.passes} through the image path")
 
 
@@ -275,17 +287,24 @@ class Aria(nn.Module):
                        ) -> torch.Tensor:
         """(N, C, H, W) crops [+ (N, H, W) pixel mask] -> (N, Q, D) image-token embeddings; in
         training, ``vision.crop_chunk`` crops at a time, each chunk recomputed in backward."""
+        return self._crop_chunks(self._crop_features, pixel_values, pixel_mask)
+
+    def _crop_chunks(self, features: Callable, crops: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """``features(crops, masks)``, in training ``vision.crop_chunk`` crops at a time, each chunk
+        recomputed in backward."""
         C = self.cfg.vision.crop_chunk
-        if C and pixel_values.shape[0] > C and self.training and torch.is_grad_enabled():
+        if C and crops.shape[0] > C and self.training and torch.is_grad_enabled():
             return torch.cat([torch.utils.checkpoint.checkpoint(
-                self._crop_features, pixel_values[start:start + C],
-                None if pixel_mask is None else pixel_mask[start:start + C], use_reentrant=False)
-                for start in range(0, pixel_values.shape[0], C)])
-        return self._crop_features(pixel_values, pixel_mask)
+                features, crops[start:start + C], None if masks is None else masks[start:start + C],
+                use_reentrant=False) for start in range(0, crops.shape[0], C)])
+        return features(crops, masks)
 
     def _crop_features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
         patches_NGD, valid_NG = self.vision(pixel_values, pixel_mask)
         return self.projector(patches_NGD, valid_NG)
+
+    def _patch_features(self, x_NGD: torch.Tensor, patch_mask_Nhw: torch.Tensor) -> torch.Tensor:
+        return self.projector(*self.vision.encode(x_NGD, patch_mask_Nhw))
 
     def embed(self, input_ids_BT: torch.Tensor, pixel_values=None, pixel_mask=None,
               image_feature_order: torch.Tensor | None = None, text: bool = True,
@@ -323,9 +342,14 @@ class Aria(nn.Module):
                 raise ValueError(f"input_ids hold {num_slots} <|img|> tokens (id "
                                  f"{self.cfg.image_token_id}) but no pixel_values were given")
             return embeds_BTD
-        rows_RD, described = self._pixel_rows(pixel_values, pixel_mask, image_feature_order)
+        cache = self.image_token_cache
+        if image_blocks is not None and cache is not None and cache.level == "patches":
+            rows_RD, described = self._patch_block_rows(pixel_values, pixel_mask, image_blocks)
+        else:
+            rows_RD, described = self._pixel_rows(pixel_values, pixel_mask, image_feature_order)
+            if image_blocks is not None:
+                rows_RD = self._block_rows(rows_RD, image_blocks)
         if image_blocks is not None:
-            rows_RD = self._block_rows(rows_RD, image_blocks)
             described += f" ({sum(cached for _, _, cached in image_blocks)} blocks from the image-token cache)"
         if num_slots is None:  # shape-only inputs: every feature row is taken to have its slot
             num_slots = rows_RD.shape[0]
@@ -365,7 +389,7 @@ class Aria(nn.Module):
                 if cache is None:
                     raise ValueError(f"image block {key!r} came without pixels, but the model has no "
                                      "image-token cache")
-                pieces.append(cache.take(key))
+                pieces += cache.take(key)
                 continue
             if at + slots > fresh:
                 raise ValueError(f"image_blocks name more uncached slots than the {fresh} image features "
@@ -377,6 +401,43 @@ class Aria(nn.Module):
         if at != fresh:
             raise ValueError(f"pixel_values give {fresh} image features but image_blocks take {at}")
         return torch.cat(pieces) if pieces else rows_RD
+
+    def _patch_block_rows(self, pixel_values, pixel_mask, image_blocks: list[tuple[str | None, int, bool]]
+                          ) -> tuple[torch.Tensor, str]:
+        """Every block's rows in slot order with kept patch embeddings (level "patches"): a cached
+        block's patch embeddings from the cache, the others' from the patch projection of
+        ``pixel_values`` in turn (each kept under its key), then the vision layers and the
+        projector over all of them at once. Every crop has one size
+        (``aria.config.check_image_token_cache``)."""
+        if isinstance(pixel_values, (list, tuple)):
+            raise ValueError("kept patch embeddings need every crop of one size, but pixel_values come "
+                             f"in {len(pixel_values)} sizes (data.image_size and the video frames' "
+                             "image_size differ)")
+        cache, pieces, masks, at = self.image_token_cache, [], [], 0
+        fresh = 0
+        if pixel_values is not None:
+            fresh_NGD, fresh_Nhw = self.vision.embed_patches(pixel_values, pixel_mask)
+            fresh = fresh_NGD.shape[0]
+            per_crop = self.projector.num_queries(fresh_NGD.shape[1])
+        for key, slots, cached in image_blocks:
+            if cached:
+                x_nGD, mask_nhw = cache.take(key)
+            else:
+                if not fresh or slots % per_crop or at + slots // per_crop > fresh:
+                    raise ValueError(f"image_blocks name an uncached block of {slots} slots that is not "
+                                     f"whole crops of {per_crop if fresh else '?'} queries among the "
+                                     f"{fresh} crops of pixel_values")
+                n = slots // per_crop
+                x_nGD, mask_nhw = fresh_NGD[at: at + n], fresh_Nhw[at: at + n]
+                if key is not None:
+                    cache.keep(key, x_nGD, mask_nhw)
+                at += n
+            pieces.append(x_nGD)
+            masks.append(mask_nhw)
+        if at != fresh:
+            raise ValueError(f"pixel_values give {fresh} crops but image_blocks take {at}")
+        features_NQD = self._crop_chunks(self._patch_features, torch.cat(pieces), torch.cat(masks))
+        return features_NQD.flatten(0, 1), f" ({features_NQD.shape[0]} crops x {features_NQD.shape[1]} queries)"
 
     def forward(self, input_ids: torch.Tensor, pixel_values=None, pixel_mask=None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,

@@ -180,6 +180,13 @@ class VisionEncoder(nn.Module):
         """Crops as normalised floats or raw uint8 (normalised here). Returns features (N, G, Dv) and
         the patch validity (N, G), or None when every patch is valid (no pixel mask, or one that
         covers every patch)."""
+        x_NGD, patch_mask_Nhw = self.embed_patches(pixels_NCHW, pixel_mask_NHW)
+        return self.encode(x_NGD, patch_mask_Nhw, masked=pixel_mask_NHW is not None)
+
+    def embed_patches(self, pixels_NCHW: torch.Tensor, pixel_mask_NHW: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch projection of the crops (N, G, Dv), before positions, and which patches hold
+        pixels (N, H / P, W / P) (all of them without a pixel mask)."""
         P = self.cfg.patch_size
         N, C, H, W = pixels_NCHW.shape
         if C != self.cfg.num_channels or H % P or W % P:
@@ -192,15 +199,18 @@ class VisionEncoder(nn.Module):
                              f"{self.cfg.image_size})")
         x_NGD = self.patch_embed(pixels_NCHW)
         if pixel_mask_NHW is None:
-            patch_mask_Nhw = torch.ones(N, H // P, W // P, dtype=torch.bool, device=x_NGD.device)
-        else:
-            if pixel_mask_NHW.shape != (N, H, W):
-                raise ValueError(f"pixel_mask of shape {tuple(pixel_mask_NHW.shape)} does not match "
-                                 f"pixel_values {tuple(pixels_NCHW.shape)}: expected {(N, H, W)}")
-            patch_mask_Nhw = patch_mask_from_pixels(pixel_mask_NHW.bool(), P)
-        x_NGD = x_NGD + self.pos_embed(bucketed_position_ids(patch_mask_Nhw, self.grid))
+            return x_NGD, torch.ones(N, H // P, W // P, dtype=torch.bool, device=x_NGD.device)
+        if pixel_mask_NHW.shape != (N, H, W):
+            raise ValueError(f"pixel_mask of shape {tuple(pixel_mask_NHW.shape)} does not match "
+                             f"pixel_values {tuple(pixels_NCHW.shape)}: expected {(N, H, W)}")
+        return x_NGD, patch_mask_from_pixels(pixel_mask_NHW.bool(), P)
 
-        valid_NG = None if pixel_mask_NHW is None else patch_mask_Nhw.flatten(1)
+    def encode(self, x_NGD: torch.Tensor, patch_mask_Nhw: torch.Tensor, masked: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions and the layers over patch embeddings (``embed_patches``). ``masked=False``:
+        every patch is known to be valid (no pixel mask was given), and so is not checked."""
+        x_NGD = x_NGD + self.pos_embed(bucketed_position_ids(patch_mask_Nhw, self.grid))
+        valid_NG = patch_mask_Nhw.flatten(1) if masked else None
         if valid_NG is not None and not holds_no_data(valid_NG) and bool(valid_NG.all()):
             valid_NG = None  # every patch valid: attention without a mask (the flash kernel)
         mask = None if valid_NG is None else key_padding_mask(valid_NG)

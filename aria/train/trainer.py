@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aria.config import RunConfig, parse_mixture
+from aria.config import RunConfig, image_cache_level, parse_mixture
 from aria.convert.lora_base import checked_base, read_base
 from aria.data.packing import to_device
 from aria.data.sources import check_datasets
@@ -363,7 +363,8 @@ class Trainer:
         self.load_message = None
         self.model = model = self.build_model()
         if cfg.stage.image_token_cache_gb:  # the loader asks the cache the model fills (num_workers=0)
-            model.image_token_cache = ImageTokenCache(int(cfg.stage.image_token_cache_gb * 2**30))
+            model.image_token_cache = ImageTokenCache(int(cfg.stage.image_token_cache_gb * 2**30),
+                                                      image_cache_level(cfg))
             self.processor.cached_media = model.image_token_cache
         self.engine, _, self.scheduler = build_engine(model, cfg, lr_multiplier(cfg.optim, cfg.train.max_steps),
                                                       self.ep_group_name)
