@@ -440,6 +440,44 @@ def test_image_token_cache_leaves_seen_media_undecoded_and_embeds_the_same(tok, 
         embed(second)
 
 
+def test_kept_media_are_planned_without_opening_their_files(tok, shapes, tmp_path):
+    """Once the image-token cache holds every block of a file's media, its header is remembered:
+    the image and the video then encode without their files (the same tokens, every block cached);
+    media the cache does not hold, or a processor without a cache, still read theirs."""
+    records = [json.loads(line) for line in (shapes / "chat_train.jsonl").read_text().splitlines()]
+    image = next(r for r in records if "images" in r)
+    video = next(r for r in records if "video" in r)
+    for name in (image["images"][0], video["video"]["path"]):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes((shapes / name).read_bytes())
+    samples = [parse_record(r, f"d.jsonl:{i}", MediaResolver(tmp_path)) for i, r in enumerate((image, video))]
+    kept: set[str] = set()
+    cached, plain = processor(tok, image_size=490), processor(tok, image_size=490)
+    cached.cached_media = kept
+
+    def encode(proc):
+        return [proc.encode(s) for s in samples]
+
+    first = encode(cached)
+    assert all(e.crops and not any(c for _, _, c in e.image_blocks) for e in first)
+    assert not cached._headers  # nothing kept yet: nothing remembered
+    kept.update(key for e in first for key, _, _ in e.image_blocks)
+    assert len(kept) == 1 + first[1].num_frames > 2
+    encode(cached)  # every block kept: the headers are remembered
+    for name in (image["images"][0], video["video"]["path"]):
+        (tmp_path / name).rename(tmp_path / f"{name}.away")
+    without_files = encode(cached)
+    for before, after in zip(first, without_files):
+        assert not after.crops and all(c for _, _, c in after.image_blocks)
+        assert torch.equal(after.input_ids, before.input_ids) and torch.equal(after.targets, before.targets)
+        assert [(k, n) for k, n, _ in after.image_blocks] == [(k, n) for k, n, _ in before.image_blocks]
+    kept.discard(f"image:{tmp_path / image['images'][0]}")  # the cache dropped the image: it is read again
+    with pytest.raises(DataError, match="does not exist"):
+        cached.encode(samples[0])
+    with pytest.raises(DataError, match="does not exist"):
+        encode(plain)
+
+
 def test_too_long_is_skipped_but_text_documents_are_split(tok, shapes):
     samples, _ = encoded_samples(tok, shapes, 1)
     with pytest.raises(DataError, match="longer than the row") as err:

@@ -104,6 +104,15 @@ def test_chunked_cross_entropy_matches_the_full_logits_loss(dtype, chunk, rows_p
     assert gh[[3, 4, 39]].abs().max() == 0 and gh.abs().max() > 0.05
 
 
+def test_chunked_cross_entropy_without_a_supervised_token_is_zero():
+    """On the CPU only supervised tokens reach the head: none gives a zero loss and zero gradients."""
+    h = torch.randn(12, 32, requires_grad=True)
+    w = torch.randn(64, 32, requires_grad=True)
+    loss = chunked_cross_entropy(h, w, torch.full((12,), IGNORE_INDEX), chunk_size=5)
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().max() == 0 and w.grad.abs().max() == 0
+
+
 @pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True),
                                                      (False, True, True), (True, True, True)])
 def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, avx512_bf16, amx, native):
