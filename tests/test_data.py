@@ -474,6 +474,9 @@ def test_kept_media_are_planned_without_opening_their_files(tok, shapes, tmp_pat
     kept.discard(f"image:{tmp_path / image['images'][0]}")  # the cache dropped the image: it is read again
     with pytest.raises(DataError, match="does not exist"):
         cached.encode(samples[0])
+    kept.discard(next(k for k in kept if k.startswith("video:")))  # and one video frame: the video is
+    with pytest.raises(DataError, match="does not exist"):  # opened again for its frames
+        cached.encode(samples[1])
     with pytest.raises(DataError, match="does not exist"):
         encode(plain)
 

@@ -104,13 +104,28 @@ def test_chunked_cross_entropy_matches_the_full_logits_loss(dtype, chunk, rows_p
     assert gh[[3, 4, 39]].abs().max() == 0 and gh.abs().max() > 0.05
 
 
-def test_chunked_cross_entropy_without_a_supervised_token_is_zero():
-    """On the CPU only supervised tokens reach the head: none gives a zero loss and zero gradients."""
-    h = torch.randn(12, 32, requires_grad=True)
+def test_chunked_cross_entropy_takes_only_supervised_tokens_on_the_cpu(monkeypatch):
+    """On the CPU only supervised tokens reach the head (so a non-finite unsupervised row leaves
+    the loss finite); none gives a zero loss and zero gradients."""
+    import aria.model.loss as loss_module
+
+    rows = []
+    real = loss_module._ChunkedLinearCrossEntropy.apply
+    monkeypatch.setattr(loss_module._ChunkedLinearCrossEntropy, "apply",
+                        lambda h, *args: rows.append(h.shape[0]) or real(h, *args))
+    h = torch.randn(12, 32)
+    h[3] = float("nan")
+    h.requires_grad_()
     w = torch.randn(64, 32, requires_grad=True)
+    t = torch.randint(0, 64, (12,))
+    t[[0, 3, 7]] = IGNORE_INDEX
+    loss = chunked_cross_entropy(h, w, t, chunk_size=5)
+    loss.backward()
+    assert rows == [9] and torch.isfinite(loss) and torch.isfinite(h.grad).all() and h.grad[3].abs().max() == 0
+    h.grad = w.grad = None
     loss = chunked_cross_entropy(h, w, torch.full((12,), IGNORE_INDEX), chunk_size=5)
     loss.backward()
-    assert loss.item() == 0.0 and h.grad.abs().max() == 0 and w.grad.abs().max() == 0
+    assert rows == [9, 0] and loss.item() == 0.0 and h.grad.abs().max() == 0 and w.grad.abs().max() == 0
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True),

@@ -206,15 +206,15 @@ class Processor:
 
     # -- media: plan (sizes from headers), then decode ----------------------------------------
 
-    def _header(self, path: str, probe: Callable[[], tuple], keys: Callable[[tuple], list[str]]
+    def _header(self, key: str, probe: Callable[[], tuple], keys: Callable[[tuple], list[str]]
                 ) -> tuple:
-        """``probe()`` of the media file ``path``, remembered once the image-token cache
-        (``cached_media``) holds every block key that ``keys(header)`` names."""
-        header = self._headers.get(path)
+        """``probe()`` of a media file (``key``: its kind and path), remembered once the image-token
+        cache (``cached_media``) holds every block key that ``keys(header)`` names."""
+        header = self._headers.get(key)
         if header is None:
             header = probe()
-            if self.cached_media is not None and all(key in self.cached_media for key in keys(header)):
-                self._headers[path] = header
+            if self.cached_media is not None and all(k in self.cached_media for k in keys(header)):
+                self._headers[key] = header
         return header
 
     def _plan_image(self, ref: MediaRef) -> _Planned:
@@ -225,8 +225,8 @@ class Processor:
                 return ref.path if ref.data is None else io.BytesIO(ref.data)
 
             if ref.data is None:
-                height, width = self._header(ref.path, lambda: image_size(ref.path),
-                                             lambda _: [f"image:{ref.path}"])
+                key = f"image:{ref.path}"
+                height, width = self._header(key, lambda: image_size(ref.path), lambda _: [key])
             else:
                 height, width = image_size(source(), name=name)
 
@@ -270,7 +270,7 @@ class Processor:
 
         def frame_keys(header: tuple[int, float]) -> list[str]:
             return [f"video:{path}@{i}" for i in sample_indices(*header, num_frames, fps, max_frames)]
-        num_total, video_fps = probe() if ref.data is not None else self._header(path, probe, frame_keys)
+        num_total, video_fps = probe() if ref.data is not None else self._header(f"video:{path}", probe, frame_keys)
         indices = sample_indices(num_total, video_fps, num_frames, fps, max_frames)
         keys = None if ref.data is not None else frame_keys((num_total, video_fps))
 
