@@ -25,8 +25,8 @@ Design decisions:
   from a second chunk on (one chunk: no fp32 copy).
 - On the CPU only the supervised tokens go through the head: reading the targets there stalls
   nothing (on a GPU it would be a host sync), and a fine-tuning row supervises few of its tokens
-  (the quickstart's dialogs about one in eight: the (N x V) passes over the rest were ~10% of its
-  step). Elsewhere unsupervised tokens are masked as above.
+  (the quickstart's dialogs about one in ten: the head and loss over all of them took ~20 ms of its
+  ~0.2 s step, over the supervised ones ~3.5 ms). Elsewhere unsupervised tokens are masked as above.
 - ``targets`` are already shifted (position t holds the id that should follow token t, or
   ``IGNORE_INDEX``), so packed documents never predict across their boundary.
 """
