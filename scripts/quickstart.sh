@@ -23,18 +23,21 @@ python scripts/quickstart.py
 
 echo "== 2/7 the shapes world -> $DATA"
 # 4-frame videos (make_shapes' default is 8): the direction of a motion shows in 4 frames, and the
-# run's frozen crops cost per frame (recipes/quickstart.yaml). A world of an older make_shapes (no
+# run's frozen crops cost per frame (recipes/quickstart.yaml). 1,200 training videos (the default
+# is 600): the run asks each once, and twice as many distinct videos generalise better than each
+# asked twice (docs/quickstart_findings.md). A world of an older make_shapes (no
 # dialog_type_train.jsonl) or with other videos is made again, and its tokenizer with it; runs
 # trained on it are not resumed on the new one.
-if [[ ! -f $DATA/dialog_type_train.jsonl ]] || ! grep -qs '"video_frames": 4,' "$DATA/meta.json"; then
+if [[ ! -f $DATA/dialog_type_train.jsonl ]] || ! grep -qs '"video_frames": 4,' "$DATA/meta.json" \
+    || ! grep -qs '"videos": 1200,' "$DATA/meta.json"; then
   if [[ -e $OUT/vision || -e $OUT/run ]]; then
-    echo "error: $OUT holds runs, but its shapes world is missing or older (8-frame videos or no" \
-      "dialog_type_train.jsonl): they would resume on another world; use a new QUICKSTART_DIR" \
-      "or remove $OUT/vision and $OUT/run" >&2
+    echo "error: $OUT holds runs, but its shapes world is missing or older (8-frame videos, 600" \
+      "training videos or no dialog_type_train.jsonl): they would resume on another world; use a" \
+      "new QUICKSTART_DIR or remove $OUT/vision and $OUT/run" >&2
     exit 1
   fi
   rm -rf "$DATA/tokenizer"
-  python -m data_tools.make_shapes --out "$DATA" --seed 0 --no-wds --video-frames 4
+  python -m data_tools.make_shapes --out "$DATA" --seed 0 --no-wds --video-frames 4 --train-videos 1200
 fi
 
 echo "== 3/7 a tokenizer -> $DATA/tokenizer"

@@ -950,9 +950,23 @@ def test_outside_media_is_allowed_on_request(tok, bad_dataset):
     d, _ = bad_dataset
     record = {"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "x"}],
               "images": ["../outside.png"]}
-    with pytest.raises(DataError, match="outside the dataset directory"):
-        parse_record(record, "r", MediaResolver(d))
+    resolver = MediaResolver(d)
+    for _ in range(2):  # a name it remembers is refused again
+        with pytest.raises(DataError, match="outside the dataset directory"):
+            parse_record(record, "r", resolver)
     assert parse_record(record, "r", MediaResolver(d, allow_outside=True)).media[0].path.is_file()
+
+
+def test_a_resolver_remembers_names_and_resolves_them_alike(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    resolver = MediaResolver(tmp_path)
+    names = ["a.png", "sub/../a.png", "./a.png", "missing.png"]
+    first = [resolver("image", n, "images[0]").path for n in names]
+    assert first == [resolver("image", n, "images[0]").path for n in names]
+    assert first == [MediaResolver(tmp_path)("image", n, "images[0]").path for n in names]
+    assert first[:3] == [(tmp_path / "a.png").resolve()] * 3
+    assert resolver._resolved.cache_info().hits == len(names)
 
 
 def test_empty_and_all_bad_datasets_are_errors(tok, tmp_path):

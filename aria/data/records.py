@@ -13,6 +13,9 @@ Design decisions:
 - Media are resolved but not loaded: a ``MediaRef`` holds a path (relative to the dataset
   directory, and refused if it escapes it unless explicitly allowed) or bytes held by the record's
   container (a tar member of a webdataset sample, an image embedded in a Hugging Face dataset row).
+  A resolver remembers its last ``RESOLVED_PATHS`` resolved names: resolving follows every
+  component's links (~0.2 ms a name, six ``lstat`` calls), and a run that reads its images many
+  times (the quickstart: each ~35 times) would pay it at every read.
 - Conversations and documents share one representation: a list of turns made of parts. A document
   is a single turn with ``role=None`` (no chat markup, all text supervised).
 - The schema is recognised per record, by its keys: ``conversations`` is LLaVA / ShareGPT,
@@ -35,6 +38,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -113,6 +117,9 @@ def parse_json_line(line: str | bytes, where: str) -> dict:
     return record
 
 
+RESOLVED_PATHS = 2 ** 16  # names a MediaResolver remembers (~10 MB at most)
+
+
 class MediaResolver:
     """Turns the media names of a record into ``MediaRef`` paths or in-memory bytes: ``members``
     (tar members of a shard sample, images embedded in a Hugging Face dataset row) first, then
@@ -123,6 +130,7 @@ class MediaResolver:
         self.base_dir = None if base_dir is None else Path(base_dir).resolve()
         self.members = members
         self.allow_outside = allow_outside
+        self._resolved = functools.lru_cache(maxsize=RESOLVED_PATHS)(self._resolve)
 
     def __call__(self, kind: str, name: Any, field_name: str) -> MediaRef:
         if not isinstance(name, str) or not name:
@@ -134,14 +142,21 @@ class MediaResolver:
                 raise DataError(f"'{field_name}' names '{name}', which is not a member of this sample "
                                 f"(members: {sorted(self.members)})", "missing_file")
         try:
-            path = (self.base_dir / name).resolve() if self.base_dir is not None else Path(name).resolve()
+            path, inside = self._resolved(name)
         except (ValueError, OSError) as err:  # a NUL byte, a symlink loop, ...
             raise DataError(f"'{field_name}' path {name!r} is not a usable path ({err})",
                             "invalid_record") from None
-        if not self.allow_outside and self.base_dir is not None and not path.is_relative_to(self.base_dir):
+        if not (self.allow_outside or inside):
             raise DataError(f"'{field_name}' path '{name}' resolves outside the dataset directory "
                             f"{self.base_dir} (set data.allow_outside_media=true to allow it)", "path_escape")
         return MediaRef(kind, path=path, name=name)
+
+    def _resolve(self, name: str) -> tuple[Path, bool]:
+        """The resolved path, and whether it lies in ``base_dir`` (always, without one)."""
+        if self.base_dir is None:
+            return Path(name).resolve(), True
+        path = (self.base_dir / name).resolve()
+        return path, path.is_relative_to(self.base_dir)
 
 
 def _text(value: Any, field_name: str) -> str:
