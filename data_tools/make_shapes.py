@@ -52,8 +52,8 @@ Design decisions:
   tokens pays for it once: ``stage.image_token_cache_gb``); each video's dialog comes once. In rows
   of these shorter samples videos then hold a smaller share of the questions: the quickstart makes
   twice the videos (``--train-videos 1200``), which keeps their share and gives them twice the
-  variety (the test's directions 96% against 89% with 600 videos' dialogs twice each, the same
-  stage 0 and run, seed-0 world).
+  variety (a run answers its training videos' directions all right and the test's at 89-97%; the
+  effect of the variety is within that spread so far: docs/quickstart_findings.md).
 - **Visible at low resolution.** At 490 px a grid cell is ~163 px and shapes span 68-90% of it,
   i.e. about 2x2 of the model's 70 px patches; the palette is spread in hue and far from the light
   backgrounds.

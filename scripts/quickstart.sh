@@ -24,8 +24,8 @@ python scripts/quickstart.py
 echo "== 2/7 the shapes world -> $DATA"
 # 4-frame videos (make_shapes' default is 8): the direction of a motion shows in 4 frames, and the
 # run's frozen crops cost per frame (recipes/quickstart.yaml). 1,200 training videos (the default
-# is 600): the run asks each once, and twice as many distinct videos generalise better than each
-# asked twice (docs/quickstart_findings.md). A world of an older make_shapes (no
+# is 600): the run asks each once, twice the distinct videos at the same share of its samples (the
+# one variant with no run under 90% on direction so far: docs/quickstart_findings.md). A world of an older make_shapes (no
 # dialog_type_train.jsonl) or with other videos is made again, and its tokenizer with it; runs
 # trained on it are not resumed on the new one.
 if [[ ! -f $DATA/dialog_type_train.jsonl ]] || ! grep -qs '"video_frames": 4,' "$DATA/meta.json" \
